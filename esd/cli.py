@@ -1,0 +1,118 @@
+"""The ``esd`` command line: ``esd train``, and the commands added by the toy world,
+generation and evaluation modules."""
+
+import argparse
+import os
+import sys
+
+from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
+from .models import DEFAULT_BASE_MODEL
+from .train import PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, TIMESTEP_MODES, ESDConfig
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _methods_help() -> str:
+    lines = [f"{name}: {m.description}" for name, m in TRAIN_METHODS.items()]
+    lines.append("aliases: " + ", ".join(f"{a}={n}" for a, n in ALIASES.items()))
+    return "; ".join(lines)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = ESDConfig.__dataclass_fields__
+    p.add_argument("--prompt", required=True, help="concept to erase, e.g. 'nudity' or 'Van Gogh'")
+    p.add_argument("--train_method", required=True, choices=METHOD_CHOICES, metavar="METHOD",
+                   help="which parameters train; " + _methods_help())
+    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL,
+                   help="hub id, local diffusers folder, or 'toy' (the shipped toy model)")
+    p.add_argument("--ckpt_path", help="original single-file checkpoint (.ckpt/.safetensors) to erase from")
+    p.add_argument("--ckpt_config", help="local diffusers folder (or hub id) with the configs of --ckpt_path, "
+                   "so that single-file loading works offline")
+    p.add_argument("--erase_from", help="erase the concept from this prompt only (e.g. --prompt 'cowboy hat' "
+                   "--erase_from cowboy): x_t and the trained model use it, and the target's base is its frozen "
+                   "prediction")
+    p.add_argument("--separator", "--seperator", dest="separator",
+                   help="split --prompt into several concepts on this string (one drawn per iteration)")
+    p.add_argument("--start_guidance", type=float, default=d["start_guidance"].default,
+                   help="classifier-free guidance of the sampler that makes x_t (default: %(default)s)")
+    p.add_argument("--negative_guidance", type=float, default=d["negative_guidance"].default,
+                   help="eta of the paper's target e0 - eta*(ep - e0) (default: %(default)s). The current "
+                   "official code's eta is ours + 1 without --erase_from (its 2.0 is our 1.0), the same with it")
+    p.add_argument("--iterations", type=int, default=d["iterations"].default, help="training iterations")
+    p.add_argument("--lr", type=float, default=d["lr"].default, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--ddim_steps", type=int, default=d["ddim_steps"].default,
+                   help="DDIM steps of the sampler; the stopping step t is drawn among them")
+    p.add_argument("--image_size", type=int, help="training image size in pixels (default: the model's native "
+                   "size, 512 for SD1.x); a multiple of the VAE factor")
+    p.add_argument("--batch_size", type=int, default=1, help="latents per iteration (sharing t and concept)")
+    p.add_argument("--seed", type=int, help="random seed (default: drawn and recorded in args.json)")
+    p.add_argument("--devices", help="'0' (one GPU), '0,1' (frozen model on the second GPU, like the original "
+                   "code), or 'cpu'; default: the first GPU if any, else the CPU")
+    p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS),
+                   help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32")
+    p.add_argument("--sampler_model", default=d["sampler_model"].default, choices=SAMPLER_MODELS,
+                   help="which weights sample x_t: 'frozen' (the current official code) or 'trained' (the "
+                   "paper's original code)")
+    p.add_argument("--timestep_mode", default=d["timestep_mode"].default, choices=TIMESTEP_MODES,
+                   help="timestep given to the models: 'matched' (the scheduler timestep of x_t's noise level) or "
+                   "'original' (the paper code's draw of a DDPM step in [t*1000/T, (t+1)*1000/T))")
+    p.add_argument("--save_path", default=d["save_path"].default, help="outputs go to SAVE_PATH/NAME/")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint (weights, optimizer, RNG) every N "
+                   "iterations; 0: never")
+    p.add_argument("--save_format", default="both", choices=SAVE_FORMATS,
+                   help="'full': diffusers-NAME.pt (the whole UNet), 'trained': NAME.safetensors (only the "
+                   "trained parameters), 'both'")
+    p.add_argument("--resume", help="checkpoint file to continue from (same settings)")
+    p.add_argument("--name", help="output folder name (default encodes the hyperparameters)")
+
+
+def config_from_args(args: argparse.Namespace) -> ESDConfig:
+    fields = ESDConfig.__dataclass_fields__
+    return ESDConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def cmd_train(args) -> int:
+    from .train import train_esd
+
+    result = train_esd(config_from_args(args))
+    print(f"saved to {result.output_dir} ({result.seconds:.1f} s of training)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="esd", description="Erase concepts from Stable Diffusion models with ESD.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("train", help="erase a concept from a model's weights")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Other modules add their subcommands here (each: a function taking the subparsers)."""
+    from . import commands
+
+    return commands.REGISTERED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input: one line, no traceback (ESD_DEBUG=1 shows it)
+        if os.environ.get("ESD_DEBUG"):
+            raise
+        print(f"esd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Train methods: which UNet parameters ESD fine-tunes.
+
+One table, ``TRAIN_METHODS``, feeds the CLI choices, the README and the tests.
+
+Parameter names are diffusers ``UNet2DConditionModel`` names. The paper's code
+selected by CompVis ``ldm`` names; the correspondences are:
+
+* CompVis ``attn1`` / ``attn2`` -> diffusers ``attn1`` (self-attention) /
+  ``attn2`` (cross-attention): the same names inside ``BasicTransformerBlock``.
+* CompVis ``time_embed.*`` -> diffusers ``time_embedding.*``; SDXL's extra
+  conditioning embedding (CompVis ``label_emb``, diffusers ``add_embedding``) is
+  added to the time embedding, so it belongs to the same group.
+* CompVis ``out.0`` / ``out.2`` (the output norm and conv) -> diffusers
+  ``conv_norm_out`` / ``conv_out``.
+* CompVis ``input_blocks.N`` / ``output_blocks.N`` (used by ``xlayer`` and
+  ``selflayer``) -> see :func:`compvis_block_to_diffusers`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+_TIME_EMBEDDING = ("time_embedding.", "add_embedding.")
+_OUTPUT_LAYER = ("conv_norm_out.", "conv_out.")
+
+
+def compvis_block_to_diffusers(kind: str, index: int, layers_per_block: int = 2) -> str:
+    """Map a CompVis ``input_blocks.N`` / ``output_blocks.N`` index to the
+    diffusers prefix of the transformer (attention) module in that block.
+
+    CompVis numbers blocks flat. ``input_blocks.0`` is ``conv_in``; then each
+    down stage has ``layers_per_block`` (resnet, attention) blocks followed by
+    one downsampler, so ``input_blocks.N`` (N not a downsampler) is
+    ``down_blocks[(N-1) // (L+1)].attentions[(N-1) % (L+1)]``. Each up stage has
+    ``L+1`` blocks, so ``output_blocks.N`` is
+    ``up_blocks[N // (L+1)].attentions[N % (L+1)]``.
+    For SD1.x (L=2): ``input_blocks.4`` -> ``down_blocks.1.attentions.0``,
+    ``input_blocks.7`` -> ``down_blocks.2.attentions.0``,
+    ``output_blocks.6`` -> ``up_blocks.2.attentions.0``,
+    ``output_blocks.8`` -> ``up_blocks.2.attentions.2``.
+    """
+    stride = layers_per_block + 1
+    if kind == "input":
+        if index == 0 or index % stride == 0:
+            raise ValueError(f"input_blocks.{index} holds no attention (conv_in or a downsampler)")
+        return f"down_blocks.{(index - 1) // stride}.attentions.{(index - 1) % stride}."
+    if kind == "output":
+        return f"up_blocks.{index // stride}.attentions.{index % stride}."
+    raise ValueError(f"kind must be 'input' or 'output', got {kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainMethod:
+    name: str
+    description: str
+    # (parameter name, layers_per_block) -> trained?
+    selects: Callable[[str, int], bool]
+
+
+def _xlayer(name: str, lpb: int) -> bool:
+    # The paper's code: attn2 of output_blocks.6 and output_blocks.8.
+    prefixes = tuple(compvis_block_to_diffusers("output", i, lpb) for i in (6, 8))
+    return "attn2" in name and name.startswith(prefixes)
+
+
+def _selflayer(name: str, lpb: int) -> bool:
+    # The paper's code: attn1 of input_blocks.4 and input_blocks.7.
+    prefixes = tuple(compvis_block_to_diffusers("input", i, lpb) for i in (4, 7))
+    return "attn1" in name and name.startswith(prefixes)
+
+
+TRAIN_METHODS: dict[str, TrainMethod] = {
+    m.name: m
+    for m in [
+        TrainMethod("xattn", "ESD-x: cross-attention (attn2) only; for styles and artists",
+                    lambda n, _: "attn2" in n),
+        TrainMethod("noxattn", "ESD-u: everything but cross-attention, time embedding and output layer; "
+                    "for nudity and objects",
+                    lambda n, _: not ("attn2" in n or n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER))),
+        TrainMethod("selfattn", "self-attention (attn1) only", lambda n, _: "attn1" in n),
+        TrainMethod("full", "every UNet parameter", lambda n, _: True),
+        TrainMethod("notime", "everything but time embedding and output layer",
+                    lambda n, _: not n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER)),
+        TrainMethod("xlayer", "cross-attention of CompVis output_blocks.6 and .8 (up_blocks.2.attentions.0 "
+                    "and .2 in SD1.x)", _xlayer),
+        TrainMethod("selflayer", "self-attention of CompVis input_blocks.4 and .7 (down_blocks.1.attentions.0 "
+                    "and down_blocks.2.attentions.0 in SD1.x)", _selflayer),
+        TrainMethod("xattn-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)",
+                    lambda n, _: "attn2.to_k." in n or "attn2.to_v." in n),
+    ]
+}
+
+# Names used by the current official ESD code.
+ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-strict"}
+METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
+
+
+def resolve_method(name: str) -> TrainMethod:
+    """Return the train method called ``name`` (aliases accepted)."""
+    key = ALIASES.get(name, name)
+    if key not in TRAIN_METHODS:
+        raise ValueError(f"unknown train method {name!r}; valid: {', '.join(METHOD_CHOICES)}")
+    return TRAIN_METHODS[key]
+
+
+def select_parameters(unet: torch.nn.Module, method: str) -> list[str]:
+    """Names of the parameters of ``unet`` that ``method`` trains (never empty)."""
+    m = resolve_method(method)
+    lpb = getattr(getattr(unet, "config", None), "layers_per_block", 2)
+    if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value
+        lpb = lpb[0]
+    names = [n for n, _ in unet.named_parameters() if m.selects(n, lpb)]
+    if not names:
+        raise ValueError(f"train method {m.name!r} selects no parameters in this UNet "
+                         f"(it has {len(list(unet.parameters()))} parameter tensors)")
+    return names

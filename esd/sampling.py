@@ -1,0 +1,120 @@
+"""Prompt conditioning and the guided partial-denoising sampler, written from a
+diffusers ``unet`` and ``scheduler`` (no pipeline is patched)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .models import DiffusionModels
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, "Conditioning"], torch.Tensor]
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: ``prompt_embeds`` (B, 77, D) and, for SDXL,
+    ``added_cond_kwargs`` with ``text_embeds`` (B, P) and ``time_ids`` (B, 6)."""
+
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None = None
+
+    def __len__(self):
+        return self.prompt_embeds.shape[0]
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        extra = None
+        if self.added_cond_kwargs is not None:
+            extra = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.prompt_embeds.to(device=device, dtype=dtype), extra)
+
+    def repeat(self, n: int) -> "Conditioning":
+        extra = None
+        if self.added_cond_kwargs is not None:
+            extra = {k: v.repeat_interleave(n, 0) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.prompt_embeds.repeat_interleave(n, 0), extra)
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        extra = None
+        if parts[0].added_cond_kwargs is not None:
+            extra = {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in parts[0].added_cond_kwargs}
+        return Conditioning(torch.cat([p.prompt_embeds for p in parts]), extra)
+
+
+@torch.no_grad()
+def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int) -> Conditioning:
+    """Encode prompts as the diffusers pipelines do. SD 1.x/2.x: the text
+    encoder's last hidden state. SDXL: the penultimate hidden states of both
+    encoders concatenated, the second encoder's projected pooled output, and
+    time ids (original size, crop (0, 0), target size); the empty prompt gets
+    zero embeddings, as SDXL's pipeline does (``force_zeros_for_empty_prompt``)."""
+    device = models.text_encoders[0].device
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        if models.family != "sdxl":
+            hidden.append(encoder(ids)[0])
+            continue
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's projected pooled output
+    embeds = torch.cat(hidden, dim=-1)
+    if models.family != "sdxl":
+        return Conditioning(embeds)
+    empty = torch.tensor([p == "" for p in prompts], device=device)
+    embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+    pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+    time_ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]] * len(prompts),
+                            dtype=embeds.dtype, device=device)
+    return Conditioning(embeds, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def call_unet(unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+              cond: Conditioning) -> torch.Tensor:
+    """The model's raw prediction (epsilon, v or x0, per its prediction type)."""
+    return unet(latents, timesteps, encoder_hidden_states=cond.prompt_embeds,
+                added_cond_kwargs=cond.added_cond_kwargs).sample
+
+
+def guided_prediction(unet_fn: UNetFn, latents, t, cond: Conditioning, uncond: Conditioning, guidance_scale):
+    """Classifier-free guidance in one batched call.
+    Returns (guided, prediction_uncond, prediction_cond), each (B, C, h, w)."""
+    b = latents.shape[0]
+    timesteps = torch.full((2 * b,), int(t), device=latents.device)
+    pred = unet_fn(torch.cat([latents, latents]), timesteps, Conditioning.cat([uncond, cond]))
+    pred_uncond, pred_cond = pred.float().chunk(2)
+    return pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_uncond, pred_cond
+
+
+@torch.no_grad()
+def denoise_to(unet_fn: UNetFn, scheduler, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+               guidance_scale: float, stop_index: int) -> torch.Tensor:
+    """Run the guided sampler from ``latents`` (pure noise at ``scheduler.timesteps[0]``)
+    for ``stop_index`` steps; the result is at ``scheduler.timesteps[stop_index]``.
+    ``scheduler.set_timesteps`` must have been called."""
+    x = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[:stop_index]:
+        guided, _, _ = guided_prediction(unet_fn, x, t, cond, uncond, guidance_scale)
+        x = scheduler.step(guided, t, x).prev_sample
+    return x
+
+
+def to_epsilon(prediction: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+               alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Convert a model prediction to the noise (epsilon) it implies.
+
+    With x_t = a·x0 + s·eps (a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t)):
+    v = a·eps - s·x0 gives eps = a·v + s·x_t; an x0 prediction gives
+    eps = (x_t - a·x0) / s."""
+    if prediction_type == "epsilon":
+        return prediction
+    alpha_bar = alphas_cumprod.to(latents.device)[timesteps.to(latents.device)].float()
+    a = alpha_bar.sqrt().view(-1, 1, 1, 1)
+    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    if prediction_type == "v_prediction":
+        return a * prediction + s * latents
+    if prediction_type == "sample":
+        return (latents - a * prediction) / s
+    raise ValueError(f"unsupported prediction type {prediction_type!r}; valid: epsilon, v_prediction, sample")

@@ -1,0 +1,129 @@
+"""Reading and writing erased weights.
+
+Formats written by :mod:`esd.train`:
+
+* ``diffusers-<name>.pt``: the full diffusers UNet state dict, the format of the
+  published ESD weights; ``unet.load_state_dict(torch.load(path))`` loads it.
+* ``<name>.safetensors``: only the trained parameters (small), with metadata
+  naming the base model and train method.
+
+:func:`load_erased_unet` also reads CompVis-format ``.pt`` / ``.ckpt`` files
+(keys ``model.diffusion_model.*``, as the paper's original code saved them).
+Loading is strict and never unpickles arbitrary objects.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_models, resolve_source
+
+COMPVIS_PREFIX = "model.diffusion_model."
+TRAINED_FORMAT = "esd-trained-parameters"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_full_state_dict(state_dict: dict, path) -> None:
+    atomic_write(path, lambda p: torch.save(state_dict, p))
+
+
+def save_trained_parameters(params: dict, path, metadata: dict) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
+    meta = {"format": TRAINED_FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def read_weights(path) -> tuple[dict, dict]:
+    """Return (state_dict, metadata) of a weights file; tensors on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickles with arbitrary objects are refused on purpose
+        raise ModelLoadError(f"could not read {str(path)!r} as a weights-only torch file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); only tensor state dicts are loaded") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
+    meta = {}
+    args = path.parent / "args.json"
+    if args.exists():
+        meta = {"base_model": json.loads(args.read_text()).get("base_model", "")}
+    return obj, meta
+
+
+def _describe(names, limit=3) -> str:
+    names = sorted(names)
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model") -> list[str]:
+    """Load an erased-weights file into ``unet`` in place, strictly.
+
+    Full state dicts (diffusers or CompVis keys) must match every key and shape;
+    trained-parameter files must name only existing keys with matching shapes.
+    Returns the names of the tensors loaded."""
+    state_dict, meta = read_weights(path)
+    if any(k.startswith(COMPVIS_PREFIX) for k in state_dict):
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        state_dict = convert_ldm_unet_checkpoint(state_dict, dict(unet.config))
+        partial = False
+    else:
+        partial = meta.get("format") == TRAINED_FORMAT
+    own = unet.state_dict()
+    missing = set() if partial else set(own) - set(state_dict)
+    unexpected = set(state_dict) - set(own)
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched or not state_dict:
+        trained_from = meta.get("base_model") or "unknown"
+        parts = [f"{len(missing)} missing keys ({_describe(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected keys ({_describe(unexpected)})" if unexpected else "",
+                 f"{len(mismatched)} shape mismatches ({_describe(mismatched, 2)})" if mismatched else "",
+                 "no tensors" if not state_dict else ""]
+        raise ModelLoadError(f"weights file {str(path)!r} does not fit {base_model}: "
+                             f"{'; '.join(p for p in parts if p)}; the file was trained from {trained_from}")
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            own[k].copy_(v)
+    return list(state_dict)
+
+
+def load_erased_unet(weights_path, base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = None,
+                     ckpt_config: str | None = None, unet: torch.nn.Module | None = None):
+    """A diffusers ``UNet2DConditionModel`` of ``base_model`` (or ``ckpt_path``) with
+    erased weights from ``weights_path`` loaded strictly.
+
+    Accepts a full diffusers UNet ``.pt`` (the published ESD weights), a
+    trained-parameters ``.safetensors`` and a CompVis-format ``.pt``/``.ckpt``."""
+    if unet is None:
+        if ckpt_path is None:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(resolve_source(base_model), subfolder="unet")
+        else:
+            unet = load_models(base_model, ckpt_path, ckpt_config).unet
+    apply_erased_weights(unet, weights_path, base_model=ckpt_path or base_model)
+    return unet

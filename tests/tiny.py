@@ -1,0 +1,76 @@
+"""Tiny models with the real SD 1.x, SD 2.x and SDXL architectures (block layout,
+attention types, conditioning), built in-process and saved as diffusers folders."""
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from esd.toy.tokenizer import build_clip_tokenizer
+
+WORDS = "a photo of cat dog church garbage truck nudity cowboy hat van gogh painting".split()
+SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+def _text_encoder(cls, hidden, vocab, seed, **kw):
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, vocab_size=vocab, max_position_embeddings=77,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, **kw)
+    return cls(cfg)
+
+
+def _vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1)
+
+
+def _scheduler(prediction_type="epsilon"):
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def build(family: str, folder: str | Path) -> Path:
+    """Save a tiny ``family`` ('sd1', 'sd2', 'sdxl') pipeline to ``folder``."""
+    folder = Path(folder)
+    tokenizer = build_clip_tokenizer(WORDS)
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    if family == "sd1":
+        unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 32, 32, 32), layers_per_block=2,
+                                    down_block_types=SD_DOWN, up_block_types=SD_UP, cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=32)
+        pipe = StableDiffusionPipeline(_vae(), _text_encoder(CLIPTextModel, 32, vocab, 1), tokenizer, unet,
+                                       _scheduler(), None, None, requires_safety_checker=False)
+    elif family == "sd2":  # linear projections, per-block head dims, v-prediction (768-v)
+        unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 32, 32, 32), layers_per_block=2,
+                                    down_block_types=SD_DOWN, up_block_types=SD_UP, cross_attention_dim=32,
+                                    attention_head_dim=(2, 4, 8, 8), use_linear_projection=True,
+                                    norm_num_groups=32)
+        pipe = StableDiffusionPipeline(_vae(), _text_encoder(CLIPTextModel, 32, vocab, 1), tokenizer, unet,
+                                       _scheduler("v_prediction"), None, None, requires_safety_checker=False)
+    elif family == "sdxl":  # two text encoders, text-time added conditioning, deeper transformers
+        unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 32, 32), layers_per_block=2,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                                    cross_attention_dim=48, norm_num_groups=32)
+        pipe = StableDiffusionXLPipeline(_vae(), _text_encoder(CLIPTextModel, 32, vocab, 1),
+                                         _text_encoder(CLIPTextModelWithProjection, 16, vocab, 2, projection_dim=16),
+                                         tokenizer, build_clip_tokenizer(WORDS), unet, _scheduler())
+    else:
+        raise ValueError(family)
+    pipe.save_pretrained(folder)
+    return folder
