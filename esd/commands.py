@@ -1,4 +1,6 @@
 """Registry of the ``esd`` subcommands beyond ``train``: each entry takes the
 argparse subparsers object and adds its command."""
 
-REGISTERED: list = []
+from .toy.cli import register as register_toy
+
+REGISTERED: list = [register_toy]

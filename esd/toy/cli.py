@@ -1,0 +1,66 @@
+"""``esd demo``, ``esd toy-train`` and ``esd toy-eval``."""
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+
+def _add_dataclass_flags(p, cls, skip=()):
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                       help=f"(default: {f.default})")
+
+
+def register(sub) -> None:
+    from .demo import DemoConfig
+    from .recipe import RecipeConfig
+
+    p = sub.add_parser("demo", help="erase a concept from the toy model and report before/after")
+    _add_dataclass_flags(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toy-train", help="rebuild the toy model from scratch (about 25 min on 2 CPU cores)")
+    p.add_argument("--out", required=True, help="folder for the new model")
+    _add_dataclass_flags(p, RecipeConfig)
+    p.set_defaults(func=cmd_toy_train)
+
+    p = sub.add_parser("toy-eval", help="measure a toy model (quality table and judge accuracy) as JSON")
+    p.add_argument("--base_model", default="toy", help="'toy' or a toy model folder")
+    p.add_argument("--samples", type=int, default=100, help="images per prompt")
+    p.add_argument("--out", help="write the JSON here as well as printing it")
+    p.set_defaults(func=cmd_toy_eval)
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, prompts_for, run_demo
+
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+    prompts_for(cfg.concept)  # validate before any work
+    run_demo(cfg)
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
+def cmd_toy_train(args) -> int:
+    from .recipe import RecipeConfig, toy_train
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {str(out)!r} is not empty; choose a new folder")
+    toy_train(out, RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig)}))
+    return 0
+
+
+def cmd_toy_eval(args) -> int:
+    from .quality import judge_accuracy, load_toy_pipeline, quality_table
+
+    pipe = load_toy_pipeline(args.base_model)
+    report = {"judge_clean": judge_accuracy(), "judge_vae": judge_accuracy(vae=pipe.vae),
+              "quality": quality_table(pipe, n=args.samples)}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0

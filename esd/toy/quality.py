@@ -1,0 +1,83 @@
+"""Measure a toy pipeline with the judge: per prompt, how often the generated
+image has the prompt's colour and shape."""
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from ..models import resolve_source
+from .judge import NONE, judge_batch
+from .world import HELD_OUT, all_scenes
+
+QUALITY_STEPS = 25  # DDIM steps, as the quality bar is defined
+QUALITY_GUIDANCE = 7.5
+
+
+def load_toy_pipeline(base_model: str = "toy", unet=None) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_source(base_model), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if unet is not None:
+        pipe.unet = unet
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(pipe, prompt: str, n: int, seed: int, steps: int = QUALITY_STEPS, guidance: float = QUALITY_GUIDANCE,
+           batch: int = 100) -> np.ndarray:
+    """``n`` images (n, H, W, 3) in [0, 1]; image i uses seed ``seed + i`` whatever the batching,
+    so two models compared with the same seeds start from the same noise."""
+    out = []
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        out.append(pipe([prompt] * count, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                        output_type="np").images)
+    return np.concatenate(out)
+
+
+def score(images, colour: str | None, shape: str | None) -> dict:
+    """Fractions of images judged with the given colour / shape / both, and with no object."""
+    js = judge_batch(images)
+    n = len(js)
+    res = {"n": n, "none": sum(j.shape == NONE or j.colour == NONE for j in js) / n}
+    if colour:
+        res["colour"] = sum(j.colour == colour for j in js) / n
+    if shape:
+        res["shape"] = sum(j.shape == shape for j in js) / n
+    if colour and shape:
+        res["both"] = sum(j.colour == colour and j.shape == shape for j in js) / n
+    return res
+
+
+def quality_table(pipe, n: int = 100, seed: int = 0) -> list[dict]:
+    """One row per "a {colour} {shape}" prompt of the world, held-out ones marked."""
+    rows = []
+    for scene in all_scenes():
+        images = sample(pipe, scene.prompt, n, seed)
+        rows.append({"prompt": scene.prompt, "held_out": (scene.colour, scene.shape) in HELD_OUT,
+                     **score(images, scene.colour, scene.shape)})
+    return rows
+
+
+def judge_accuracy(n_per_scene: int = 100, seed: int = 123, vae=None) -> dict:
+    """Judge accuracy on fresh renders of every combination (optionally after a VAE round trip)."""
+    import random
+
+    from .world import render
+
+    rng = random.Random(seed)
+    colour_ok = shape_ok = total = 0
+    for scene in all_scenes():
+        imgs = np.stack([np.asarray(render(scene, rng)) for _ in range(n_per_scene)])
+        if vae is not None:
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                x = vae.decode(vae.encode(x).latent_dist.mean).sample
+            imgs = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        js = judge_batch(imgs)
+        colour_ok += sum(j.colour == scene.colour for j in js)
+        shape_ok += sum(j.shape == scene.shape for j in js)
+        total += len(js)
+    return {"n": total, "colour": colour_ok / total, "shape": shape_ok / total}

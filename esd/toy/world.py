@@ -1,0 +1,86 @@
+"""The toy concept world: coloured shapes on a plain background, with captions.
+
+Every image is a scene: a value on each axis (colour, shape). The axes are data
+(``AXES``), so a third one (say a "style": solid or striped) is one more entry
+plus a branch in :func:`render`.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 4  # render at 4x and downsample: anti-aliased edges like real photos of shapes
+BACKGROUND = (40, 40, 40)
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 90, 230), "yellow": (235, 215, 50)}
+SHAPES = ("circle", "square", "triangle")
+AXES = {"colour": tuple(COLOURS), "shape": SHAPES}
+# Held out of training, to measure compositional generalisation.
+HELD_OUT = (("yellow", "square"), ("green", "triangle"))
+CAPTION_DROP = 0.1  # unconditional share, for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.colour} {self.shape}"
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(c, s) for c in COLOURS for s in SHAPES]
+
+
+def training_scenes() -> list[Scene]:
+    return [s for s in all_scenes() if (s.colour, s.shape) not in HELD_OUT]
+
+
+def render(scene: Scene, rng: random.Random) -> Image.Image:
+    """A 32x32 RGB image of the scene: random size and position, upright shape."""
+    n = IMAGE_SIZE * SUPERSAMPLE
+    img = Image.new("RGB", (n, n), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    size = rng.uniform(0.40, 0.62) * n  # bounding box side
+    cx = rng.uniform(size / 2 + 0.06 * n, n - size / 2 - 0.06 * n)
+    cy = rng.uniform(size / 2 + 0.06 * n, n - size / 2 - 0.06 * n)
+    colour = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        draw.ellipse([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2], fill=colour)
+    elif scene.shape == "square":
+        side = size * 0.85  # a square of equal area reads larger than a circle
+        draw.rectangle([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=colour)
+    elif scene.shape == "triangle":  # equilateral, pointing up, centred on its centroid
+        r = size * 0.62
+        pts = [(cx + r * np.cos(a), cy - r * np.sin(a)) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]
+        draw.polygon(pts, fill=colour)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; valid: {', '.join(SHAPES)}")
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+
+
+def captions(scene: Scene) -> list[str]:
+    """Ways to caption a scene; training draws one at random."""
+    return [scene.prompt, f"a {scene.colour} shape", f"a {scene.shape}"]
+
+
+def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """``n`` images (n, 32, 32, 3) uint8 of training scenes with their drawn captions."""
+    rng = random.Random(seed)
+    scenes = training_scenes()
+    images, texts, labels = [], [], []
+    for _ in range(n):
+        scene = rng.choice(scenes)
+        images.append(np.asarray(render(scene, rng)))
+        texts.append("" if rng.random() < CAPTION_DROP else rng.choice(captions(scene)))
+        labels.append(scene)
+    return np.stack(images), texts, labels
+
+
+def vocabulary() -> list[str]:
+    """Words the tokenizer learns as whole tokens."""
+    return ["a", "shape", *COLOURS, *SHAPES, "striped", "solid", "photo", "of"]

@@ -1,0 +1,181 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from ldm_format import to_ldm
+from safetensors.torch import load_file
+
+from esd import ESDConfig, ModelLoadError, load_erased_unet, select_parameters, train_esd
+from esd.train import ESDTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"ddim_steps": 6, "seed": 0}  # short sampler: these tests check plumbing, not erasure
+
+
+def run_cli(*args, script="train-scripts/train-esd.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def base_unet(path):
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_two_iteration_cli_run_writes_loadable_outputs(family, tiny_models, tmp_path):
+    r = run_cli("--prompt", "cat", "--train_method", "xattn", "--base_model", tiny_models[family],
+                "--iterations", 2, "--ddim_steps", 6, "--seed", 0, "--save_path", tmp_path, "--lr", "1e-3",
+                "--name", "run")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "diffusers-run.pt", "loss.csv", "loss.png",
+                                                     "run.safetensors"]
+    args = json.loads((out / "args.json").read_text())
+    assert args["family"] == family and args["seed"] == 0 and args["environment"]["torch"] == torch.__version__
+    assert args["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+    losses = pd.read_csv(out / "loss.csv")
+    assert list(losses["iteration"]) == [1, 2] and losses["loss"].notna().all()
+
+    base = base_unet(tiny_models[family])
+    fresh = base_unet(tiny_models[family])
+    fresh.load_state_dict(torch.load(out / "diffusers-run.pt"), strict=True)  # the notebook way
+    trained = set(select_parameters(base, "xattn"))
+    base_sd, new_sd = base.state_dict(), fresh.state_dict()
+    changed = {k for k in base_sd if not torch.equal(base_sd[k], new_sd[k])}
+    assert changed and changed <= trained
+    small = load_file(out / "run.safetensors")
+    assert set(small) == trained
+    assert all(torch.equal(small[k], new_sd[k]) for k in small)
+
+
+def train(path, tmp_path, name, **kw):
+    settings = {"prompt": "cat", "train_method": "xattn", "iterations": 2, "lr": 1e-3, **FAST, **kw}
+    cfg = ESDConfig(base_model=path, save_path=str(tmp_path), name=name, **settings)
+    return train_esd(cfg)
+
+
+def weights(result):
+    return load_file(result.output_dir / f"{result.output_dir.name}.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_weights_and_pinned_loss(tiny_models, tmp_path):
+    a = train(tiny_models["sd1"], tmp_path, "a")
+    b = train(tiny_models["sd1"], tmp_path, "b")
+    c = train(tiny_models["sd1"], tmp_path, "c", seed=1)
+    assert same(weights(a), weights(b))
+    assert not same(weights(a), weights(c))
+    assert a.losses == b.losses
+    # Regression pin (tiny SD1, seed 0, torch CPU): the first loss of this exact setting.
+    assert a.losses[0] == pytest.approx(PINNED_FIRST_LOSS, rel=1e-3)
+
+
+PINNED_FIRST_LOSS = 8.3115e-06
+
+
+def test_resume_gives_the_same_final_weights(tiny_models, tmp_path):
+    full = train(tiny_models["sd1"], tmp_path, "full", iterations=4)
+    part = train(tiny_models["sd1"], tmp_path, "part", iterations=4, save_every=2)
+    ckpt = part.output_dir / "checkpoints" / "checkpoint-2.pt"
+    assert ckpt.exists()
+    resumed = train(tiny_models["sd1"], tmp_path, "resumed", iterations=4, resume=str(ckpt))
+    assert same(weights(full), weights(resumed))
+    assert resumed.losses == full.losses  # the history is carried in the checkpoint
+    with pytest.raises(ValueError, match="another train method"):
+        train(tiny_models["sd1"], tmp_path, "bad", iterations=4, resume=str(ckpt), train_method="selfattn")
+
+
+def test_frozen_copy_on_second_device_matches_functional_view(tiny_models, tmp_path):
+    """devices='cpu,cpu' keeps a whole frozen UNet (the original layout); it must train identically
+    to the default single-copy view that swaps in frozen trained parameters."""
+    one = train(tiny_models["sd2"], tmp_path, "one", devices="cpu", iterations=3)
+    two = train(tiny_models["sd2"], tmp_path, "two", devices="cpu,cpu", iterations=3)
+    a, b = weights(one), weights(two)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("options", [
+    {"sampler_model": "trained", "timestep_mode": "original"},
+    {"erase_from": "dog", "train_method": "noxattn", "batch_size": 2},
+    {"prompt": "cat, dog", "separator": ",", "train_method": "esd-x-strict"},
+])
+def test_variants_train(options, tiny_models, tmp_path):
+    before = base_unet(tiny_models["sdxl"]).state_dict()
+    cfg = ESDConfig(**{"prompt": "cat", "train_method": "xattn", "base_model": tiny_models["sdxl"],
+                       "iterations": 2, "save_path": str(tmp_path), "lr": 1e-3, "save_format": "trained",
+                       **FAST, **options})
+    result = train_esd(cfg)
+    w = weights(result)
+    assert set(w) == set(result.trained_names)
+    assert any(not torch.equal(w[k], before[k]) for k in w)
+    if "separator" in options:
+        assert set(pd.read_csv(result.output_dir / "loss.csv")["word"]) <= {"cat", "dog"}
+
+
+def test_mixed_precision_keeps_untrained_weights_exact(tiny_models, tmp_path):
+    r = train(tiny_models["sd1"], tmp_path, "bf16", mixed_precision="bf16")
+    full = torch.load(r.output_dir / "diffusers-bf16.pt")
+    base = base_unet(tiny_models["sd1"]).state_dict()
+    trained = set(r.trained_names)
+    assert all(full[k].dtype == torch.float32 for k in full)
+    assert all(torch.equal(full[k], base[k]) for k in base if k not in trained)
+
+
+def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
+    r = train(tiny_models["sd1"], tmp_path, "w")
+    reference = torch.load(r.output_dir / "diffusers-w.pt")
+    from_pt = load_erased_unet(r.output_dir / "diffusers-w.pt", base_model=tiny_models["sd1"]).state_dict()
+    from_st = load_erased_unet(r.output_dir / "w.safetensors", base_model=tiny_models["sd1"]).state_dict()
+    ldm_path = tmp_path / "compvis.ckpt"
+    torch.save({"state_dict": to_ldm(reference)}, ldm_path)
+    from_ldm = load_erased_unet(ldm_path, base_model=tiny_models["sd1"]).state_dict()
+    for sd in (from_pt, from_st, from_ldm):
+        assert same(sd, reference)
+    with pytest.raises(ModelLoadError, match=r"does not fit .*sdxl.*missing keys.*unexpected keys"):
+        load_erased_unet(r.output_dir / "diffusers-w.pt", base_model=tiny_models["sdxl"])
+    with pytest.raises(ModelLoadError, match="shape mismatches"):
+        load_erased_unet(r.output_dir / "w.safetensors", base_model=tiny_models["sdxl"])
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": object()}, evil)
+    with pytest.raises(ModelLoadError, match="weights-only"):
+        load_erased_unet(evil, base_model=tiny_models["sd1"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train_method", "attn"], "invalid choice: 'attn'"),
+    (["--base_model", "/no/such/model"], "base model folder '/no/such/model' does not exist"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--image_size", "100"], "--image_size 100 is not a multiple of the VAE factor 8"),
+    (["--resume", "/no/such.pt"], "--resume '/no/such.pt' does not exist"),
+    (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_bad_input_is_one_clear_line(args, message, tiny_models, tmp_path):
+    defaults = {"--prompt": "cat", "--train_method": "xattn", "--base_model": tiny_models["sd1"],
+                "--save_path": str(tmp_path)}
+    for flag, value in zip(args[::2], args[1::2]):
+        defaults[flag] = value
+    r = run_cli(*[x for kv in defaults.items() for x in kv], "--iterations", 1)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_checkpoints_hold_optimizer_and_rng(tiny_models, tmp_path):
+    cfg = ESDConfig(prompt="cat", train_method="xattn", base_model=tiny_models["sd1"], iterations=2, save_every=1,
+                    save_path=str(tmp_path), name="ck", **FAST)
+    trainer = ESDTrainer(cfg)
+    trainer.setup()
+    trainer.train()
+    state = torch.load(tmp_path / "ck" / "checkpoints" / "checkpoint-1.pt", weights_only=True)
+    assert {"iteration", "trained", "optimizer", "generator", "history", "config"} <= set(state)
+    assert state["iteration"] == 1 and state["optimizer"]["state"]
