@@ -58,6 +58,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler_model", default=d["sampler_model"].default, choices=SAMPLER_MODELS,
                    help="which weights sample x_t: 'frozen' (the current official code) or 'trained' (the "
                    "paper's original code)")
+    p.add_argument("--pool_size", type=int, default=d["pool_size"].default,
+                   help="the fast path: sample this many whole trajectories with the frozen model at once and train "
+                   "on each of their (x_t, t, e0, ep) once before sampling anew; 0: the paper's loop, a fresh "
+                   "partial trajectory every iteration (needed for --sampler_model trained)")
     p.add_argument("--timestep_mode", default=d["timestep_mode"].default, choices=TIMESTEP_MODES,
                    help="timestep given to the models: 'matched' (the scheduler timestep of x_t's noise level) or "
                    "'original' (the paper code's draw of a DDPM step in [t*1000/T, (t+1)*1000/T))")
@@ -103,6 +107,11 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    # transformers notes at import that CLIP's image processor falls back to PIL without
+    # torchvision; we never use that processor, so the CLI keeps its errors to one line.
+    transformers_logging.set_verbosity_error()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

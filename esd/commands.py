@@ -1,6 +1,7 @@
 """Registry of the ``esd`` subcommands beyond ``train``: each entry takes the
 argparse subparsers object and adds its command."""
 
+from .generate import register as register_generate
 from .toy.cli import register as register_toy
 
-REGISTERED: list = [register_toy]
+REGISTERED: list = [register_toy, register_generate]

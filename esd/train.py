@@ -69,6 +69,7 @@ class ESDConfig:
     devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
     mixed_precision: str = "no"  # no | fp16 | bf16: dtype of the frozen parts
     sampler_model: str = "frozen"  # which weights sample x_t: frozen (official code) or trained (paper's code)
+    pool_size: int = 8  # trajectories per reused pool (the fast path); 0: sample anew every iteration (paper)
     timestep_mode: str = "matched"  # matched: x_t's own timestep; original: the paper code's DDPM draw
     save_path: str = "models/"
     save_every: int = 0  # checkpoint every N iterations (0: never)
@@ -85,11 +86,17 @@ class ESDConfig:
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
         resolve_method(self.train_method)
         for name, value, low in [("iterations", self.iterations, 1), ("ddim_steps", self.ddim_steps, 1),
-                                 ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0)]:
+                                 ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0),
+                                 ("pool_size", self.pool_size, 0)]:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.pool_size and self.sampler_model == "trained":
+            raise ValueError("--sampler_model trained samples x_t on-policy every iteration; it needs --pool_size 0")
+        if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
+            raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
+                             f"--batch_size {self.batch_size}")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image_size must be positive, got {self.image_size}")
         for flag, value, choices in [("mixed_precision", self.mixed_precision, PRECISIONS),
@@ -128,6 +135,7 @@ class ESDResult:
     trained_names: list[str]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    unet_evals: int = 0  # latent rows through the UNet (sampling, frozen targets, trained forward)
 
 
 class FrozenUNet:
@@ -202,10 +210,7 @@ class ESDTrainer:
             enc.to(self.device, self.dtype)
         prompts = ["", *cfg.words] + ([cfg.erase_from] if cfg.erase_from else [])
         embeds = encode_prompts(m, prompts, self.image_size)
-        self.cond = [Conditioning(embeds.prompt_embeds[i:i + 1],
-                                  {k: v[i:i + 1] for k, v in embeds.added_cond_kwargs.items()}
-                                  if embeds.added_cond_kwargs else None).repeat(cfg.batch_size)
-                     for i in range(len(prompts))]
+        self.prompt_cond = embeds.to(self.device)  # rows: "", each concept word, [erase_from]
         m.text_encoders.clear()
 
         self.unet = m.unet.to(self.device)
@@ -226,6 +231,8 @@ class ESDTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.start_iteration = 0
         self.history: list[dict] = []
+        self.pool: dict | None = None
+        self.unet_evals = 0  # latent rows through the UNet, all views (for benchmarks)
         if cfg.resume:
             self._load_checkpoint(cfg.resume)
 
@@ -238,46 +245,131 @@ class ESDTrainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _trained_unet(self, latents, timesteps, cond):
+        self.unet_evals += latents.shape[0]
         return call_unet(self.unet, latents, timesteps, cond)
+
+    def _frozen_unet(self, latents, timesteps, cond):
+        self.unet_evals += latents.shape[0]
+        return self.frozen(latents, timesteps, cond)
+
+    def _cond(self, rows: torch.Tensor) -> Conditioning:
+        """Conditioning for prompt rows (0: "", 1..W: concept words, W+1: erase_from)."""
+        c = self.prompt_cond
+        extra = {k: v[rows] for k, v in c.added_cond_kwargs.items()} if c.added_cond_kwargs else None
+        return Conditioning(c.prompt_embeds[rows], extra)
+
+    def _source_rows(self, word_rows: torch.Tensor) -> torch.Tensor:
+        """Prompt rows that x_t and theta see: the erase-from prompt, else the concept."""
+        if self.config.erase_from:
+            return torch.full_like(word_rows, len(self.config.words) + 1)
+        return word_rows
+
+    def _frozen_targets(self, latents, timesteps, word_rows) -> torch.Tensor:
+        """ESD targets from frozen predictions at (x_t, t): one batched call over the prompts."""
+        b = latents.shape[0]
+        rows = [torch.zeros_like(word_rows), word_rows] + ([self._source_rows(word_rows)] if self.config.erase_from
+                                                         else [])
+        x, t = latents.repeat(len(rows), 1, 1, 1), timesteps.repeat(len(rows))
+        with self._autocast():
+            pred = self._frozen_unet(x, t, self._cond(torch.cat(rows)))
+        pred = self._eps(pred.float(), x, t)
+        return self._target(pred[:b], pred[b:2 * b], pred[2 * b:] if self.config.erase_from else None)
+
+    def _target(self, noise_pred_uncond, noise_pred_concept, noise_pred_from):
+        base = noise_pred_from if noise_pred_from is not None else noise_pred_uncond
+        return esd_target(base, noise_pred_uncond, noise_pred_concept, self.config.negative_guidance)
+
+    def _original_timesteps(self, ddim_index: torch.Tensor) -> torch.Tensor:
+        """The paper's code: a DDPM step in [t_enc * 1000 / T, (t_enc + 1) * 1000 / T) per row."""
+        n, T = self.scheduler.config.num_train_timesteps, self.config.ddim_steps
+        low = torch.round(ddim_index / T * n)
+        high = torch.round((ddim_index + 1) / T * n)
+        u = torch.rand(ddim_index.shape, generator=self.generator)
+        return (low + (u * (high - low)).floor()).long()
+
+    def _fresh_batch(self):
+        """The paper's loop: for this iteration, sample x_t from noise to a random step t_enc."""
+        cfg, g = self.config, self.generator
+        word_rows = torch.randint(len(cfg.words), (1,), generator=g).add(1).repeat(cfg.batch_size)
+        stop_index = int(torch.randint(cfg.ddim_steps, (1,), generator=g))  # t_enc of the paper's code
+        noise = torch.randn(self.latent_shape, generator=g).to(self.device)
+        sampler = self._frozen_unet if cfg.sampler_model == "frozen" else self._trained_unet
+        source = self._cond(self._source_rows(word_rows))
+        with self._autocast():
+            latents = denoise_to(sampler, self.scheduler, noise, source, self._cond(torch.zeros_like(word_rows)),
+                                 cfg.start_guidance, stop_index)
+        ddim_index = torch.full((cfg.batch_size,), stop_index)
+        if cfg.timestep_mode == "matched":
+            timesteps = self.scheduler.timesteps[ddim_index]
+        else:
+            timesteps = self._original_timesteps(ddim_index)
+        timesteps = timesteps.to(self.device)
+        return latents, timesteps, word_rows, ddim_index, self._frozen_targets(latents, timesteps, word_rows)
+
+    @torch.no_grad()
+    def _refresh_pool(self) -> None:
+        """Sample ``pool_size`` whole trajectories with the frozen model and keep, at every
+        step, (x_t, t) and the frozen predictions the guided sampler computed there anyway:
+        for "" (e0) and the concept (ep); with --erase_from one extra prediction per step."""
+        cfg, g, k = self.config, self.generator, self.config.pool_size
+        word_rows = torch.randint(len(cfg.words), (k,), generator=g).add(1)
+        noise = torch.randn((k, *self.latent_shape[1:]), generator=g).to(self.device)
+        uncond, source = self._cond(torch.zeros_like(word_rows)), self._cond(self._source_rows(word_rows))
+        x = noise * self.scheduler.init_noise_sigma
+        xs, ts, targets = [], [], []
+        for t in self.scheduler.timesteps:
+            rows = [uncond, source] + ([self._cond(word_rows)] if cfg.erase_from else [])
+            timesteps = torch.full((k * len(rows),), int(t), device=self.device)
+            with self._autocast():
+                pred = self._frozen_unet(x.repeat(len(rows), 1, 1, 1), timesteps, Conditioning.cat(rows)).float()
+            pred_uncond, pred_source = pred[:k], pred[k:2 * k]
+            eps = self._eps(pred, x.repeat(len(rows), 1, 1, 1), timesteps)
+            if cfg.erase_from:
+                targets.append(self._target(eps[:k], eps[2 * k:], eps[k:2 * k]))
+            else:
+                targets.append(self._target(eps[:k], eps[k:2 * k], None))
+            xs.append(x)
+            ts.append(torch.full((k,), int(t)))
+            guided = pred_uncond + cfg.start_guidance * (pred_source - pred_uncond)
+            x = self.scheduler.step(guided, t, x).prev_sample
+        steps = len(xs)
+        self.pool = {"latents": torch.cat(xs), "timesteps": torch.cat(ts), "targets": torch.cat(targets),
+                     "word_rows": word_rows.repeat(steps),
+                     "ddim_index": torch.arange(steps).repeat_interleave(k),
+                     "order": torch.randperm(steps * k, generator=g), "cursor": torch.tensor(0)}
+
+    def _pool_batch(self):
+        """Trajectory reuse: draw ``batch_size`` unused entries of the pool; refresh it when
+        fewer remain. Each entry trains once, so every x_t is a fresh draw from the same
+        distribution as the paper's loop (x_t from the frozen guided sampler, t uniform)."""
+        cfg = self.config
+        if self.pool is None or int(self.pool["cursor"]) + cfg.batch_size > len(self.pool["order"]):
+            self._refresh_pool()
+        p = self.pool
+        start = int(p["cursor"])
+        idx = p["order"][start:start + cfg.batch_size]
+        p["cursor"] = torch.tensor(start + cfg.batch_size)
+        latents, word_rows, ddim_index = p["latents"][idx], p["word_rows"][idx], p["ddim_index"][idx]
+        if cfg.timestep_mode == "matched":
+            return latents, p["timesteps"][idx].to(self.device), word_rows, ddim_index, p["targets"][idx]
+        timesteps = self._original_timesteps(ddim_index).to(self.device)
+        return latents, timesteps, word_rows, ddim_index, self._frozen_targets(latents, timesteps, word_rows)
 
     # -- one iteration -------------------------------------------------------------------------
     def step(self) -> dict:
-        """One ESD iteration: sample x_t, build the target, one optimizer step."""
-        cfg, g = self.config, self.generator
-        word_index = int(torch.randint(len(cfg.words), (1,), generator=g))
-        stop_index = int(torch.randint(cfg.ddim_steps, (1,), generator=g))  # t_enc of the paper's code
-        noise = torch.randn(self.latent_shape, generator=g).to(self.device)
-        uncond, concept = self.cond[0], self.cond[1 + word_index]
-        source = self.cond[-1] if cfg.erase_from else concept  # prompt that x_t and theta see
-
-        sampler = self.frozen if cfg.sampler_model == "frozen" else self._trained_unet
+        """One ESD iteration: get (x_t, t, target), one optimizer step on the trained view."""
+        cfg = self.config
+        batch = self._pool_batch() if cfg.pool_size else self._fresh_batch()
+        latents, timesteps, word_rows, ddim_index, target = batch
         with self._autocast():
-            latents = denoise_to(sampler, self.scheduler, noise, source, uncond, cfg.start_guidance, stop_index)
-        if cfg.timestep_mode == "matched":
-            t = int(self.scheduler.timesteps[stop_index])
-        else:  # the paper's code: a DDPM step in [t_enc * 1000 / T, (t_enc + 1) * 1000 / T)
-            n = self.scheduler.config.num_train_timesteps
-            low, high = round(stop_index / cfg.ddim_steps * n), round((stop_index + 1) / cfg.ddim_steps * n)
-            t = int(torch.randint(low, high, (1,), generator=g))
-        timesteps = torch.full((cfg.batch_size,), t, device=self.device)
-
-        b = cfg.batch_size
-        conds = [uncond, concept] + ([source] if cfg.erase_from else [])
-        with self._autocast():
-            frozen = self.frozen(latents.repeat(len(conds), 1, 1, 1), timesteps.repeat(len(conds)),
-                                 Conditioning.cat(conds))
-        frozen = self._eps(frozen.float(), latents.repeat(len(conds), 1, 1, 1), timesteps.repeat(len(conds)))
-        noise_pred_uncond, noise_pred_concept = frozen[:b], frozen[b:2 * b]
-        noise_pred_base = frozen[2 * b:] if cfg.erase_from else noise_pred_uncond
-        target = esd_target(noise_pred_base, noise_pred_uncond, noise_pred_concept, cfg.negative_guidance)
-
-        with self._autocast():
-            noise_pred = self._trained_unet(latents, timesteps, source)
+            noise_pred = self._trained_unet(latents, timesteps, self._cond(self._source_rows(word_rows)))
         loss = esd_loss(self._eps(noise_pred.float(), latents, timesteps), target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item(), "word": cfg.words[word_index], "ddim_index": stop_index, "timestep": t}
+        return {"loss": loss.item(), "word": ";".join(cfg.words[int(r) - 1] for r in word_rows.unique()),
+                "ddim_index": ";".join(str(int(i)) for i in ddim_index),
+                "timestep": ";".join(str(int(t)) for t in timesteps)}
 
     def _eps(self, prediction, latents, timesteps):
         return to_epsilon(prediction, latents, timesteps, self.scheduler.alphas_cumprod,
@@ -304,7 +396,8 @@ class ESDTrainer:
             if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
                 self.save_checkpoint()
         seconds = time.perf_counter() - start
-        return ESDResult(self.output_dir, self.trained_names, [h["loss"] for h in self.history], seconds)
+        return ESDResult(self.output_dir, self.trained_names, [h["loss"] for h in self.history], seconds,
+                         self.unet_evals)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict:
@@ -317,7 +410,7 @@ class ESDTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"iteration": iteration, "trained": self.trained_state(),
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "history": self.history, "config": asdict(self.config)}
+                 "history": self.history, "config": asdict(self.config), "pool": self.pool}
         atomic_write(path, lambda p: torch.save(state, p))
         return path
 
@@ -334,6 +427,7 @@ class ESDTrainer:
         self.generator.set_state(state["generator"])
         self.start_iteration = state["iteration"]
         self.history = list(state["history"])
+        self.pool = state.get("pool")
 
     # -- outputs -------------------------------------------------------------------------------
     def save(self, result: ESDResult | None = None) -> Path:
@@ -358,7 +452,7 @@ class ESDTrainer:
                   "trained_parameters": sum(v.numel() for v in trained.values()),
                   "trained_tensors": len(trained), "environment": environment_record()}
         if result is not None:
-            record["seconds"] = result.seconds
+            record.update(seconds=result.seconds, unet_evals=result.unet_evals)
         atomic_write(out / "args.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
         self._write_losses(out)
         return out

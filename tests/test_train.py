@@ -74,11 +74,15 @@ def test_same_seed_same_weights_and_pinned_loss(tiny_models, tmp_path):
     assert same(weights(a), weights(b))
     assert not same(weights(a), weights(c))
     assert a.losses == b.losses
-    # Regression pin (tiny SD1, seed 0, torch CPU): the first loss of this exact setting.
-    assert a.losses[0] == pytest.approx(PINNED_FIRST_LOSS, rel=1e-3)
+    # Regression pins (tiny SD1, seed 0, torch CPU): first losses of the fast path and the paper's loop.
+    paper = train(tiny_models["sd1"], tmp_path, "paper", pool_size=0, sampler_model="trained",
+                  timestep_mode="original")
+    assert [a.losses[0], paper.losses[0]] == pytest.approx(PINNED_FIRST_LOSSES, rel=1e-3)
 
 
-PINNED_FIRST_LOSS = 8.3115e-06
+PINNED_FIRST_LOSSES = [4.8325e-06, 8.3116e-06]
+
+
 
 
 def test_resume_gives_the_same_final_weights(tiny_models, tmp_path):
@@ -103,7 +107,9 @@ def test_frozen_copy_on_second_device_matches_functional_view(tiny_models, tmp_p
 
 
 @pytest.mark.parametrize("options", [
-    {"sampler_model": "trained", "timestep_mode": "original"},
+    {"sampler_model": "trained", "timestep_mode": "original", "pool_size": 0},
+    {"pool_size": 0, "erase_from": "dog", "batch_size": 2},
+    {"timestep_mode": "original", "pool_size": 2, "batch_size": 3},
     {"erase_from": "dog", "train_method": "noxattn", "batch_size": 2},
     {"prompt": "cat, dog", "separator": ",", "train_method": "esd-x-strict"},
 ])

@@ -1,0 +1,103 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from esd.generate import GenerationConfig, batches, generate_images, read_jobs, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["a photo of a cat", "a church", "a dog"], "evaluation_seed": [11, 22, 33],
+                  "case_number": [0, 1, 2]}).to_csv(path, index=False)
+    return path
+
+
+def config(prompts, out, model, **kw):
+    settings = {"num_samples": 2, "ddim_steps": 3, "scheduler": "lms", "device": "cpu", **kw}
+    return GenerationConfig(prompts_path=str(prompts), save_path=str(out), base_model=model, **settings)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.png"))}
+
+
+def test_names_counts_seeds_and_record(prompts, tmp_path, tiny_models):
+    counts = generate_images(config(prompts, tmp_path / "a", tiny_models["sd1"], batch_size=4))
+    a = files(tmp_path / "a")
+    assert sorted(a) == [f"{c}_{i}.png" for c in range(3) for i in range(2)] and counts["generated"] == 6
+    record = json.loads((tmp_path / "a" / "generation.json").read_text())
+    assert record["safety_checker"] == "off" and record["seeds"] == [11, 22, 33] and record["images"] == 6
+    generate_images(config(prompts, tmp_path / "b", tiny_models["sd1"], batch_size=4))
+    assert files(tmp_path / "b") == a  # same seeds, same bytes
+    assert a["0_0.png"] != a["0_1.png"] != a["1_0.png"]
+
+
+def test_resume_after_interruption_gives_identical_files(prompts, tmp_path, tiny_models):
+    generate_images(config(prompts, tmp_path / "full", tiny_models["sd1"], batch_size=2))
+    out = tmp_path / "killed"
+    generate_images(config(prompts, out, tiny_models["sd1"], batch_size=2))
+    # What a kill leaves: some images missing, a temporary file that was never renamed.
+    (out / "1_1.png").unlink()
+    (out / "2_0.png").unlink()
+    (out / ".2_1.png.tmp999").write_bytes(b"partial")
+    counts = generate_images(config(prompts, out, tiny_models["sd1"], batch_size=2))
+    assert counts["skipped"] == 2 and counts["generated"] == 2
+    assert files(out) == files(tmp_path / "full")
+
+
+def test_csv_errors_name_the_columns(tmp_path, tiny_models):
+    coco = SHARED / "coco_30k.csv"
+    with pytest.raises(ValueError, match="no column --case_column 'case_number'; columns found: image_id, source, "
+                                         "prompt, evaluation_seed"):
+        read_jobs(config(coco, tmp_path, tiny_models["sd1"]))
+    jobs = read_jobs(config(coco, tmp_path, tiny_models["sd1"], case_column="image_id", num_samples=1))
+    assert len(jobs) == 30000 and jobs[0].filename == "000000203564_0.png"
+    i2p = read_jobs(config(SHARED / "unsafe-prompts4703.csv", tmp_path, tiny_models["sd1"], from_case=4700))
+    assert [j.filename for j in i2p] == [f"{c}_{i}" + ".png" for c in range(4700, 4703) for i in range(2)]
+
+
+def test_shards_cover_every_batch_once():
+    items = list(range(23))
+    for count in (1, 2, 3, 5, 30):
+        parts = [shard(items, i, count) for i in range(count)]
+        assert sum(parts, []) == items
+
+
+def test_two_processes_split_the_rows(prompts, tmp_path, tiny_models):
+    """A real two-process run (torchrun on the CPU, which accelerate's PartialState reads)."""
+    out = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path", str(prompts), "--save_path", str(out),
+           "--base_model", tiny_models["sd1"], "--num_samples", "2", "--ddim_steps", "3", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    generate_images(config(prompts, tmp_path / "single", tiny_models["sd1"], batch_size=1))
+    assert files(out) == files(tmp_path / "single")
+    assert "generated 3, skipped 0" in r.stdout and r.stdout.count("generated 3") == 2
+
+
+def test_bad_input_cli(prompts, tmp_path, tiny_models):
+    r = subprocess.run([sys.executable, str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path",
+                        str(SHARED / "coco_30k.csv"), "--save_path", str(tmp_path / "x"), "--base_model",
+                        tiny_models["sd1"]], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "columns found: image_id" in r.stderr
+    wrong = tmp_path / "wrong.pt"
+    import torch
+    torch.save({"conv_in.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="does not fit"):
+        generate_images(config(prompts, tmp_path / "y", tiny_models["sd1"], esd_path=str(wrong)))
+
+
+def test_batches_are_fixed_partitions(prompts, tmp_path, tiny_models):
+    jobs = read_jobs(config(prompts, tmp_path, tiny_models["sd1"]))
+    assert [len(b) for b in batches(jobs, 4)] == [4, 2]
