@@ -1,0 +1,125 @@
+"""Paper-faithful ESD loop vs the fast path, side by side on one model and seed.
+
+    python benchmarks/speed.py                      # toy model, ESD-x of "red"
+    python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
+
+Paper path: a fresh partial trajectory every iteration sampled by the model being
+trained, the original DDPM timestep draw, a whole frozen UNet copy (the original
+code's layout). Fast path (the default of `esd train`): trajectory pool sampled by
+the frozen model, matched timesteps, one UNet in memory. Both train on the same
+number of samples (iterations x batch). Prints the figures, then one JSON line.
+
+Wall time and erasure quality are measured in this process, one path after the
+other; peak memory in a fresh child process per path (ru_maxrss is a process's
+lifetime peak), as the rise over the RSS reached after imports.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+PATHS = {
+    "paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original", "devices": "cpu,cpu"},
+    "fast": {"devices": "cpu"},
+}
+
+
+def config(path: str, args, save_path: str):
+    from esd import ESDConfig
+
+    return ESDConfig(prompt=args.concept, train_method="xattn", base_model=args.base_model, iterations=args.iterations,
+                     batch_size=args.batch_size, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed,
+                     save_path=save_path, name=path, save_format="trained", **PATHS[path])
+
+
+def peak_memory_child(path: str, args) -> None:
+    """Run one path and print its RSS rise in MiB (called in a fresh process)."""
+    import esd  # noqa: F401 - imports done before the baseline reading
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from esd.train import train_esd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_esd(config(path, args, tmp))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_rise_mib": (peak - base) / 1024}))
+
+
+def measure_memory(path: str, argv: list[str]) -> float:
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory_child", path], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_rise_mib"]
+
+
+def erasure_quality(weights, args) -> tuple[float, float]:
+    """(presence of the concept on its prompts, accuracy on the other prompts) by the toy judge."""
+    from esd.toy.demo import prompts_for
+    from esd.toy.judge import judge_batch
+    from esd.toy.quality import load_toy_pipeline, sample
+    from esd.weights import load_erased_unet
+
+    unet = load_erased_unet(weights, base_model=args.base_model)
+    pipe = load_toy_pipeline(args.base_model, unet=unet)
+    erased, others, axis = prompts_for(args.concept)
+    presence = np.mean([getattr(j, axis) == args.concept for s in erased
+                        for j in judge_batch(sample(pipe, s.prompt, args.samples, args.seed))])
+    preserved = np.mean([j.colour == s.colour and j.shape == s.shape for s in others
+                         for j in judge_batch(sample(pipe, s.prompt, args.samples, args.seed))])
+    return float(presence), float(preserved)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_model", default="toy")
+    p.add_argument("--concept", default="red")
+    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ddim_steps", type=int, default=50, help="the paper's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
+    p.add_argument("--memory_child", choices=list(PATHS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return peak_memory_child(args.memory_child, args)
+
+    from esd.train import train_esd
+
+    argv = [a for a in sys.argv[1:]]
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in PATHS:
+            start = time.perf_counter()
+            result = train_esd(config(path, args, tmp))
+            seconds = time.perf_counter() - start
+            samples = args.iterations * args.batch_size
+            presence, preserved = erasure_quality(result.output_dir / f"{path}.safetensors", args)
+            figures[path] = {"seconds": seconds, "unet_evals_per_sample": result.unet_evals / samples,
+                             "presence": presence, "preserved": preserved,
+                             "rss_rise_mib": measure_memory(path, argv)}
+            print(f"{path:>5}: {seconds:7.1f} s  {figures[path]['unet_evals_per_sample']:5.1f} UNet evals/sample  "
+                  f"peak RSS rise {figures[path]['rss_rise_mib']:7.1f} MiB  presence {presence:.1%}  "
+                  f"preserved {preserved:.1%}", flush=True)
+    paper, fast = figures["paper"], figures["fast"]
+    print(json.dumps({
+        "unet_evals_ratio": round(fast["unet_evals_per_sample"] / paper["unet_evals_per_sample"], 4),
+        "wall_ratio": round(fast["seconds"] / paper["seconds"], 4),
+        "peak_mem_ratio": round(fast["rss_rise_mib"] / paper["rss_rise_mib"], 4),
+        "presence_paper": round(paper["presence"], 4), "presence_fast": round(fast["presence"], 4),
+        "preserved_paper": round(paper["preserved"], 4), "preserved_fast": round(fast["preserved"], 4),
+        "samples_per_prompt": args.samples, "training_samples": args.iterations * args.batch_size,
+        "paper_seconds": round(paper["seconds"], 1), "fast_seconds": round(fast["seconds"], 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

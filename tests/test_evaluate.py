@@ -1,0 +1,93 @@
+import json
+import random
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esd.evaluate import NUDENET_EXPOSED, classify_summary, evaluate, nudenet_summary, percent_change, report
+from esd.generate import GenerationConfig, generate_images
+from esd.toy.world import Scene, render
+
+
+def args(**kw):
+    base = {"metric": "nudenet", "images": None, "prompts": None, "out": None, "case_column": "case_number",
+            "prompt_column": "prompt", "label_column": "class", "threshold": 0.6, "classifier": "toy",
+            "clip_model": None}
+    return Namespace(**{**base, **kw})
+
+
+def test_nudenet_scores_every_generated_image(tmp_path, tiny_models):
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["a photo of nudity", "a church"], "evaluation_seed": [1, 2],
+                  "case_number": [0, 1]}).to_csv(csv, index=False)
+    generate_images(GenerationConfig(prompts_path=str(csv), save_path=str(tmp_path / "img"),
+                                     base_model=tiny_models["sd1"], num_samples=2, ddim_steps=2, device="cpu"))
+    summary = evaluate(args(images=str(tmp_path / "img"), prompts=str(csv), out=str(tmp_path / "eval")))
+    results = pd.read_csv(tmp_path / "eval" / "results.csv")
+    assert len(results) == 4 and set(NUDENET_EXPOSED) <= set(results.columns)
+    assert sorted(results["file"]) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    assert all(isinstance(json.loads(d), list) for d in results["detections"])
+    assert summary["images"] == 4 and summary["threshold"] == 0.6
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metric"] == "nudenet"
+
+
+def test_nudenet_aggregation_math():
+    rows = pd.DataFrame([{label: 0.0 for label in NUDENET_EXPOSED} for _ in range(4)])
+    rows.loc[0, "FEMALE_BREAST_EXPOSED"] = 0.9
+    rows.loc[1, "FEMALE_BREAST_EXPOSED"] = 0.6  # at the threshold: counted
+    rows.loc[1, "BUTTOCKS_EXPOSED"] = 0.7
+    rows.loc[2, "BUTTOCKS_EXPOSED"] = 0.59  # below: not counted
+    s = nudenet_summary(rows, args())
+    assert s["counts"]["FEMALE_BREAST_EXPOSED"] == 2 and s["counts"]["BUTTOCKS_EXPOSED"] == 1
+    assert s["images_with_exposure"] == 2 and s["fraction_with_exposure"] == 0.5
+    base = {"counts": {**{k: 0 for k in NUDENET_EXPOSED}, "FEMALE_BREAST_EXPOSED": 8, "BUTTOCKS_EXPOSED": 1}}
+    change = percent_change(s, base)
+    assert change["FEMALE_BREAST_EXPOSED"] == -75.0 and change["BUTTOCKS_EXPOSED"] == 0.0
+    assert change["FEET_EXPOSED"] is None  # no baseline count: no percentage
+
+
+def test_classify_with_the_toy_judge_and_per_class_accuracy(tmp_path):
+    rng = random.Random(0)
+    scenes = [Scene("red", "circle"), Scene("blue", "square"), Scene("green", "triangle")]
+    for case, scene in enumerate(scenes):
+        for i in range(3):
+            render(scene, rng).save(tmp_path / f"{case}_{i}.png")
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"case_number": [0, 1, 2], "prompt": [s.prompt for s in scenes],
+                  "class": ["red circle", "blue square", "green triangle"]}).to_csv(csv, index=False)
+    s = evaluate(args(metric="classify", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e")))
+    assert s["per_class_accuracy"] == {"blue square": 1.0, "green triangle": 1.0, "red circle": 1.0}
+    rows = pd.DataFrame({"class": ["a", "a", "b", "b"], "label": ["a", "x", "b", "b"]})
+    assert classify_summary(rows, args())["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
+
+
+def test_report_renders(tmp_path):
+    for name, breast in [("base", 10), ("esd", 2)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        counts = {k: 0 for k in NUDENET_EXPOSED} | {"FEMALE_BREAST_EXPOSED": breast}
+        (folder / "summary.json").write_text(json.dumps({"metric": "nudenet", "threshold": 0.6, "images": 20,
+                                                         "counts": counts, "images_with_exposure": breast,
+                                                         "fraction_with_exposure": breast / 20}))
+    path = report(Namespace(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
+                            out=str(tmp_path / "r")))
+    text = Path(path).read_text()
+    assert "| FEMALE_BREAST_EXPOSED | -80% |" in text and "| SD1.4 | 20 | 10 | 50.0% |" in text
+    assert (tmp_path / "r" / "nudenet_change.png").stat().st_size > 1000
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no <case>_<i>.png images"):
+        evaluate(args(images=str(tmp_path), out=str(tmp_path / "o")))
+    img = np.zeros((8, 8, 3), np.uint8)
+    from PIL import Image
+    Image.fromarray(img).save(tmp_path / "7_0.png")
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"case_number": [1], "prompt": ["x"]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="case '7', which is not in"):
+        evaluate(args(images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--classifier 'resnet50' is not available"):
+        evaluate(args(metric="classify", classifier="resnet50", images=str(tmp_path), out=str(tmp_path / "o")))
