@@ -47,12 +47,11 @@ def prompts_for(concept: str) -> tuple[list[Scene], list[Scene], str]:
     raise ValueError(f"unknown toy concept {concept!r}; valid: {', '.join([*COLOURS, *SHAPES])}")
 
 
-def _grid(rows: list[np.ndarray], labels: list[str], columns: int = 8, scale: int = 3) -> Image.Image:
-    """Rows of images side by side, upscaled (nearest) so 32 px shapes are visible."""
+def _grid(rows: list[np.ndarray], columns: int = 8, scale: int = 3) -> Image.Image:
+    """One row of images per prompt (the first ``columns`` seeds), upscaled (nearest) so 32 px shapes show."""
     tiles = [np.concatenate(list(imgs[:columns]), axis=1) for imgs in rows]
     grid = (np.concatenate(tiles, axis=0) * 255).round().astype(np.uint8)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    return img
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -93,7 +92,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     }
     for name, scenes in [("erased", erased), ("others", others)]:
         for when, imgs in [("before", before), ("after", after)]:
-            _grid([imgs[s.prompt] for s in scenes], [s.prompt for s in scenes]).save(out / f"{name}_{when}.png")
+            _grid([imgs[s.prompt] for s in scenes]).save(out / f"{name}_{when}.png")
     report["seconds"] = round(time.perf_counter() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
