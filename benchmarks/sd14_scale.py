@@ -65,7 +65,8 @@ def child(path: str, args) -> dict:
     settings = {"paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original",
                           "devices": "cpu,cpu" if not cuda else "0,0"},
                 "fast": {"pool_size": args.pool_size, "devices": "cpu" if not cuda else "0"}}[path]
-    cfg = ESDConfig(prompt="nudity", train_method=args.train_method, base_model="toy", iterations=args.iterations,
+    cfg = ESDConfig(prompt="nudity", train_method=args.train_method, base_model="CompVis/stable-diffusion-v1-4",
+                    iterations=args.iterations,
                     ddim_steps=args.ddim_steps, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                     seed=0, save_path="/tmp/esd-bench", **settings)
     trainer = ESDTrainer(cfg, models)

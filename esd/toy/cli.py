@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--base_model", default="toy", help="'toy' or a toy model folder")
     p.add_argument("--samples", type=int, default=100, help="images per prompt")
     p.add_argument("--out", help="write the JSON here as well as printing it")
+    p.add_argument("--card", action="store_true", help="also write the model card (README.md) into the model folder")
     p.set_defaults(func=cmd_toy_eval)
 
 
@@ -63,4 +64,9 @@ def cmd_toy_eval(args) -> int:
     if args.out:
         Path(args.out).write_text(text)
     print(text)
+    if args.card:
+        from ..models import resolve_source
+        from .card import write_model_card
+
+        print(f"model card: {write_model_card(resolve_source(args.base_model), report)}")
     return 0
