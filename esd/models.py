@@ -130,7 +130,7 @@ def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if pipeline_cls is StableDiffusionPipeline \
         else {}
     try:
-        pipe = pipeline_cls.from_single_file(checkpoint, config=ckpt_config,
+        pipe = pipeline_cls.from_single_file(ckpt_path, config=ckpt_config,
                                              local_files_only=ckpt_config is not None, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load checkpoint {ckpt_path!r} ({type(e).__name__}: {e}); offline, pass "

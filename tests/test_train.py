@@ -185,3 +185,25 @@ def test_checkpoints_hold_optimizer_and_rng(tiny_models, tmp_path):
     state = torch.load(tmp_path / "ck" / "checkpoints" / "checkpoint-1.pt", weights_only=True)
     assert {"iteration", "trained", "optimizer", "generator", "history", "config"} <= set(state)
     assert state["iteration"] == 1 and state["optimizer"]["state"]
+
+
+def test_single_file_checkpoint_loads_offline_and_trains(tiny_models, tmp_path):
+    """An original-format checkpoint (CompVis keys for UNet, VAE and CLIP) through diffusers' single-file
+    loading, with --ckpt_config pointing at a local diffusers folder so that nothing is fetched."""
+    from diffusers import StableDiffusionPipeline
+    from ldm_format import pipeline_to_ldm
+    from safetensors.torch import save_file
+
+    from esd.models import load_models
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd1"])
+    ckpt = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(pipe).items()}, ckpt)
+    models = load_models(ckpt_path=str(ckpt), ckpt_config=tiny_models["sd1"])
+    assert same(models.unet.state_dict(), pipe.unet.state_dict())
+    assert same(models.text_encoders[0].state_dict(), pipe.text_encoder.state_dict())
+    r = run_cli("--prompt", "cat", "--train_method", "xattn", "--ckpt_path", ckpt, "--ckpt_config",
+                tiny_models["sd1"], "--iterations", 2, "--ddim_steps", 4, "--seed", 0, "--save_path", tmp_path,
+                "--name", "single")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "single" / "args.json").read_text())["ckpt_path"] == str(ckpt)
