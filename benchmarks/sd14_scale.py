@@ -2,7 +2,7 @@
 UNet and CLIP ViT-L/14 text encoder architectures with random weights (speed and
 memory do not depend on weight values, so nothing is downloaded), 512 px.
 
-    python benchmarks/sd14_scale.py                          # CPU: one step of each path, short sampler
+    python benchmarks/sd14_scale.py --pool_size 1            # CPU: one step of each path, short sampler
     python benchmarks/sd14_scale.py --device cuda --mixed_precision bf16 --ddim_steps 50 --iterations 20
 
 Each path runs in its own process so that peak memory is its own (CUDA: max allocated;
@@ -105,7 +105,7 @@ def main():
     p.add_argument("--ddim_steps", type=int, default=4, help="sampler steps (50 on a GPU, as the paper)")
     p.add_argument("--iterations", type=int, default=1, help="timed iterations per path")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--pool_size", type=int, default=8)
+    p.add_argument("--pool_size", type=int, default=8, help="trajectories per pool refresh (1 on a CPU)")
     p.add_argument("--train_method", default="xattn")
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
