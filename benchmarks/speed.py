@@ -1,6 +1,6 @@
 """Paper-faithful ESD loop vs the fast path, side by side on one model and seed.
 
-    python benchmarks/speed.py                      # toy model, ESD-x of "red"
+    python benchmarks/speed.py                      # toy model, ESD-x of "green"
     python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
 
 Paper path: a fresh partial trajectory every iteration sampled by the model being
@@ -10,13 +10,12 @@ the frozen model, matched timesteps, one UNet in memory. Both train on the same
 number of samples (iterations x batch). Prints the figures, then one JSON line.
 
 Wall time and erasure quality are measured in this process, one path after the
-other; peak memory in a fresh child process per path (ru_maxrss is a process's
-lifetime peak), as the rise over the RSS reached after imports.
+other; peak memory in a fresh child process per path (its peak RSS
+peak is reset after imports), as the rise of peak RSS over the RSS after imports.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,23 +34,33 @@ PATHS = {
 
 def config(path: str, args, save_path: str):
     from esd import ESDConfig
+    from esd.toy.demo import erase_prompt
 
-    return ESDConfig(prompt=args.concept, train_method="xattn", base_model=args.base_model, iterations=args.iterations,
-                     batch_size=args.batch_size, lr=args.lr, ddim_steps=args.ddim_steps, seed=args.seed,
+    return ESDConfig(prompt=erase_prompt(args.concept), train_method="xattn", base_model=args.base_model,
+                     iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                     negative_guidance=args.negative_guidance, ddim_steps=args.ddim_steps, seed=args.seed,
                      save_path=save_path, name=path, save_format="trained", **PATHS[path])
 
 
-def peak_memory_child(path: str, args) -> None:
-    """Run one path and print its RSS rise in MiB (called in a fresh process)."""
-    import esd  # noqa: F401 - imports done before the baseline reading
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def peak_memory_child(path: str, args) -> None:
+    """Run one path and print its peak RSS rise in MiB (called in a fresh process). Linux: writing 5 to
+    /proc/self/clear_refs resets the peak (VmHWM) to the current RSS, so transient import peaks do not count."""
+    import esd  # noqa: F401 - imports done before the baseline reading
     from esd.train import train_esd
 
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         train_esd(config(path, args, tmp))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_rise_mib": (peak - base) / 1024}))
+    print(json.dumps({"rss_rise_mib": (_status_kib("VmHWM") - base) / 1024}))
 
 
 def measure_memory(path: str, argv: list[str]) -> float:
@@ -80,10 +89,11 @@ def erasure_quality(weights, args) -> tuple[float, float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_model", default="toy")
-    p.add_argument("--concept", default="red")
+    p.add_argument("--concept", default="green", help="a toy colour or shape (green: the cleanest erasure)")
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--negative_guidance", type=float, default=3.0, help="as the demo")
     p.add_argument("--ddim_steps", type=int, default=50, help="the paper's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
