@@ -10,8 +10,8 @@ the frozen model, matched timesteps, one UNet in memory. Both train on the same
 number of samples (iterations x batch). Prints the figures, then one JSON line.
 
 Wall time and erasure quality are measured in this process, one path after the
-other; peak memory in a fresh child process per path (its peak RSS
-peak is reset after imports), as the rise of peak RSS over the RSS after imports.
+other; peak memory in a fresh child process per path, as the rise of its peak RSS
+over the RSS after imports (the peak is reset there, so import-time peaks do not count).
 """
 
 import argparse
