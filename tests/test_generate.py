@@ -72,17 +72,20 @@ def test_shards_cover_every_batch_once():
 
 
 def test_two_processes_split_the_rows(prompts, tmp_path, tiny_models):
-    """A real two-process run (torchrun on the CPU, which accelerate's PartialState reads)."""
-    out = tmp_path / "sharded"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path", str(prompts), "--save_path", str(out),
-           "--base_model", tiny_models["sd1"], "--num_samples", "2", "--ddim_steps", "3", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    generate_images(config(prompts, tmp_path / "single", tiny_models["sd1"], batch_size=1))
-    assert files(out) == files(tmp_path / "single")
-    assert "generated 3, skipped 0" in r.stdout and r.stdout.count("generated 3") == 2
+    """A real two-process run (torchrun on the CPU, which accelerate's PartialState reads) writes the same
+    bytes as one process. Both run with one thread each: the thread count changes float summation order."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    script = [str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path", str(prompts), "--base_model",
+              tiny_models["sd1"], "--num_samples", "2", "--ddim_steps", "3", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    two = subprocess.run([*launch, *script, "--save_path", str(tmp_path / "sharded")], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("generated 3, skipped 0") == 2  # 6 images, 3 per process
+    one = subprocess.run([sys.executable, *script, "--save_path", str(tmp_path / "single")], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env=env)
+    assert one.returncode == 0 and "generated 6, skipped 0" in one.stdout, one.stderr[-2000:]
+    assert files(tmp_path / "sharded") == files(tmp_path / "single")
 
 
 def test_bad_input_cli(prompts, tmp_path, tiny_models):
