@@ -107,11 +107,15 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     # transformers notes at import that CLIP's image processor falls back to PIL without
-    # torchvision; we never use that processor, so the CLI keeps its errors to one line.
+    # torchvision (we never use that processor), and both libraries draw loading bars: the CLI
+    # keeps its own single progress bar and its errors to one line.
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

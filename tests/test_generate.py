@@ -99,6 +99,12 @@ def test_bad_input_cli(prompts, tmp_path, tiny_models):
     torch.save({"conv_in.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="does not fit"):
         generate_images(config(prompts, tmp_path / "y", tiny_models["sd1"], esd_path=str(wrong)))
+    r = subprocess.run([sys.executable, str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path",
+                        str(prompts), "--save_path", str(tmp_path / "z"), "--base_model", tiny_models["sd1"],
+                        "--esd_path", str(wrong), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "does not fit" in r.stderr and "missing keys" in r.stderr and "shape mismatches" in r.stderr
 
 
 def test_batches_are_fixed_partitions(prompts, tmp_path, tiny_models):
