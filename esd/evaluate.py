@@ -100,12 +100,18 @@ def clip_evaluator(args):
             raise ValueError("--metric clip needs --prompts (the CSV the images were generated from)")
         inputs = processor(text=[row["prompt"]], images=Image.open(path).convert("RGB"), return_tensors="pt",
                            padding="max_length", truncation=True)
-        img = model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        img = _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = _embedding(model.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs.get("attention_mask")))
         cos = torch.nn.functional.cosine_similarity(img, txt).item()
         return {"clip_score": 100 * max(cos, 0.0)}
 
     return score
+
+
+def _embedding(features):
+    """transformers 4 returns the projected embedding; transformers 5 a model output holding it as pooler_output."""
+    return features if hasattr(features, "shape") else features.pooler_output
 
 
 # -- aggregators: fn(results, args) -> summary dict ---------------------------------------------------------------

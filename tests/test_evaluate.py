@@ -91,3 +91,34 @@ def test_bad_input(tmp_path):
         evaluate(args(images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="--classifier 'resnet50' is not available"):
         evaluate(args(metric="classify", classifier="resnet50", images=str(tmp_path), out=str(tmp_path / "o")))
+
+
+def test_clip_score_with_a_tiny_local_clip(tmp_path):
+    """CLIP score through a transformers CLIP model loaded from a local folder (tiny, random weights):
+    the plumbing, the row per image and the 0..100 range; the values mean nothing."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from esd.toy.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(["a", "red", "circle", "blue", "square"])
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": len(tokenizer),
+                                     "bos_token_id": len(tokenizer) - 2, "eos_token_id": len(tokenizer) - 1},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    rng = random.Random(1)
+    for case, scene in enumerate([Scene("red", "circle"), Scene("blue", "square")]):
+        render(scene, rng).save(tmp_path / f"{case}_0.png")
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"case_number": [0, 1], "prompt": ["a red circle", "a blue square"]}).to_csv(csv, index=False)
+    s = evaluate(args(metric="clip", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e"),
+                      clip_model=str(tmp_path / "clip")))
+    results = pd.read_csv(tmp_path / "e" / "results.csv")
+    assert list(results["file"]) == ["0_0.png", "1_0.png"] and results["clip_score"].between(0, 100).all()
+    assert s["clip_score_mean"] == pytest.approx(results["clip_score"].mean())
+    with pytest.raises(ValueError, match="needs --clip_model"):
+        evaluate(args(metric="clip", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e")))
