@@ -19,20 +19,11 @@ class Conditioning:
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict | None = None
 
-    def __len__(self):
-        return self.prompt_embeds.shape[0]
-
     def to(self, device=None, dtype=None) -> "Conditioning":
         extra = None
         if self.added_cond_kwargs is not None:
             extra = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.prompt_embeds.to(device=device, dtype=dtype), extra)
-
-    def repeat(self, n: int) -> "Conditioning":
-        extra = None
-        if self.added_cond_kwargs is not None:
-            extra = {k: v.repeat_interleave(n, 0) for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(self.prompt_embeds.repeat_interleave(n, 0), extra)
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":

@@ -20,7 +20,7 @@ import secrets
 import subprocess
 import time
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -488,5 +488,3 @@ def train_esd(config: ESDConfig, models: DiffusionModels | None = None) -> ESDRe
     trainer.save(result)
     return result
 
-
-CONFIG_FIELDS = [f.name for f in fields(ESDConfig)]

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -187,9 +186,3 @@ def toy_train(out: str | Path, cfg: RecipeConfig | None = None, log=print) -> Pa
     log(f"saved toy model to {out} in {seconds:.0f} s")
     return out
 
-
-def latents_to_images(vae, latents: torch.Tensor) -> np.ndarray:
-    """Decode scaled latents to (N, 32, 32, 3) floats in [0, 1]."""
-    with torch.no_grad():
-        x = vae.decode(latents / vae.config.scaling_factor).sample
-    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
