@@ -264,20 +264,28 @@ class ESDTrainer:
             return torch.full_like(word_rows, len(self.config.words) + 1)
         return word_rows
 
+    def _prompt_rows(self, word_rows: torch.Tensor) -> torch.Tensor:
+        """Prompt rows of one frozen call: "" (e0), the concept (ep) and, with --erase_from, the
+        erase-from prompt; the last block is always the prompt x_t is sampled with."""
+        rows = [torch.zeros_like(word_rows), word_rows]
+        if self.config.erase_from:
+            rows.append(self._source_rows(word_rows))
+        return torch.cat(rows)
+
+    def _targets(self, eps: torch.Tensor, b: int) -> torch.Tensor:
+        """ESD targets from epsilon predictions laid out as :meth:`_prompt_rows`, ``b`` rows per prompt."""
+        noise_pred_uncond, noise_pred_concept = eps[:b], eps[b:2 * b]
+        base = eps[2 * b:] if self.config.erase_from else noise_pred_uncond
+        return esd_target(base, noise_pred_uncond, noise_pred_concept, self.config.negative_guidance)
+
     def _frozen_targets(self, latents, timesteps, word_rows) -> torch.Tensor:
         """ESD targets from frozen predictions at (x_t, t): one batched call over the prompts."""
-        b = latents.shape[0]
-        rows = [torch.zeros_like(word_rows), word_rows] + ([self._source_rows(word_rows)] if self.config.erase_from
-                                                         else [])
-        x, t = latents.repeat(len(rows), 1, 1, 1), timesteps.repeat(len(rows))
+        rows = self._prompt_rows(word_rows)
+        n = len(rows) // len(word_rows)
+        x, t = latents.repeat(n, 1, 1, 1), timesteps.repeat(n)
         with self._autocast():
-            pred = self._frozen_unet(x, t, self._cond(torch.cat(rows)))
-        pred = self._eps(pred.float(), x, t)
-        return self._target(pred[:b], pred[b:2 * b], pred[2 * b:] if self.config.erase_from else None)
-
-    def _target(self, noise_pred_uncond, noise_pred_concept, noise_pred_from):
-        base = noise_pred_from if noise_pred_from is not None else noise_pred_uncond
-        return esd_target(base, noise_pred_uncond, noise_pred_concept, self.config.negative_guidance)
+            pred = self._frozen_unet(x, t, self._cond(rows))
+        return self._targets(self._eps(pred.float(), x, t), latents.shape[0])
 
     def _original_timesteps(self, ddim_index: torch.Tensor) -> torch.Tensor:
         """The paper's code: a DDPM step in [t_enc * 1000 / T, (t_enc + 1) * 1000 / T) per row."""
@@ -314,23 +322,20 @@ class ESDTrainer:
         cfg, g, k = self.config, self.generator, self.config.pool_size
         word_rows = torch.randint(len(cfg.words), (k,), generator=g).add(1)
         noise = torch.randn((k, *self.latent_shape[1:]), generator=g).to(self.device)
-        uncond, source = self._cond(torch.zeros_like(word_rows)), self._cond(self._source_rows(word_rows))
+        rows = self._prompt_rows(word_rows)
+        cond, n = self._cond(rows), len(rows) // k
         x = noise * self.scheduler.init_noise_sigma
         xs, ts, targets = [], [], []
         for t in self.scheduler.timesteps:
-            rows = [uncond, source] + ([self._cond(word_rows)] if cfg.erase_from else [])
-            timesteps = torch.full((k * len(rows),), int(t), device=self.device)
+            x_rows = x.repeat(n, 1, 1, 1)
+            timesteps = torch.full((k * n,), int(t), device=self.device)
             with self._autocast():
-                pred = self._frozen_unet(x.repeat(len(rows), 1, 1, 1), timesteps, Conditioning.cat(rows)).float()
-            pred_uncond, pred_source = pred[:k], pred[k:2 * k]
-            eps = self._eps(pred, x.repeat(len(rows), 1, 1, 1), timesteps)
-            if cfg.erase_from:
-                targets.append(self._target(eps[:k], eps[2 * k:], eps[k:2 * k]))
-            else:
-                targets.append(self._target(eps[:k], eps[k:2 * k], None))
+                pred = self._frozen_unet(x_rows, timesteps, cond).float()
+            targets.append(self._targets(self._eps(pred, x_rows, timesteps), k))
             xs.append(x)
             ts.append(torch.full((k,), int(t)))
-            guided = pred_uncond + cfg.start_guidance * (pred_source - pred_uncond)
+            # The sampler's own guided step: "" and the prompt x_t is sampled with (the last block).
+            guided = pred[:k] + cfg.start_guidance * (pred[-k:] - pred[:k])
             x = self.scheduler.step(guided, t, x).prev_sample
         steps = len(xs)
         self.pool = {"latents": torch.cat(xs), "timesteps": torch.cat(ts), "targets": torch.cat(targets),
