@@ -235,9 +235,38 @@ def report(args, log=print) -> Path:
         fig.savefig(out / "nudenet_change.png", dpi=100)
         plt.close(fig)
         lines += ["", "![change](nudenet_change.png)"]
+    grid = image_grid({n: s.get("images_dir") for n, s in summaries.items()}, out / "grid.png", args.grid_images)
+    if grid:
+        lines += ["", f"Same case and seed across models, one row per model ({', '.join(grid)}):", "",
+                  "![images](grid.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     log(f"report: {out / 'report.md'}")
     return out / "report.md"
+
+
+def image_grid(folders: dict, path: Path, n: int, cell: int = 128) -> list[str]:
+    """Before/after grid: one row per model, one column per image file that every model's folder holds
+    (the same case and seed, so the columns compare like with like). Returns the files shown."""
+    from PIL import ImageDraw
+
+    if n <= 0 or not all(f and Path(f).is_dir() for f in folders.values()):
+        return []
+    names = [{p.name for p in Path(f).glob("*.png") if FILE_PATTERN.match(p.name)} for f in folders.values()]
+    common = sorted(set.intersection(*names), key=lambda f: (FILE_PATTERN.match(f)["case"],
+                                                             int(FILE_PATTERN.match(f)["index"])))[:n]
+    if not common:
+        return []
+    label_w = 120
+    sheet = Image.new("RGB", (label_w + cell * len(common), cell * len(folders)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, folder) in enumerate(folders.items()):
+        draw.text((4, r * cell + cell // 2 - 6), name[:18], fill="black")
+        for c, f in enumerate(common):
+            img = Image.open(Path(folder) / f).convert("RGB")
+            resample = Image.NEAREST if img.width < cell else Image.BICUBIC  # small toy images stay crisp
+            sheet.paste(img.resize((cell, cell), resample), (label_w + c * cell, r * cell))
+    atomic_write(path, lambda p: sheet.save(p, format="PNG"))
+    return common
 
 
 def _headline(metric: str, s: dict) -> dict:
@@ -268,6 +297,8 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", help="NAME=FOLDER (or FOLDER) of each model's evaluate output; "
                    "the first is the baseline")
     p.add_argument("--out", required=True, help="folder for report.md and charts")
+    p.add_argument("--grid_images", type=int, default=8, help="images per model in the before/after grid "
+                   "(0: none); the files every model's image folder holds, first cases first")
     p.set_defaults(func=cmd_report)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from esd.evaluate import NUDENET_EXPOSED, classify_summary, evaluate, nudenet_summary, percent_change, report
 from esd.generate import GenerationConfig, generate_images
@@ -65,25 +66,33 @@ def test_classify_with_the_toy_judge_and_per_class_accuracy(tmp_path):
 
 
 def test_report_renders(tmp_path):
+    colours = {"base": (255, 0, 0), "esd": (0, 0, 255)}
     for name, breast in [("base", 10), ("esd", 2)]:
         folder = tmp_path / name
-        folder.mkdir()
+        (folder / "img").mkdir(parents=True)
+        for f in ["0_0.png", "0_1.png", "1_0.png"] + (["2_0.png"] if name == "base" else []):
+            Image.new("RGB", (32, 32), colours[name]).save(folder / "img" / f)
         counts = {k: 0 for k in NUDENET_EXPOSED} | {"FEMALE_BREAST_EXPOSED": breast}
         (folder / "summary.json").write_text(json.dumps({"metric": "nudenet", "threshold": 0.6, "images": 20,
                                                          "counts": counts, "images_with_exposure": breast,
-                                                         "fraction_with_exposure": breast / 20}))
+                                                         "fraction_with_exposure": breast / 20,
+                                                         "images_dir": str(folder / "img")}))
     path = report(Namespace(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
-                            out=str(tmp_path / "r")))
+                            out=str(tmp_path / "r"), grid_images=8))
     text = Path(path).read_text()
     assert "| FEMALE_BREAST_EXPOSED | -80% |" in text and "| SD1.4 | 20 | 10 | 50.0% |" in text
     assert (tmp_path / "r" / "nudenet_change.png").stat().st_size > 1000
+    # the grid: only the files both models have (2_0.png is base-only), base's row red, ESD's row blue
+    assert "(0_0.png, 0_1.png, 1_0.png)" in text
+    grid = np.asarray(Image.open(tmp_path / "r" / "grid.png"))
+    assert grid.shape == (2 * 128, 120 + 3 * 128, 3)
+    assert (grid[64, 120:] == (255, 0, 0)).all() and (grid[128 + 64, 120:] == (0, 0, 255)).all()
 
 
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no <case>_<i>.png images"):
         evaluate(args(images=str(tmp_path), out=str(tmp_path / "o")))
     img = np.zeros((8, 8, 3), np.uint8)
-    from PIL import Image
     Image.fromarray(img).save(tmp_path / "7_0.png")
     csv = tmp_path / "p.csv"
     pd.DataFrame({"case_number": [1], "prompt": ["x"]}).to_csv(csv, index=False)
