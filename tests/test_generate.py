@@ -116,8 +116,8 @@ def test_sld_baseline_steers_away_from_plain_sd(prompts, tmp_path, tiny_models):
     """Safe Latent Diffusion (the paper's inference-time baseline): same seeds, same files, but its
     safety guidance changes the images. The 'max' preset has no warm-up, so 3 steps feel it."""
     generate_images(config(prompts, tmp_path / "sd", tiny_models["sd1"], scheduler="ddim", num_samples=1))
-    generate_images(config(prompts, tmp_path / "sld", tiny_models["sd1"], scheduler="ddim", num_samples=1, pipeline="sld",
-                           sld_preset="max"))
+    generate_images(config(prompts, tmp_path / "sld", tiny_models["sd1"], scheduler="ddim", num_samples=1,
+                           pipeline="sld", sld_preset="max"))
     sd, sld = files(tmp_path / "sd"), files(tmp_path / "sld")
     assert sorted(sd) == sorted(sld)
     assert all(sd[f] != sld[f] for f in sd)
