@@ -69,6 +69,11 @@ def call_unet(unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Ten
                 added_cond_kwargs=cond.added_cond_kwargs).sample
 
 
+def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Ho & Salimans (2022): uncond + scale * (cond - uncond)."""
+    return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
 def guided_prediction(unet_fn: UNetFn, latents, t, cond: Conditioning, uncond: Conditioning, guidance_scale):
     """Classifier-free guidance in one batched call.
     Returns (guided, prediction_uncond, prediction_cond), each (B, C, h, w)."""
@@ -76,7 +81,7 @@ def guided_prediction(unet_fn: UNetFn, latents, t, cond: Conditioning, uncond: C
     timesteps = torch.full((2 * b,), int(t), device=latents.device)
     pred = unet_fn(torch.cat([latents, latents]), timesteps, Conditioning.cat([uncond, cond]))
     pred_uncond, pred_cond = pred.float().chunk(2)
-    return pred_uncond + guidance_scale * (pred_cond - pred_uncond), pred_uncond, pred_cond
+    return classifier_free_guidance(pred_uncond, pred_cond, guidance_scale), pred_uncond, pred_cond
 
 
 @torch.no_grad()
