@@ -18,13 +18,13 @@ it feeds.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 PATHS = ("paper", "fast")
 
@@ -60,7 +60,9 @@ def child(path: str, args) -> dict:
     from esd.train import ESDConfig, ESDTrainer
 
     cuda = args.device.startswith("cuda")
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = PeakRSS()
+    if not cuda:
+        peak.reset()  # the rise over the RSS after imports: the models and both paths' working memory
     models = sd14_models()
     settings = {"paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original",
                           "devices": "cpu,cpu" if not cuda else "0,0"},
@@ -91,7 +93,7 @@ def child(path: str, args) -> dict:
     per_refresh = args.pool_size * args.ddim_steps / args.batch_size  # iterations one refresh feeds
     seconds = step_seconds + (refresh / per_refresh if path == "fast" else 0.0)
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 2**20
+        peak.rise_mib() / 1024
     return {"path": path, "seconds_per_iteration": seconds, "step_seconds": step_seconds,
             "refresh_seconds": refresh, "peak_memory_gib": memory,
             "unet_evals_per_iteration": (trainer.unet_evals - evals0) / args.iterations,

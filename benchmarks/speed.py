@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
+from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 PATHS = {
     "paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original", "devices": "cpu,cpu"},
@@ -42,25 +42,16 @@ def config(path: str, args, save_path: str):
                      save_path=save_path, name=path, save_format="trained", **PATHS[path])
 
 
-def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_memory_child(path: str, args) -> None:
-    """Run one path and print its peak RSS rise in MiB (called in a fresh process). Linux: writing 5 to
-    /proc/self/clear_refs resets the peak (VmHWM) to the current RSS, so transient import peaks do not count."""
+    """Run one path and print its peak RSS rise in MiB over the RSS after imports (in a fresh process)."""
     import esd  # noqa: F401 - imports done before the baseline reading
     from esd.train import train_esd
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
+    peak = PeakRSS()
+    peak.reset()
     with tempfile.TemporaryDirectory() as tmp:
         train_esd(config(path, args, tmp))
-    print(json.dumps({"rss_rise_mib": (_status_kib("VmHWM") - base) / 1024}))
+    print(json.dumps({"rss_rise_mib": peak.rise_mib()}))
 
 
 def measure_memory(path: str, argv: list[str]) -> float:

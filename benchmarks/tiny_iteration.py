@@ -5,7 +5,6 @@ of each run (a fresh process per run; rise over the RSS after imports).
 """
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 PATHS = {"paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original", "devices": "cpu,cpu"},
          "fast": {"devices": "cpu"}}
 
@@ -22,7 +23,8 @@ def child(folder: str, path: str, iterations: int) -> dict:
     from esd import ESDConfig
     from esd.train import ESDTrainer
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = PeakRSS()
+    peak.reset()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ESDTrainer(ESDConfig(prompt="cat", train_method="xattn", base_model=folder, iterations=iterations,
                                        seed=0, save_path=tmp, **PATHS[path]))
@@ -30,7 +32,7 @@ def child(folder: str, path: str, iterations: int) -> dict:
         start = time.perf_counter()
         trainer.train()
         seconds = (time.perf_counter() - start) / iterations
-    return {"s_per_it": seconds, "rss_rise_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+    return {"s_per_it": seconds, "rss_rise_mib": peak.rise_mib()}
 
 
 def main():
