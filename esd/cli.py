@@ -7,7 +7,7 @@ import sys
 
 from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
 from .models import DEFAULT_BASE_MODEL
-from .train import PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, TIMESTEP_MODES, ESDConfig
+from .train import PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, SAVE_PRECISIONS, TIMESTEP_MODES, ESDConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -71,6 +71,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_format", default="both", choices=SAVE_FORMATS,
                    help="'full': diffusers-NAME.pt (the whole UNet), 'trained': NAME.safetensors (only the "
                    "trained parameters), 'both'")
+    p.add_argument("--save_precision", default=d["save_precision"].default, choices=list(SAVE_PRECISIONS),
+                   help="dtype of the saved weights; fp16 halves the files (checkpoints for --resume stay fp32)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass: less memory for full/noxattn")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on GPUs, long runs)")
     p.add_argument("--resume", help="checkpoint file to continue from (same settings)")
     p.add_argument("--name", help="output folder name (default encodes the hyperparameters)")
 

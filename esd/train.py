@@ -38,13 +38,14 @@ from .models import (
     vae_scale_factor_of,
 )
 from .objective import esd_loss, esd_target
-from .sampling import Conditioning, call_unet, denoise_to, encode_prompts, to_epsilon
+from .sampling import Conditioning, call_unet, classifier_free_guidance, denoise_to, encode_prompts, to_epsilon
 from .weights import atomic_write, save_full_state_dict, save_trained_parameters
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLER_MODELS = ("frozen", "trained")
 TIMESTEP_MODES = ("matched", "original")
 SAVE_FORMATS = ("both", "full", "trained")
+SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -74,6 +75,9 @@ class ESDConfig:
     save_path: str = "models/"
     save_every: int = 0  # checkpoint every N iterations (0: never)
     save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
+    save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
     resume: str | None = None  # checkpoint to continue from
     name: str | None = None  # output folder name; default encodes the hyperparameters
 
@@ -102,7 +106,8 @@ class ESDConfig:
         for flag, value, choices in [("mixed_precision", self.mixed_precision, PRECISIONS),
                                      ("sampler_model", self.sampler_model, SAMPLER_MODELS),
                                      ("timestep_mode", self.timestep_mode, TIMESTEP_MODES),
-                                     ("save_format", self.save_format, SAVE_FORMATS)]:
+                                     ("save_format", self.save_format, SAVE_FORMATS),
+                                     ("save_precision", self.save_precision, SAVE_PRECISIONS)]:
             if value not in choices:
                 raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(choices)}")
         if self.ckpt_path is None:
@@ -225,6 +230,12 @@ class ESDTrainer:
             else:
                 p.data = p.data.to(self.dtype)
         self.params = [p for n, p in self.unet.named_parameters() if n in trained]
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # diffusers' blocks checkpoint when grad is enabled
+        if cfg.compile:
+            # One compiled forward serves both views: dynamo guards on the parameter tensors, so the
+            # frozen view (swapped in by functional_call) gets its own graph rather than a wrong one.
+            self.unet.forward = torch.compile(self.unet.forward)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
         self.scheduler = m.scheduler
         self.scheduler.set_timesteps(cfg.ddim_steps)
@@ -335,7 +346,7 @@ class ESDTrainer:
             xs.append(x)
             ts.append(torch.full((k,), int(t)))
             # The sampler's own guided step: "" and the prompt x_t is sampled with (the last block).
-            guided = pred[:k] + cfg.start_guidance * (pred[-k:] - pred[:k])
+            guided = classifier_free_guidance(pred[:k], pred[-k:], cfg.start_guidance)
             x = self.scheduler.step(guided, t, x).prev_sample
         steps = len(xs)
         self.pool = {"latents": torch.cat(xs), "timesteps": torch.cat(ts), "targets": torch.cat(targets),
@@ -441,13 +452,16 @@ class ESDTrainer:
         out.mkdir(parents=True, exist_ok=True)
         name = out.name
         trained = self.trained_state()
+        save_dtype = SAVE_PRECISIONS[cfg.save_precision]
         if cfg.save_format in ("both", "full"):
             if self.dtype == torch.float32:
                 full = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
             else:  # frozen weights were cast down; take them from the source again at full precision
                 full = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet.state_dict()
             full.update(trained)
-            save_full_state_dict(full, out / f"diffusers-{name}.pt")
+            save_full_state_dict({k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()},
+                                 out / f"diffusers-{name}.pt")
+        trained = {k: v.to(save_dtype) for k, v in trained.items()}
         if cfg.save_format in ("both", "trained"):
             save_trained_parameters(trained, out / f"{name}.safetensors",
                                     {"base_model": cfg.ckpt_path or cfg.base_model,

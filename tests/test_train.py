@@ -135,6 +135,51 @@ def test_mixed_precision_keeps_untrained_weights_exact(tiny_models, tmp_path):
     assert all(torch.equal(full[k], base[k]) for k in base if k not in trained)
 
 
+def test_fp16_save_halves_the_files_and_loads_strictly(tiny_models, tmp_path):
+    ref = train(tiny_models["sd1"], tmp_path, "fp32")
+    half = train(tiny_models["sd1"], tmp_path, "fp16", save_precision="fp16")
+    a, b = weights(ref), weights(half)
+    assert all(b[k].dtype == torch.float16 and torch.equal(b[k], a[k].half()) for k in a)
+    for f in ("fp16.safetensors", "diffusers-fp16.pt"):
+        small, big = (half.output_dir / f).stat().st_size, (ref.output_dir / f.replace("fp16", "fp32")).stat().st_size
+        assert small < 0.55 * big
+    unet = load_erased_unet(half.output_dir / "fp16.safetensors", base_model=tiny_models["sd1"])
+    loaded = unet.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], a[k].half().float()) for k in a)
+
+
+@pytest.mark.parametrize("option", [{"gradient_checkpointing": True, "train_method": "noxattn"},
+                                    {"compile": True}])
+def test_memory_and_speed_options_train_the_same(option, tiny_models, tmp_path, monkeypatch):
+    """Gradient checkpointing recomputes the same activations, and the compiled UNet (one compiled
+    forward for the trained view and for the frozen view swapped in by functional_call) computes the
+    same function: the trained weights match the plain run's. torch.compile is traced by dynamo with
+    the eager backend here: inductor's C++ build takes minutes on 2 cores and is torch's to test."""
+    if option.get("compile"):
+        compile_calls, real_compile = [], torch.compile
+
+        def eager_compile(fn, **kw):
+            compile_calls.append(fn)
+            return real_compile(fn, backend="eager")
+
+        monkeypatch.setattr(torch, "compile", eager_compile)
+    method = option.get("train_method", "xattn")
+    plain = train(tiny_models["sd1"], tmp_path, "plain", train_method=method)
+    other = train(tiny_models["sd1"], tmp_path, "other", **option)
+    a, b = weights(plain), weights(other)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not all(torch.equal(a[k], base) for k, base in weights_of_base(tiny_models["sd1"], a).items())
+    assert json.loads((other.output_dir / "args.json").read_text())[next(iter(option))] is True
+    if option.get("compile"):
+        assert len(compile_calls) == 1
+
+
+def weights_of_base(path, keys):
+    base = base_unet(path).state_dict()
+    return {k: base[k] for k in keys}
+
+
 def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
     r = train(tiny_models["sd1"], tmp_path, "w")
     reference = torch.load(r.output_dir / "diffusers-w.pt")
