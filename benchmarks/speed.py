@@ -5,9 +5,12 @@
 
 Paper path: a fresh partial trajectory every iteration sampled by the model being
 trained, the original DDPM timestep draw, a whole frozen UNet copy (the original
-code's layout). Fast path (the default of `esd train`): trajectory pool sampled by
-the frozen model, matched timesteps, one UNet in memory. Both train on the same
-number of samples (iterations x batch). Prints the figures, then one JSON line.
+code's layout). ``--paper_sampler frozen`` samples the paper loop's x_t with the frozen
+model instead (the current official code), the same x_t distribution as the fast path's
+pool: the comparison that isolates what trajectory reuse changes. Fast path (the
+default of `esd train`): trajectory pool sampled by the frozen model, matched
+timesteps, one UNet in memory. Both train on the same number of samples
+(iterations x batch). Prints the figures, then one JSON line.
 
 Wall time and erasure quality are measured in this process, one path after the
 other; peak memory in a fresh child process per path, as the rise of its peak RSS
@@ -36,10 +39,14 @@ def config(path: str, args, save_path: str):
     from esd import ESDConfig
     from esd.toy.demo import erase_prompt
 
+    settings = dict(PATHS[path])
+    if path == "paper" and args.paper_sampler == "frozen":
+        settings.update(sampler_model="frozen", timestep_mode="matched")
+
     return ESDConfig(prompt=erase_prompt(args.concept), train_method="xattn", base_model=args.base_model,
                      iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                      negative_guidance=args.negative_guidance, ddim_steps=args.ddim_steps, seed=args.seed,
-                     save_path=save_path, name=path, save_format="trained", **PATHS[path])
+                     save_path=save_path, name=path, save_format="trained", **settings)
 
 
 def peak_memory_child(path: str, args) -> None:
@@ -88,6 +95,8 @@ def main():
     p.add_argument("--ddim_steps", type=int, default=50, help="the paper's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
+    p.add_argument("--paper_sampler", default="trained", choices=["trained", "frozen"],
+                   help="x_t of the paper path from the trained model (the paper's code) or the frozen one")
     p.add_argument("--memory_child", choices=list(PATHS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -117,7 +126,8 @@ def main():
         "peak_mem_ratio": round(fast["rss_rise_mib"] / paper["rss_rise_mib"], 4),
         "presence_paper": round(paper["presence"], 4), "presence_fast": round(fast["presence"], 4),
         "preserved_paper": round(paper["preserved"], 4), "preserved_fast": round(fast["preserved"], 4),
-        "samples_per_prompt": args.samples, "training_samples": args.iterations * args.batch_size,
+        "paper_sampler": args.paper_sampler, "samples_per_prompt": args.samples,
+        "training_samples": args.iterations * args.batch_size,
         "paper_seconds": round(paper["seconds"], 1), "fast_seconds": round(fast["seconds"], 1),
     }))
 
