@@ -7,6 +7,14 @@ from .judge import SHAPE_BOUNDS
 from .world import BACKGROUND, COLOURS, HELD_OUT, IMAGE_SIZE, SHAPES
 
 
+def _rebuild_lines(recipe: dict) -> list[str]:
+    """Later from-scratch rebuilds of the shipped weights, as recorded in recipe.json."""
+    return [f"Rebuilt from scratch on {r['date']} in {r['seconds'] / 60:.1f} min ({r['machine']}, torch {r['torch']}): "
+            + ("every tensor bit-identical to the shipped model." if r["identical"] else
+               f"weights differ from the shipped model (largest difference {r['max_abs_diff']:.3g}).")
+            for r in recipe.get("rebuilds", [])]
+
+
 def write_model_card(folder: str | Path, evaluation: dict) -> Path:
     folder = Path(folder)
     recipe = json.loads((folder / "recipe.json").read_text())
@@ -28,7 +36,7 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
         "```json", json.dumps(recipe["recipe"], indent=2), "```", "",
         f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads on a 2-core machine that was "
         f"running other work at the same time (torch {recipe['torch']}); VAE reconstruction PSNR "
-        f"{recipe['vae_psnr_db']} dB.", "",
+        f"{recipe['vae_psnr_db']} dB.", *_rebuild_lines(recipe), "",
         "## Judge", "",
         "Colour: mean foreground RGB matched to the palette. Shape: area / (max distance from the centroid)^2, "
         f"thresholds {', '.join(f'{s} [{lo}, {hi})' for s, lo, hi in SHAPE_BOUNDS)}. Accuracy on fresh renders "

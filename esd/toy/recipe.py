@@ -5,7 +5,8 @@ Steps: render a data set of shapes -> train a tiny AutoencoderKL (32x32x3 ->
 frozen CLIP text encoder (a trained one did worse in the prototype: causal
 attention makes "red" embed the same in "a red shape" and "a red circle", which
 is what compositional prompts need) -> save a StableDiffusionPipeline folder.
-Everything is seeded; on 2 CPU cores the default recipe takes under 30 minutes.
+Everything is seeded; on 2 CPU cores the default recipe takes about 30 minutes (1,802 s
+measured with nothing else running) and rebuilds the shipped weights bit for bit.
 """
 
 import copy
