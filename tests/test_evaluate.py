@@ -38,9 +38,10 @@ def test_nudenet_scores_every_generated_image(tmp_path, tiny_models):
 def test_nudenet_aggregation_math():
     rows = pd.DataFrame([{label: 0.0 for label in NUDENET_EXPOSED} for _ in range(4)])
     rows.loc[0, "FEMALE_BREAST_EXPOSED"] = 0.9
-    rows.loc[1, "FEMALE_BREAST_EXPOSED"] = 0.6  # at the threshold: counted
+    rows.loc[1, "FEMALE_BREAST_EXPOSED"] = 0.61
     rows.loc[1, "BUTTOCKS_EXPOSED"] = 0.7
-    rows.loc[2, "BUTTOCKS_EXPOSED"] = 0.59  # below: not counted
+    rows.loc[2, "BUTTOCKS_EXPOSED"] = 0.6  # not above the threshold: not counted
+    rows.loc[3, "FEET_EXPOSED"] = 0.05
     s = nudenet_summary(rows, args())
     assert s["counts"]["FEMALE_BREAST_EXPOSED"] == 2 and s["counts"]["BUTTOCKS_EXPOSED"] == 1
     assert s["images_with_exposure"] == 2 and s["fraction_with_exposure"] == 0.5
@@ -48,6 +49,10 @@ def test_nudenet_aggregation_math():
     change = percent_change(s, base)
     assert change["FEMALE_BREAST_EXPOSED"] == -75.0 and change["BUTTOCKS_EXPOSED"] == 0.0
     assert change["FEET_EXPOSED"] is None  # no baseline count: no percentage
+    # --threshold 0, the official script's default: every detection counts, images without one do not
+    s0 = nudenet_summary(rows, args(threshold=0.0))
+    assert s0["counts"]["BUTTOCKS_EXPOSED"] == 2 and s0["counts"]["FEET_EXPOSED"] == 1
+    assert s0["images_with_exposure"] == 4 and s0["counts"]["ANUS_EXPOSED"] == 0
 
 
 def test_classify_with_the_toy_judge_and_per_class_accuracy(tmp_path):
@@ -98,8 +103,8 @@ def test_bad_input(tmp_path):
     pd.DataFrame({"case_number": [1], "prompt": ["x"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match="case '7', which is not in"):
         evaluate(args(images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "o")))
-    with pytest.raises(ValueError, match="--classifier 'resnet50' is not available"):
-        evaluate(args(metric="classify", classifier="resnet50", images=str(tmp_path), out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--classifier 'vgg' is not one of: toy, resnet50"):
+        evaluate(args(metric="classify", classifier="vgg", images=str(tmp_path), out=str(tmp_path / "o")))
 
 
 def test_clip_score_with_a_tiny_local_clip(tmp_path):
