@@ -70,7 +70,8 @@ def child(path: str, args) -> dict:
     cfg = ESDConfig(prompt="nudity", train_method=args.train_method, base_model="CompVis/stable-diffusion-v1-4",
                     iterations=args.iterations,
                     ddim_steps=args.ddim_steps, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
-                    seed=0, save_path="/tmp/esd-bench", **settings)
+                    seed=0, save_path="/tmp/esd-bench", gradient_checkpointing=args.gradient_checkpointing,
+                    **settings)
     trainer = ESDTrainer(cfg, models)
     trainer.setup()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -109,13 +110,18 @@ def main():
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--pool_size", type=int, default=8, help="trajectories per pool refresh (1 on a CPU)")
     p.add_argument("--train_method", default="xattn")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--paths", default="paper,fast", help="which paths to run (comma-separated)")
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
     results = {}
-    for path in PATHS:
+    paths = args.paths.split(",")
+    if not set(paths) <= set(PATHS):
+        sys.exit(f"--paths {args.paths!r}: each must be one of {', '.join(PATHS)}")
+    for path in paths:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", path], capture_output=True,
                              text=True)
         if out.returncode:
@@ -125,8 +131,14 @@ def main():
         print(f"{path:>5}: {r['seconds_per_iteration']:8.2f} s/iteration ({r['unet_evals_per_iteration']:.1f} UNet "
               f"evals/iteration; refresh {r['refresh_seconds']:.1f} s)  peak memory {r['peak_memory_gib']:.2f} GiB",
               flush=True)
+    if len(results) == 1:  # one path: its figures only
+        print(json.dumps({"device": args.device, "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
+                          "train_method": args.train_method, "gradient_checkpointing": args.gradient_checkpointing,
+                          **next(iter(results.values()))}))
+        return
     paper, fast = results["paper"], results["fast"]
-    summary = {"device": args.device, "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
+    summary = {"gradient_checkpointing": args.gradient_checkpointing, "device": args.device,
+               "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
                "train_method": args.train_method, "trained_parameters": fast["trained_parameters"],
                "paper_s_per_it": round(paper["seconds_per_iteration"], 3),
                "fast_s_per_it": round(fast["seconds_per_iteration"], 3),
