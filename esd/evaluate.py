@@ -448,6 +448,8 @@ def report(args, log=print) -> Path:
         fig.savefig(out / "nudenet_change.png", dpi=100)
         plt.close(fig)
         lines += ["", "![change](nudenet_change.png)"]
+    else:
+        lines += _per_group_section(metric, summaries, out, plt)
     grid = image_grid({n: s.get("images_dir") for n, s in summaries.items()}, out / "grid.png", args.grid_images)
     if grid:
         lines += ["", f"Same case and seed across models, one row per model ({', '.join(grid)}):", "",
@@ -455,6 +457,46 @@ def report(args, log=print) -> Path:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     log(f"report: {out / 'report.md'}")
     return out / "report.md"
+
+
+def _chart_values(metric: str, s: dict) -> tuple[str, dict]:
+    """(what is plotted, {group: value}) of one summary, for the comparison chart."""
+    if metric == "classify" and "per_class_accuracy" in s:
+        return "top-1 accuracy per class", s["per_class_accuracy"]
+    if metric == "lpips":
+        return "LPIPS to the reference", s.get("per_class_lpips") or {"all": s["lpips_mean"]}
+    if metric == "clip":
+        return "CLIP score", {"all": s["clip_score_mean"]}
+    if metric == "fid":
+        return "FID", {"all": s["fid"]}
+    return "", {}
+
+
+def _per_group_section(metric: str, summaries: dict, out: Path, plt) -> list[str]:
+    """A table and a grouped bar chart (``<metric>.png``) of the metric per class (or overall) per model."""
+    charted = {n: _chart_values(metric, s) for n, s in summaries.items()}
+    what = next((w for w, v in charted.values() if v), "")
+    groups = sorted({g for _, v in charted.values() for g in v})
+    if not groups:
+        return []
+    names = list(summaries)
+    erased = set().union(*(s.get("erased_classes", []) for s in summaries.values()))
+    lines = ["", f"{what}{' (* erased)' if erased else ''}:", "", "| | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for g in groups:
+        cells = [f"{charted[n][1][g]:.4g}" if g in charted[n][1] else "" for n in names]
+        lines.append(f"| {g}{' *' if g in erased else ''} | " + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(groups) * len(names)), 3.5))
+    width = 0.8 / len(names)
+    for k, n in enumerate(names):
+        ax.bar(np.arange(len(groups)) + k * width, [charted[n][1].get(g, 0.0) for g in groups], width, label=n)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, ha="right")
+    ax.set_ylabel(what)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{metric}.png", dpi=100)
+    plt.close(fig)
+    return lines + ["", f"![{metric}]({metric}.png)"]
 
 
 def image_grid(folders: dict, path: Path, n: int, cell: int = 128) -> list[str]:

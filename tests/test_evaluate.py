@@ -94,6 +94,20 @@ def test_report_renders(tmp_path):
     assert (grid[64, 120:] == (255, 0, 0)).all() and (grid[128 + 64, 120:] == (0, 0, 255)).all()
 
 
+def test_report_charts_per_class_accuracy(tmp_path):
+    for name, tench in [("base", 0.9), ("esd", 0.1)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({
+            "metric": "classify", "images": 4, "per_class_accuracy": {"tench": tench, "church": 0.8},
+            "mean_accuracy": (tench + 0.8) / 2, "erased_classes": ["tench"], "erased_accuracy": tench,
+            "others_accuracy": 0.8}))
+    text = Path(report(Namespace(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
+                                 out=str(tmp_path / "r"), grid_images=0))).read_text()
+    assert "| SD1.4 | 4 | 85.0% | 90.0% | 80.0% |" in text and "| ESD-u | 4 | 45.0% | 10.0% | 80.0% |" in text
+    assert "| tench * | 0.9 | 0.1 |" in text and "| church | 0.8 | 0.8 |" in text
+    assert (tmp_path / "r" / "classify.png").stat().st_size > 1000 and "grid.png" not in text
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="no <case>_<i>.png images"):
         evaluate(args(images=str(tmp_path), out=str(tmp_path / "o")))
