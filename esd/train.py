@@ -76,7 +76,7 @@ class ESDConfig:
     save_every: int = 0  # checkpoint every N iterations (0: never)
     save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
     save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
     compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
     resume: str | None = None  # checkpoint to continue from
     name: str | None = None  # output folder name; default encodes the hyperparameters
@@ -233,8 +233,8 @@ class ESDTrainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers' blocks checkpoint when grad is enabled
         if cfg.compile:
-            # One compiled forward serves both views: dynamo guards on the parameter tensors, so the
-            # frozen view (swapped in by functional_call) gets its own graph rather than a wrong one.
+            # One compiled forward serves both views: the module's parameters are inputs of the traced
+            # graph (or guarded on), so the frozen values functional_call swaps in are used, never baked in.
             self.unet.forward = torch.compile(self.unet.forward)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
         self.scheduler = m.scheduler
