@@ -10,7 +10,8 @@ model instead (the current official code), the same x_t distribution as the fast
 pool: the comparison that isolates what trajectory reuse changes. Fast path (the
 default of `esd train`): trajectory pool sampled by the frozen model, matched
 timesteps, one UNet in memory. Both train on the same number of samples
-(iterations x batch). Prints the figures, then one JSON line.
+(iterations x batch), unless --fast_iterations sets the fast path's own count to
+compare the paths at equal erasure. Prints the figures, then one JSON line.
 
 Wall time and erasure quality are measured in this process, one path after the
 other; peak memory in a fresh child process per path, as the rise of its peak RSS
@@ -35,6 +36,10 @@ PATHS = {
 }
 
 
+def iterations_of(path: str, args) -> int:
+    return args.fast_iterations if path == "fast" and args.fast_iterations else args.iterations
+
+
 def config(path: str, args, save_path: str):
     from esd import ESDConfig
     from esd.toy.demo import erase_prompt
@@ -44,7 +49,7 @@ def config(path: str, args, save_path: str):
         settings.update(sampler_model="frozen", timestep_mode="matched")
 
     return ESDConfig(prompt=erase_prompt(args.concept), train_method="xattn", base_model=args.base_model,
-                     iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                     iterations=iterations_of(path, args), batch_size=args.batch_size, lr=args.lr,
                      negative_guidance=args.negative_guidance, ddim_steps=args.ddim_steps, seed=args.seed,
                      save_path=save_path, name=path, save_format="trained", **settings)
 
@@ -97,6 +102,8 @@ def main():
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
     p.add_argument("--paper_sampler", default="trained", choices=["trained", "frozen"],
                    help="x_t of the paper path from the trained model (the paper's code) or the frozen one")
+    p.add_argument("--fast_iterations", type=int, help="iterations of the fast path (default: --iterations); "
+                   "fewer compare the two paths at equal erasure rather than at equal settings")
     p.add_argument("--memory_child", choices=list(PATHS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -111,7 +118,7 @@ def main():
             start = time.perf_counter()
             result = train_esd(config(path, args, tmp))
             seconds = time.perf_counter() - start
-            samples = args.iterations * args.batch_size
+            samples = iterations_of(path, args) * args.batch_size
             presence, preserved = erasure_quality(result.output_dir / f"{path}.safetensors", args)
             figures[path] = {"seconds": seconds, "unet_evals_per_sample": result.unet_evals / samples,
                              "presence": presence, "preserved": preserved,
@@ -128,6 +135,7 @@ def main():
         "preserved_paper": round(paper["preserved"], 4), "preserved_fast": round(fast["preserved"], 4),
         "paper_sampler": args.paper_sampler, "samples_per_prompt": args.samples,
         "training_samples": args.iterations * args.batch_size,
+        "fast_training_samples": iterations_of("fast", args) * args.batch_size,
         "paper_seconds": round(paper["seconds"], 1), "fast_seconds": round(fast["seconds"], 1),
     }))
 
