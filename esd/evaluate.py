@@ -76,14 +76,18 @@ def _reference_dir(args) -> Path:
     return Path(args.reference)
 
 
+def _existing_file(path: str, flag: str) -> str:
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path!r} does not exist")
+    return path
+
+
 def _load_weights(path: str | None, default, flag: str, what: str) -> dict:
     """A state dict from a local file (``flag``) or from the library's cache/download."""
     import torch
 
     if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"{flag} {path!r} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(_existing_file(path, flag), map_location="cpu", weights_only=True)
     try:
         return default()
     except Exception as e:  # noqa: BLE001 - offline, torch.hub raises URLError and friends
@@ -153,12 +157,13 @@ def classify_evaluator(args):
     model = tv.models.resnet50()
     model.load_state_dict(_load_weights(args.classifier_weights, weights.get_state_dict, "--classifier_weights",
                                         f"torchvision's ResNet-50 ImageNet weights ({weights.url})"))
-    model = model.eval().to(_device(args))
+    device = _device(args)
+    model = model.eval().to(device)
     preprocess, categories = weights.transforms(), weights.meta["categories"]
 
     @torch.no_grad()
     def score(path, row):
-        x = preprocess(Image.open(path).convert("RGB")).unsqueeze(0).to(_device(args))
+        x = preprocess(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
         probs = model(x).softmax(-1)[0].cpu()
         top = probs.topk(5)
         names = [categories[i] for i in top.indices.tolist()]
@@ -182,7 +187,8 @@ def lpips_evaluator(args):
     backbone = _load_weights(args.lpips_backbone, lambda: _torchvision_backbone(args.lpips_net), "--lpips_backbone",
                              f"torchvision's ImageNet {LPIPS_BACKBONES[args.lpips_net]} weights")
     _load_lpips_backbone(model.net, backbone)
-    model = model.eval().to(_device(args))
+    device = _device(args)
+    model = model.eval().to(device)
 
     def tensor(path):
         pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
@@ -197,7 +203,7 @@ def lpips_evaluator(args):
         if a.shape != b.shape:
             raise ValueError(f"{path.name}: size {tuple(a.shape[2:])} differs from the reference's "
                              f"{tuple(b.shape[2:])}")
-        return {"lpips": float(model(a.to(_device(args)), b.to(_device(args))).item()), "reference": str(ref)}
+        return {"lpips": float(model(a.to(device), b.to(device)).item()), "reference": str(ref)}
 
     return score
 
@@ -223,11 +229,10 @@ def fid_evaluator(args):
             raise ValueError(f"could not get torch-fidelity's InceptionV3 weights ({type(e).__name__}); offline, "
                              "pass --inception_weights with a local weights-inception-2015-12-05-6726825d.pth") from e
     else:
-        if not Path(args.inception_weights).is_file():
-            raise ValueError(f"--inception_weights {args.inception_weights!r} does not exist")
-        metric = fid_module.FrechetInceptionDistance(feature=args.fid_dims,
-                                                     feature_extractor_weights_path=args.inception_weights)
-    metric = metric.to(_device(args))  # Inception in float32 as TF-FID; torchmetrics sums the statistics in float64
+        weights_path = _existing_file(args.inception_weights, "--inception_weights")
+        metric = fid_module.FrechetInceptionDistance(feature=args.fid_dims, feature_extractor_weights_path=weights_path)
+    device = _device(args)
+    metric = metric.to(device)  # Inception in float32 as TF-FID; torchmetrics sums the statistics in float64
 
     def batches(files, real):
         for i in range(0, len(files), FID_BATCH):
@@ -235,7 +240,7 @@ def fid_evaluator(args):
             x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((299, 299),
                                                                                           Image.BICUBIC)))
                              for f in files[i:i + FID_BATCH]]).permute(0, 3, 1, 2)
-            metric.update(x.to(_device(args)), real=real)
+            metric.update(x.to(device), real=real)
 
     batches(ref_files, real=True)
     pending = []
@@ -428,8 +433,6 @@ def report(args, log=print) -> Path:
         lines.append(f"| {n} | " + " | ".join(_headline(metric, summaries[n]).values()) + " |")
     if metric == "nudenet":
         base = names[0]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        width = 0.8 / max(len(names) - 1, 1)
         lines += ["", f"% change in images per exposed class against {base} (threshold "
                   f"{summaries[base]['threshold']}; the paper's Figure 7):", "",
                   "| class | " + " | ".join(names[1:]) + " |", "|---" * len(names) + "|"]
@@ -437,16 +440,9 @@ def report(args, log=print) -> Path:
         for label in NUDENET_EXPOSED:
             lines.append(f"| {label} | " + " | ".join(
                 "n/a" if changes[n][label] is None else f"{changes[n][label]:+.0f}%" for n in names[1:]) + " |")
-        for k, n in enumerate(names[1:]):
-            vals = [changes[n][label] or 0.0 for label in NUDENET_EXPOSED]
-            ax.bar(np.arange(len(NUDENET_EXPOSED)) + k * width, vals, width, label=n)
-        ax.set_xticks(np.arange(len(NUDENET_EXPOSED)), [lab.replace("_EXPOSED", "").lower()
-                                                         for lab in NUDENET_EXPOSED], rotation=45, ha="right")
-        ax.set_ylabel(f"% change vs {base}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "nudenet_change.png", dpi=100)
-        plt.close(fig)
+        _grouped_bars(plt, out / "nudenet_change.png", [lab.replace("_EXPOSED", "").lower() for lab in NUDENET_EXPOSED],
+                      {n: [changes[n][label] or 0.0 for label in NUDENET_EXPOSED] for n in names[1:]},
+                      f"% change vs {base}")
         lines += ["", "![change](nudenet_change.png)"]
     else:
         lines += _per_group_section(metric, summaries, out, plt)
@@ -486,17 +482,23 @@ def _per_group_section(metric: str, summaries: dict, out: Path, plt) -> list[str
     for g in groups:
         cells = [f"{charted[n][1][g]:.4g}" if g in charted[n][1] else "" for n in names]
         lines.append(f"| {g}{' *' if g in erased else ''} | " + " | ".join(cells) + " |")
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(groups) * len(names)), 3.5))
-    width = 0.8 / len(names)
-    for k, n in enumerate(names):
-        ax.bar(np.arange(len(groups)) + k * width, [charted[n][1].get(g, 0.0) for g in groups], width, label=n)
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, ha="right")
-    ax.set_ylabel(what)
+    _grouped_bars(plt, out / f"{metric}.png", groups,
+                  {n: [charted[n][1].get(g, 0.0) for g in groups] for n in names}, what)
+    return lines + ["", f"![{metric}]({metric}.png)"]
+
+
+def _grouped_bars(plt, path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    """One bar per series (model) in each group, the group's label under the middle of its bars."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) * len(series)), 4))
+    width = 0.8 / max(len(series), 1)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=40, ha="right")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"{metric}.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return lines + ["", f"![{metric}]({metric}.png)"]
 
 
 def image_grid(folders: dict, path: Path, n: int, cell: int = 128) -> list[str]:
