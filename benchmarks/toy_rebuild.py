@@ -1,5 +1,5 @@
 """Rebuild the toy model from scratch with the default recipe, time it, and compare every
-tensor with the shipped model (esd/toy/model). About 30 minutes on 2 CPU cores.
+tensor with the shipped model (esd/toy/model). About 25 minutes on 2 CPU cores.
 
     python benchmarks/toy_rebuild.py [--out DIR]
 """

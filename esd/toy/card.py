@@ -24,7 +24,8 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
     lines = [
         "# esd toy model: coloured shapes", "",
         f"A tiny but real `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} px) for trying and measuring ESD "
-        "without a GPU: CLIP byte-level BPE tokenizer, random frozen `CLIPTextModel` (width 64), "
+        "without a GPU: CLIP byte-level BPE tokenizer, random frozen `CLIPTextModel` (width 64, token embeddings "
+        f"drawn with std {recipe['recipe'].get('token_embedding_std', 0.02)}), "
         "`UNet2DConditionModel` (channels 32/64/64, cross-attention width 64), `AutoencoderKL` "
         "(channels 16/32/64, 4x8x8 latents), DDIM scheduler with SD's scaled-linear betas.", "",
         "## World", "",
@@ -34,8 +35,8 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
         "## Recipe", "",
         "`esd toy-train --out DIR` (defaults below) rebuilds it; everything is seeded.", "",
         "```json", json.dumps(recipe["recipe"], indent=2), "```", "",
-        f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads on a 2-core machine that was "
-        f"running other work at the same time (torch {recipe['torch']}); VAE reconstruction PSNR "
+        f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads "
+        f"({recipe.get('machine', 'machine not recorded')}, torch {recipe['torch']}); VAE reconstruction PSNR "
         f"{recipe['vae_psnr_db']} dB.", *_rebuild_lines(recipe), "",
         "## Judge", "",
         "Colour: mean foreground RGB matched to the palette. Shape: area / (max distance from the centroid)^2, "
