@@ -71,7 +71,8 @@ def child(path: str, args) -> dict:
                     iterations=args.iterations,
                     ddim_steps=args.ddim_steps, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                     seed=0, save_path="/tmp/esd-bench",
-                    gradient_checkpointing=args.gradient_checkpointing and path == "fast", **settings)
+                    gradient_checkpointing=args.gradient_checkpointing and path == "fast",
+                    optimizer=args.optimizer if path == "fast" else "adam", **settings)
     trainer = ESDTrainer(cfg, models)
     trainer.setup()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -112,6 +113,8 @@ def main():
     p.add_argument("--train_method", default="xattn")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="fast path only: recompute activations in backward (the paper path stays as the original)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adam8bit"],
+                   help="fast path only (the paper path keeps Adam): adam8bit needs bitsandbytes")
     p.add_argument("--paths", default="paper,fast", help="which paths to run (comma-separated)")
     p.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -135,11 +138,11 @@ def main():
     if len(results) == 1:  # one path: its figures only
         print(json.dumps({"device": args.device, "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
                           "train_method": args.train_method, "gradient_checkpointing": args.gradient_checkpointing,
-                          **next(iter(results.values()))}))
+                          "optimizer": args.optimizer, **next(iter(results.values()))}))
         return
     paper, fast = results["paper"], results["fast"]
-    summary = {"gradient_checkpointing": args.gradient_checkpointing, "device": args.device,
-               "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
+    summary = {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
+               "device": args.device, "mixed_precision": args.mixed_precision, "ddim_steps": args.ddim_steps,
                "train_method": args.train_method, "trained_parameters": fast["trained_parameters"],
                "paper_s_per_it": round(paper["seconds_per_iteration"], 3),
                "fast_s_per_it": round(fast["seconds_per_iteration"], 3),

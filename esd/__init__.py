@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+# diffusers imports bitsandbytes whenever it is installed (we use it for --optimizer adam8bit), and on
+# CPUs with AVX512-BF16 bitsandbytes then warns that an optional 4-bit matmul kernel package is missing:
+# a kernel ESD never calls. Only that one logger is quietened; bitsandbytes' other warnings still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
 from .models import DiffusionModels, ModelLoadError, load_models  # noqa: E402
 from .objective import esd_loss, esd_target  # noqa: E402

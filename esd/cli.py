@@ -7,7 +7,7 @@ import sys
 
 from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
 from .models import DEFAULT_BASE_MODEL
-from .train import PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, SAVE_PRECISIONS, TIMESTEP_MODES, ESDConfig
+from .train import OPTIMIZERS, PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, SAVE_PRECISIONS, TIMESTEP_MODES, ESDConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,6 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass: less memory for full/noxattn")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on GPUs, long runs)")
+    p.add_argument("--optimizer", default=d["optimizer"].default, choices=OPTIMIZERS,
+                   help="'adam' (the paper's) or 'adam8bit' (bitsandbytes' 8-bit Adam: a quarter of Adam's state "
+                   "memory, which matters for noxattn/full at SD scale; needs pip install bitsandbytes)")
     p.add_argument("--resume", help="checkpoint file to continue from (same settings)")
     p.add_argument("--name", help="output folder name (default encodes the hyperparameters)")
 

@@ -8,10 +8,12 @@ second device.
 
 Precision policy (as diffusers' training examples): frozen weights and the text
 encoders in the low-precision dtype; trained parameters, the optimizer state,
-the target and the loss in fp32; forwards under autocast.
+the target and the loss in fp32 (the optimizer state in uint8 with --optimizer
+adam8bit); forwards under autocast.
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -46,6 +48,7 @@ SAMPLER_MODELS = ("frozen", "trained")
 TIMESTEP_MODES = ("matched", "original")
 SAVE_FORMATS = ("both", "full", "trained")
 SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adam", "adam8bit")
 
 
 @dataclass
@@ -78,6 +81,7 @@ class ESDConfig:
     save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
     compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
+    optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
     resume: str | None = None  # checkpoint to continue from
     name: str | None = None  # output folder name; default encodes the hyperparameters
 
@@ -107,9 +111,12 @@ class ESDConfig:
                                      ("sampler_model", self.sampler_model, SAMPLER_MODELS),
                                      ("timestep_mode", self.timestep_mode, TIMESTEP_MODES),
                                      ("save_format", self.save_format, SAVE_FORMATS),
-                                     ("save_precision", self.save_precision, SAVE_PRECISIONS)]:
+                                     ("save_precision", self.save_precision, SAVE_PRECISIONS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS)]:
             if value not in choices:
                 raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(choices)}")
+        if self.optimizer == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or esd[8bit])")
         if self.ckpt_path is None:
             resolve_source(self.base_model)
         elif not os.path.isfile(self.ckpt_path):
@@ -165,6 +172,17 @@ class FrozenUNet:
         return functional_call(self.module, self.params, (latents, timesteps),
                                {"encoder_hidden_states": cond.prompt_embeds,
                                 "added_cond_kwargs": cond.added_cond_kwargs}).sample
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The paper's Adam (default betas), or bitsandbytes' 8-bit Adam: the same update with both moments
+    stored block-wise quantised in uint8. bitsandbytes keeps tensors under 4,096 elements (biases, norms)
+    in fp32, where quantising saves nothing worth the error."""
+    if name == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def environment_record() -> dict:
@@ -236,7 +254,7 @@ class ESDTrainer:
             # One compiled forward serves both views: the module's parameters are inputs of the traced
             # graph (or guarded on), so the frozen values functional_call swaps in are used, never baked in.
             self.unet.forward = torch.compile(self.unet.forward)
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr)
         self.scheduler = m.scheduler
         self.scheduler.set_timesteps(cfg.ddim_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)

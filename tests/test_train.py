@@ -175,6 +175,39 @@ def test_memory_and_speed_options_train_the_same(option, tiny_models, tmp_path, 
         assert len(compile_calls) == 1
 
 
+def test_adam8bit_keeps_uint8_state_trains_like_adam_and_resumes(tiny_models, tmp_path):
+    """ESD-u on the tiny SD1: every trained tensor of 4,096 elements or more gets uint8 moments (the
+    smaller ones stay fp32 in bitsandbytes), the 8-bit updates point where Adam's do, and a checkpoint
+    (which holds the quantised state) resumes to the same weights."""
+    pytest.importorskip("bitsandbytes")
+    base = base_unet(tiny_models["sd1"]).state_dict()
+    runs = {}
+    for name in ("adam", "adam8bit"):
+        cfg = ESDConfig(prompt="cat", train_method="noxattn", base_model=tiny_models["sd1"], iterations=3, lr=1e-3,
+                        save_path=str(tmp_path), name=name, optimizer=name, **FAST)
+        trainer = ESDTrainer(cfg)
+        trainer.setup()
+        runs[name] = trainer.train(), trainer
+        trainer.save(runs[name][0])
+    trainer = runs["adam8bit"][1]
+    large = [p for p in trainer.params if p.numel() >= 4096]
+    assert large and all(trainer.optimizer.state[p]["state1"].dtype == torch.uint8 for p in large)
+    assert all(trainer.optimizer.state[p]["state1"].dtype == torch.float32 for p in trainer.params
+               if p.numel() < 4096)
+    a, b = weights(runs["adam"][0]), weights(runs["adam8bit"][0])
+    delta_a = torch.cat([(a[k] - base[k]).flatten() for k in a])
+    delta_b = torch.cat([(b[k] - base[k]).flatten() for k in a])
+    assert not torch.equal(delta_a, delta_b)  # quantised moments: not Adam bit for bit
+    assert torch.nn.functional.cosine_similarity(delta_a, delta_b, dim=0) > 0.95
+
+    full = train(tiny_models["sd1"], tmp_path, "full8", train_method="noxattn", optimizer="adam8bit", iterations=4)
+    part = train(tiny_models["sd1"], tmp_path, "part8", train_method="noxattn", optimizer="adam8bit", iterations=4,
+                 save_every=2)
+    resumed = train(tiny_models["sd1"], tmp_path, "resumed8", train_method="noxattn", optimizer="adam8bit",
+                    iterations=4, resume=str(part.output_dir / "checkpoints" / "checkpoint-2.pt"))
+    assert same(weights(full), weights(resumed))
+
+
 def weights_of_base(path, keys):
     base = base_unet(path).state_dict()
     return {k: base[k] for k in keys}
@@ -208,6 +241,7 @@ def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
     (["--image_size", "100"], "--image_size 100 is not a multiple of the VAE factor 8"),
     (["--resume", "/no/such.pt"], "--resume '/no/such.pt' does not exist"),
     (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tiny_models, tmp_path):
     defaults = {"--prompt": "cat", "--train_method": "xattn", "--base_model": tiny_models["sd1"],
