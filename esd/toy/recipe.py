@@ -48,8 +48,9 @@ class RecipeConfig:
 CLIP_TOKEN_EMBEDDING_STD = 0.02  # transformers' CLIPTextModel init
 
 
-def build_components(seed: int, token_embedding_std: float = CLIP_TOKEN_EMBEDDING_STD):
-    """Untrained tokenizer, text encoder (random, frozen), VAE, UNet and scheduler."""
+def build_components(seed: int, token_embedding_std: float):
+    """Untrained tokenizer, text encoder (random, frozen; token embeddings of the given std), VAE, UNet
+    and scheduler."""
     tokenizer = build_clip_tokenizer(vocabulary())
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
