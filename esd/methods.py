@@ -14,6 +14,12 @@ selected by CompVis ``ldm`` names; the correspondences are:
   ``conv_norm_out`` / ``conv_out``.
 * CompVis ``input_blocks.N`` / ``output_blocks.N`` (used by ``xlayer`` and
   ``selflayer``) -> see :func:`compvis_block_to_diffusers`.
+
+The current official code (``esd_sd.py``) selects modules, not parameter names: only
+``Linear`` and ``Conv2d`` layers (so never a norm layer), then ``esd-u`` = those not in
+``attn2`` (time embedding, ``conv_in`` and ``conv_out`` included) and ``esd-all`` = all of
+them. These differ from the paper code's ``noxattn`` and ``full``, so they are methods of
+their own; ``esd-x`` and ``esd-x-strict`` select what ``xattn`` and ``xattn-strict`` do.
 """
 
 from collections.abc import Callable
@@ -54,45 +60,55 @@ def compvis_block_to_diffusers(kind: str, index: int, layers_per_block: int = 2)
 class TrainMethod:
     name: str
     description: str
-    # (parameter name, layers_per_block) -> trained?
-    selects: Callable[[str, int], bool]
+    # (parameter name, the module holding it, layers_per_block) -> trained?
+    selects: Callable[[str, torch.nn.Module, int], bool]
 
 
-def _xlayer(name: str, lpb: int) -> bool:
+def _xlayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
     # The paper's code: attn2 of output_blocks.6 and output_blocks.8.
     prefixes = tuple(compvis_block_to_diffusers("output", i, lpb) for i in (6, 8))
     return "attn2" in name and name.startswith(prefixes)
 
 
-def _selflayer(name: str, lpb: int) -> bool:
+def _selflayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
     # The paper's code: attn1 of input_blocks.4 and input_blocks.7.
     prefixes = tuple(compvis_block_to_diffusers("input", i, lpb) for i in (4, 7))
     return "attn1" in name and name.startswith(prefixes)
+
+
+def _linear_or_conv(module: torch.nn.Module) -> bool:
+    # The official code's filter (class names Linear, Conv2d and their LoRACompatible subclasses).
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
 
 
 TRAIN_METHODS: dict[str, TrainMethod] = {
     m.name: m
     for m in [
         TrainMethod("xattn", "ESD-x: cross-attention (attn2) only; for styles and artists",
-                    lambda n, _: "attn2" in n),
+                    lambda n, m, _: "attn2" in n),
         TrainMethod("noxattn", "ESD-u: everything but cross-attention, time embedding and output layer; "
                     "for nudity and objects",
-                    lambda n, _: not ("attn2" in n or n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER))),
-        TrainMethod("selfattn", "self-attention (attn1) only", lambda n, _: "attn1" in n),
-        TrainMethod("full", "every UNet parameter", lambda n, _: True),
+                    lambda n, m, _: not ("attn2" in n or n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER))),
+        TrainMethod("selfattn", "self-attention (attn1) only", lambda n, m, _: "attn1" in n),
+        TrainMethod("full", "every UNet parameter", lambda n, m, _: True),
         TrainMethod("notime", "everything but time embedding and output layer",
-                    lambda n, _: not n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER)),
+                    lambda n, m, _: not n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER)),
         TrainMethod("xlayer", "cross-attention of CompVis output_blocks.6 and .8 (up_blocks.2.attentions.0 "
                     "and .2 in SD1.x)", _xlayer),
         TrainMethod("selflayer", "self-attention of CompVis input_blocks.4 and .7 (down_blocks.1.attentions.0 "
                     "and down_blocks.2.attentions.0 in SD1.x)", _selflayer),
         TrainMethod("xattn-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)",
-                    lambda n, _: "attn2.to_k." in n or "attn2.to_v." in n),
+                    lambda n, m, _: "attn2.to_k." in n or "attn2.to_v." in n),
+        TrainMethod("esd-u", "the official code's ESD-u: every Linear/Conv2d layer but cross-attention (time embedding "
+                    "and output conv included, norm layers not)",
+                    lambda n, m, _: _linear_or_conv(m) and "attn2" not in n),
+        TrainMethod("esd-all", "the official code's ESD-all: every Linear/Conv2d layer (norm layers not)",
+                    lambda n, m, _: _linear_or_conv(m)),
     ]
 }
 
-# Names used by the current official ESD code.
-ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "xattn-strict"}
+# Names of the current official ESD code that select the same parameters as ours.
+ALIASES = {"esd-x": "xattn", "esd-x-strict": "xattn-strict"}
 METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
 
 
@@ -110,7 +126,9 @@ def select_parameters(unet: torch.nn.Module, method: str) -> list[str]:
     lpb = getattr(getattr(unet, "config", None), "layers_per_block", 2)
     if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value
         lpb = lpb[0]
-    names = [n for n, _ in unet.named_parameters() if m.selects(n, lpb)]
+    owner = {f"{prefix}.{p}" if prefix else p: module for prefix, module in unet.named_modules()
+             for p, _ in module.named_parameters(recurse=False)}
+    names = [n for n, _ in unet.named_parameters() if m.selects(n, owner[n], lpb)]
     if not names:
         raise ValueError(f"train method {m.name!r} selects no parameters in this UNet "
                          f"(it has {len(list(unet.parameters()))} parameter tensors)")

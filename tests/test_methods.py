@@ -19,6 +19,9 @@ def names(unet):
 def test_every_method_selects_exactly_its_parameters(unet):
     everything = names(unet)
     time_or_out = ("time_embedding.", "conv_norm_out.", "conv_out.")
+    linear_or_conv = [f"{m}.{p}" for m, module in unet.named_modules()
+                      if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                      for p, _ in module.named_parameters(recurse=False)]
     expected = {
         "xattn": [n for n in everything if ".attn2." in n],
         "selfattn": [n for n in everything if ".attn1." in n],
@@ -30,6 +33,9 @@ def test_every_method_selects_exactly_its_parameters(unet):
                    and n.startswith(("up_blocks.2.attentions.0.", "up_blocks.2.attentions.2."))],
         "selflayer": [n for n in everything if ".attn1." in n
                       and n.startswith(("down_blocks.1.attentions.0.", "down_blocks.2.attentions.0."))],
+        # The official code: Linear and Conv2d layers only, so no norm layer (GroupNorm, LayerNorm) trains.
+        "esd-u": [n for n in linear_or_conv if ".attn2." not in n],
+        "esd-all": linear_or_conv,
     }
     assert set(expected) == set(TRAIN_METHODS)
     for method, want in expected.items():
