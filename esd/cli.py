@@ -5,9 +5,20 @@ import argparse
 import os
 import sys
 
+from .config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    SAMPLER_MODELS,
+    SAMPLER_SCHEDULERS,
+    SAVE_FORMATS,
+    SAVE_PRECISIONS,
+    SDXL_UNCONDS,
+    TIMESTEP_MODES,
+    ESDConfig,
+)
 from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
 from .models import DEFAULT_BASE_MODEL
-from .train import OPTIMIZERS, PRECISIONS, SAMPLER_MODELS, SAVE_FORMATS, SAVE_PRECISIONS, TIMESTEP_MODES, ESDConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,8 +34,21 @@ def _methods_help() -> str:
     return "; ".join(lines)
 
 
+def _preset_default(name: str) -> str:
+    """'(preset: paper X, official Y, fast Z)' for a flag whose default comes from --preset."""
+    return "(from --preset: " + ", ".join(f"{p} {v[name]}" for p, v in PRESETS.items()) + ")"
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``esd train``, one per ESDConfig field. Flags that a preset sets default to None
+    (= the preset's value), so an explicit flag always wins and is recorded as an override."""
     d = ESDConfig.__dataclass_fields__
+    p.add_argument("--preset", default=d["preset"].default, choices=list(PRESETS),
+                   help="'paper': the paper's original code (trained model samples x_t with DDIM, original "
+                   "timestep pairing, fresh x_t every iteration, whole frozen copy, lr 1e-5, 1000 iterations); "
+                   "'official': the current official esd_sd.py (frozen model samples x_t with the model's own "
+                   "scheduler, query at x_t's timestep, lr 5e-5, 200 iterations); 'fast': trajectory reuse "
+                   "(default). Explicit flags override the preset")
     p.add_argument("--prompt", required=True, help="concept to erase, e.g. 'nudity' or 'Van Gogh'")
     p.add_argument("--train_method", required=True, choices=METHOD_CHOICES, metavar="METHOD",
                    help="which parameters train; " + _methods_help())
@@ -38,15 +62,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "prediction")
     p.add_argument("--separator", "--seperator", dest="separator",
                    help="split --prompt into several concepts on this string (one drawn per iteration)")
-    p.add_argument("--start_guidance", type=float, default=d["start_guidance"].default,
-                   help="classifier-free guidance of the sampler that makes x_t (default: %(default)s)")
-    p.add_argument("--negative_guidance", type=float, default=d["negative_guidance"].default,
-                   help="eta of the paper's target e0 - eta*(ep - e0) (default: %(default)s). The current "
-                   "official code's eta is ours + 1 without --erase_from (its 2.0 is our 1.0), the same with it")
-    p.add_argument("--iterations", type=int, default=d["iterations"].default, help="training iterations")
-    p.add_argument("--lr", type=float, default=d["lr"].default, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--ddim_steps", type=int, default=d["ddim_steps"].default,
-                   help="DDIM steps of the sampler; the stopping step t is drawn among them")
+    p.add_argument("--start_guidance", type=float,
+                   help="classifier-free guidance of the sampler that makes x_t " + _preset_default("start_guidance"))
+    p.add_argument("--negative_guidance", type=float,
+                   help="eta of the paper's target e0 - eta*(ep - e0), with --erase_from e_from - (eta+1)*(ep - e0) "
+                   + _preset_default("negative_guidance") + ". The official codes' eta is ours + 1 (esd_sd.py's "
+                   "default 2 is our 1)")
+    p.add_argument("--iterations", type=int, help="training iterations " + _preset_default("iterations"))
+    p.add_argument("--lr", type=float, help="Adam learning rate " + _preset_default("lr"))
+    p.add_argument("--ddim_steps", type=int, help="steps T of the sampler's schedule; the stopping step is drawn "
+                   "among them " + _preset_default("ddim_steps"))
     p.add_argument("--image_size", type=int, help="training image size in pixels (default: the model's native "
                    "size, 512 for SD1.x); a multiple of the VAE factor")
     p.add_argument("--batch_size", type=int, default=1, help="latents per iteration (sharing t and concept)")
@@ -55,16 +80,27 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "code), or 'cpu'; default: the first GPU if any, else the CPU")
     p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS),
                    help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32")
-    p.add_argument("--sampler_model", default=d["sampler_model"].default, choices=SAMPLER_MODELS,
+    p.add_argument("--sdxl_uncond", default=d["sdxl_uncond"].default, choices=SDXL_UNCONDS,
+                   help="SDXL's unconditional prompt: 'empty' encodes \"\" (the official esd_sdxl.py), 'zeros' uses "
+                   "zero embeddings (diffusers' force_zeros_for_empty_prompt) (default: %(default)s)")
+    p.add_argument("--sampler_model", choices=SAMPLER_MODELS,
                    help="which weights sample x_t: 'frozen' (the current official code) or 'trained' (the "
-                   "paper's original code)")
-    p.add_argument("--pool_size", type=int, default=d["pool_size"].default,
+                   "paper's original code) " + _preset_default("sampler_model"))
+    p.add_argument("--sampler_scheduler", choices=SAMPLER_SCHEDULERS,
+                   help="the scheduler that samples x_t: 'ddim' (the paper's) or 'model' (the model's own class, "
+                   "PNDM for SD1.4, as the current official code) " + _preset_default("sampler_scheduler"))
+    p.add_argument("--pool_size", type=int,
                    help="the fast path: sample this many whole trajectories with the frozen model at once and train "
                    "on each of their (x_t, t, e0, ep) once before sampling anew; 0: the paper's loop, a fresh "
-                   "partial trajectory every iteration (needed for --sampler_model trained)")
-    p.add_argument("--timestep_mode", default=d["timestep_mode"].default, choices=TIMESTEP_MODES,
-                   help="timestep given to the models: 'matched' (the scheduler timestep of x_t's noise level) or "
-                   "'original' (the paper code's draw of a DDPM step in [t*1000/T, (t+1)*1000/T))")
+                   "partial trajectory every iteration (needed for --sampler_model trained) "
+                   + _preset_default("pool_size"))
+    p.add_argument("--timestep_mode", choices=TIMESTEP_MODES,
+                   help="'matched': query x_t at its own timestep; 'original': the paper code's pairing (its DDIM "
+                   "sampler runs T - max(k,1) steps from the second timestep, then a DDPM step in "
+                   "[1000k/T, 1000(k+1)/T) is queried) " + _preset_default("timestep_mode"))
+    p.add_argument("--frozen_copy", action=argparse.BooleanOptionalAction,
+                   help="keep a whole frozen UNet (the original code's layout; on the second of --devices when "
+                   "given) rather than frozen copies of the trained tensors only " + _preset_default("frozen_copy"))
     p.add_argument("--save_path", default=d["save_path"].default, help="outputs go to SAVE_PATH/NAME/")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint (weights, optimizer, RNG) every N "
                    "iterations; 0: never")

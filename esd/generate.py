@@ -19,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .config import PRECISIONS
 from .models import DEFAULT_BASE_MODEL, resolve_source
-from .train import PRECISIONS, environment_record
-from .weights import apply_erased_weights, atomic_write
+from .records import atomic_write, environment_record
+from .weights import apply_erased_weights
 
 SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",  # the paper's evaluation

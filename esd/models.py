@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -28,7 +29,7 @@ class DiffusionModels:
     """The parts of a Stable Diffusion pipeline that ESD needs."""
 
     unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
+    scheduler: SchedulerMixin  # the model's own class (PNDM for SD1.4); the trainer builds its sampler from it
     tokenizers: list  # one per text encoder (two for SDXL)
     text_encoders: list
     vae: AutoencoderKL | None
@@ -77,6 +78,16 @@ def resolve_source(base_model: str) -> str:
     return base_model
 
 
+def load_scheduler(source: str) -> SchedulerMixin:
+    """The model's own scheduler, of the class its config names (diffusers' scheduler classes only)."""
+    config = DDIMScheduler.load_config(source, subfolder="scheduler")
+    name = config.get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelLoadError(f"{source!r}: scheduler class {name!r} is not one of diffusers' schedulers")
+    return cls.from_config(config)
+
+
 def vae_scale_factor_of(source: str) -> int:
     """Downsampling factor of the VAE, read from its config alone (no weights)."""
     try:
@@ -89,7 +100,7 @@ def vae_scale_factor_of(source: str) -> int:
 
 def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = None,
                 ckpt_config: str | None = None, load_vae: bool = False) -> DiffusionModels:
-    """Load UNet, scheduler (as DDIM), tokenizers, text encoders and optionally the VAE.
+    """Load UNet, scheduler (its own class), tokenizers, text encoders and optionally the VAE.
 
     ``ckpt_path`` is an original single-file checkpoint (``sd-v1-4-full-ema.ckpt``
     or ``.safetensors``), read through diffusers' single-file loading;
@@ -107,7 +118,7 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
                              "'toy', or --ckpt_path with --ckpt_config") from e
     is_xl = "text_encoder_2" in index
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+    scheduler = load_scheduler(source)
     tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")]
     text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder")]
     if is_xl:
@@ -137,7 +148,7 @@ def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -
                              "--ckpt_config pointing at a local diffusers folder of the same model family") from e
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = pipe.scheduler
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return DiffusionModels(pipe.unet, scheduler, tokenizers, text_encoders, pipe.vae if load_vae else None,
                            factor, ckpt_path)

@@ -1,30 +1,54 @@
-"""The ESD objective."""
+"""The ESD objective: the negatively guided target and the loss, from named frozen predictions."""
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-def esd_target(noise_pred_base: torch.Tensor, noise_pred_uncond: torch.Tensor,
-               noise_pred_concept: torch.Tensor, negative_guidance: float) -> torch.Tensor:
-    """Negatively guided target of ESD, Eq. (4) of Gandikota et al., "Erasing
-    Concepts from Diffusion Models" (ICCV 2023):
+@dataclass
+class FrozenPredictions:
+    """theta*'s epsilon predictions at one batch of (x_t, t), each (B, C, h, w), named as in the paper."""
+
+    uncond: torch.Tensor  # e0 = eps_theta*(x_t, t): the empty prompt
+    concept: torch.Tensor  # ep = eps_theta*(x_t, c, t): the concept to erase
+    erase_from: torch.Tensor | None = None  # e_from = eps_theta*(x_t, c_from, t) with --erase_from
+
+    @property
+    def source(self) -> torch.Tensor:
+        """The prediction for the prompt x_t is sampled with: e_from with --erase_from, else ep."""
+        return self.concept if self.erase_from is None else self.erase_from
+
+
+def esd_target(noise_pred_uncond: torch.Tensor, noise_pred_concept: torch.Tensor, negative_guidance: float,
+               noise_pred_erase_from: torch.Tensor | None = None) -> torch.Tensor:
+    """Negatively guided target of ESD, Eq. (4) of Gandikota et al., "Erasing Concepts from
+    Diffusion Models" (ICCV 2023):
 
         eps_theta(x_t, c, t)  <-  eps_theta*(x_t, t) - eta * (eps_theta*(x_t, c, t) - eps_theta*(x_t, t))
+                               =  e0 - eta (ep - e0)  =  ep - (eta + 1) (ep - e0)
 
-    ``noise_pred_uncond`` is eps_theta*(x_t, t) (empty prompt), ``noise_pred_concept``
-    is eps_theta*(x_t, c, t) and ``negative_guidance`` is eta. ``noise_pred_base`` is
-    the first term: eps_theta*(x_t, t) itself for plain erasure, or the frozen
-    prediction for the erase-from prompt when an attribute is erased from a
-    concept ("cowboy hat" from "cowboy").
+    ``noise_pred_uncond`` is e0 (empty prompt), ``noise_pred_concept`` is ep and
+    ``negative_guidance`` is eta. To erase an attribute from a concept only ("cowboy hat"
+    from "cowboy"), the frozen prediction for that prompt, e_from, takes ep's place in the
+    last form: ``e_from - (eta + 1) (ep - e0)``. Erasing c from c itself (e_from = ep) is
+    the paper's target, so one rule holds for both: eta = 0 removes the concept direction
+    exactly once, eta > 0 pushes past it.
 
-    Conventions: the current official ESD code writes the plain target as
-    ``ep - eta_off * (ep - e0)``; that equals ``e0 - (eta_off - 1) * (ep - e0)``,
-    so its eta_off = 2 default is the paper's (and our) eta = 1. With an
-    erase-from prompt both codes write ``e_from - eta * (ep - e0)``: eta is the same.
+    The official codes write ``e_from - eta_off (ep - e0)`` with e_from = ep when nothing
+    is given: eta_off = eta + 1 in every case. The current esd_sd.py's default eta_off = 2
+    is our (and the paper's) eta = 1; esd_sdxl.py's default eta_off = 1 is our eta = 0.
 
     All inputs must be in epsilon space (see :func:`esd.sampling.to_epsilon`).
     """
-    return noise_pred_base - negative_guidance * (noise_pred_concept - noise_pred_uncond)
+    if noise_pred_erase_from is None:
+        return noise_pred_uncond - negative_guidance * (noise_pred_concept - noise_pred_uncond)
+    return noise_pred_erase_from - (negative_guidance + 1) * (noise_pred_concept - noise_pred_uncond)
+
+
+def target_of(predictions: FrozenPredictions, negative_guidance: float) -> torch.Tensor:
+    """The ESD target from named frozen predictions (see :func:`esd_target`)."""
+    return esd_target(predictions.uncond, predictions.concept, negative_guidance, predictions.erase_from)
 
 
 def esd_loss(noise_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,11 @@ package; it runs on the same engine as ``esd train``."""
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
+from .config import DEFAULT_PRESET, ESDConfig
 from .models import DEFAULT_BASE_MODEL, DiffusionModels, resolve_source
-from .train import ESDConfig, ESDTrainer
+from .train import ESDTrainer
 from .weights import apply_erased_weights
 
 
@@ -18,12 +19,15 @@ class ESDPipeline:
 
     With ``load_path``, erased weights (any format :func:`esd.load_erased_unet` reads)
     are loaded strictly; otherwise, with ``erase_concept``, ESD trains for
-    ``train_steps`` iterations (and saves to ``save_path`` when given)."""
+    ``train_steps`` iterations (and saves to ``save_path`` when given). ``preset`` is one of
+    :data:`esd.config.PRESETS`; ``train_steps``, ``learning_rate`` and ``negative_guidance``
+    default to the preset's values."""
 
     def __init__(self, model_id: str = DEFAULT_BASE_MODEL, device: str | None = None,
                  erase_concept: str | None = None, erase_from: str | None = None, train_method: str = "xattn",
-                 negative_guidance: float = 1.0, train_steps: int = 1000, learning_rate: float = 1e-5,
-                 use_fp16: bool = False, save_path: str | None = None, load_path: str | None = None):
+                 negative_guidance: float | None = None, train_steps: int | None = None,
+                 learning_rate: float | None = None, use_fp16: bool = False, save_path: str | None = None,
+                 load_path: str | None = None, preset: str = DEFAULT_PRESET):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if use_fp16 else torch.float32
         source = resolve_source(model_id)
@@ -35,19 +39,18 @@ class ESDPipeline:
             apply_erased_weights(self.pipe.unet, load_path, base_model=model_id)
         elif erase_concept:
             self._erase(model_id, erase_concept, erase_from, train_method, negative_guidance, train_steps,
-                        learning_rate, use_fp16, save_path)
+                        learning_rate, use_fp16, save_path, preset)
         elif erase_concept is not None:
             raise ValueError("erase_concept is empty")
         self.pipe.to(self.device, self.dtype)
 
-    def _erase(self, model_id, concept, erase_from, method, eta, steps, lr, use_fp16, save_path):
+    def _erase(self, model_id, concept, erase_from, method, eta, steps, lr, use_fp16, save_path, preset):
         p = self.pipe
         encoders = [p.text_encoder] + ([p.text_encoder_2] if getattr(p, "text_encoder_2", None) else [])
         tokenizers = [p.tokenizer] + ([p.tokenizer_2] if getattr(p, "tokenizer_2", None) else [])
-        models = DiffusionModels(p.unet, DDIMScheduler.from_config(p.scheduler.config), tokenizers, encoders, None,
-                                 p.vae_scale_factor, model_id)
+        models = DiffusionModels(p.unet, p.scheduler, tokenizers, encoders, None, p.vae_scale_factor, model_id)
         config = ESDConfig(prompt=concept, erase_from=erase_from, train_method=method, base_model=model_id,
-                           negative_guidance=eta, iterations=steps, lr=lr,
+                           preset=preset, negative_guidance=eta, iterations=steps, lr=lr,
                            mixed_precision="fp16" if use_fp16 else "no",
                            devices="cpu" if self.device.type == "cpu" else str(self.device.index or 0),
                            save_path=save_path or "models/")

@@ -33,13 +33,58 @@ class Conditioning:
         return Conditioning(torch.cat([p.prompt_embeds for p in parts]), extra)
 
 
+@dataclass
+class PromptConditioning:
+    """The prompts of one erasure, encoded once, by role. ``concept(rows)`` and ``source(rows)``
+    take one concept index per latent row (B,)."""
+
+    uncond: Conditioning  # "" (1 row): e0, and the sampler's unconditional branch
+    concepts: Conditioning  # one row per concept word: ep
+    erase_from: Conditioning | None = None  # --erase_from (1 row): e_from, and what x_t and theta see
+
+    def to(self, device) -> "PromptConditioning":
+        return PromptConditioning(self.uncond.to(device), self.concepts.to(device),
+                                  None if self.erase_from is None else self.erase_from.to(device))
+
+    def uncond_rows(self, n: int) -> Conditioning:
+        return _rows(self.uncond, torch.zeros(n, dtype=torch.long))
+
+    def concept(self, rows: torch.Tensor) -> Conditioning:
+        return _rows(self.concepts, rows)
+
+    def source(self, rows: torch.Tensor) -> Conditioning:
+        """The prompt that x_t is sampled with and that the trained model sees: e_from's, else the concept."""
+        if self.erase_from is None:
+            return self.concept(rows)
+        return _rows(self.erase_from, torch.zeros_like(rows))
+
+
+def _rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
+    rows = rows.to(cond.prompt_embeds.device)
+    extra = {k: v[rows] for k, v in cond.added_cond_kwargs.items()} if cond.added_cond_kwargs else None
+    return Conditioning(cond.prompt_embeds[rows], extra)
+
+
+def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from: str | None, image_size: int,
+                           sdxl_uncond: str = "empty") -> PromptConditioning:
+    """Encode "", the concept words and the erase-from prompt in one call."""
+    prompts = ["", *words] + ([erase_from] if erase_from else [])
+    cond = encode_prompts(models, prompts, image_size, zero_empty=sdxl_uncond == "zeros")
+    n = len(words)
+    return PromptConditioning(_rows(cond, torch.tensor([0])), _rows(cond, torch.arange(1, n + 1)),
+                              _rows(cond, torch.tensor([n + 1])) if erase_from else None)
+
+
 @torch.no_grad()
-def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int) -> Conditioning:
+def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
+                   zero_empty: bool = False) -> Conditioning:
     """Encode prompts as the diffusers pipelines do. SD 1.x/2.x: the text
     encoder's last hidden state. SDXL: the penultimate hidden states of both
     encoders concatenated, the second encoder's projected pooled output, and
-    time ids (original size, crop (0, 0), target size); the empty prompt gets
-    zero embeddings, as SDXL's pipeline does (``force_zeros_for_empty_prompt``)."""
+    time ids (original size, crop (0, 0), target size). ``zero_empty`` (SDXL only) gives
+    the empty prompt zero embeddings, as SDXL's pipeline does for a missing negative
+    prompt (``force_zeros_for_empty_prompt``); without it "" is encoded like any prompt,
+    as the official esd_sdxl.py does (``negative_prompt=""``)."""
     device = models.text_encoders[0].device
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
@@ -54,9 +99,10 @@ def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int)
     embeds = torch.cat(hidden, dim=-1)
     if models.family != "sdxl":
         return Conditioning(embeds)
-    empty = torch.tensor([p == "" for p in prompts], device=device)
-    embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
-    pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+    if zero_empty:
+        empty = torch.tensor([p == "" for p in prompts], device=device)
+        embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+        pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
     time_ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]] * len(prompts),
                             dtype=embeds.dtype, device=device)
     return Conditioning(embeds, {"text_embeds": pooled, "time_ids": time_ids})
@@ -85,16 +131,32 @@ def guided_prediction(unet_fn: UNetFn, latents, t, cond: Conditioning, uncond: C
 
 
 @torch.no_grad()
-def denoise_to(unet_fn: UNetFn, scheduler, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-               guidance_scale: float, stop_index: int) -> torch.Tensor:
-    """Run the guided sampler from ``latents`` (pure noise at ``scheduler.timesteps[0]``)
-    for ``stop_index`` steps; the result is at ``scheduler.timesteps[stop_index]``.
-    ``scheduler.set_timesteps`` must have been called."""
-    x = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps[:stop_index]:
+def denoise(unet_fn: UNetFn, scheduler, noise: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+            guidance_scale: float, timesteps: torch.Tensor) -> torch.Tensor:
+    """Run the guided sampler from ``noise`` over ``timesteps`` (a slice of ``scheduler.timesteps``,
+    noise taken to be at the first): one scheduler step per timestep. ``scheduler.set_timesteps``
+    must have been called (it also resets multistep schedulers' state, so call it per trajectory)."""
+    x = noise * scheduler.init_noise_sigma
+    for t in timesteps:
         guided, _, _ = guided_prediction(unet_fn, x, t, cond, uncond, guidance_scale)
         x = scheduler.step(guided, t, x).prev_sample
     return x
+
+
+def sampler_scheduler(scheduler, kind: str, steps: int):
+    """The scheduler that samples x_t, with ``steps`` timesteps set: ``ddim`` (the paper's sampler,
+    eta 0) from the model's schedule, or ``model``, the model's own class (PNDM for SD1.4, as the
+    current official code samples). Schedulers that work on sigma-scaled latents (Euler, LMS) are
+    refused: their x_t is not the x_t the UNet is trained on without input scaling."""
+    from diffusers import DDIMScheduler
+
+    own = DDIMScheduler.from_config(scheduler.config) if kind == "ddim" else \
+        type(scheduler).from_config(scheduler.config)
+    own.set_timesteps(steps)
+    if float(own.init_noise_sigma) != 1.0:
+        raise ValueError(f"--sampler_scheduler model: {type(scheduler).__name__} samples sigma-scaled latents "
+                         "(init_noise_sigma != 1), which ESD's x_t cannot be; use --sampler_scheduler ddim")
+    return own
 
 
 def to_epsilon(prediction: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,

@@ -13,7 +13,6 @@ Loading is strict and never unpickles arbitrary objects.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,21 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_models, resolve_source
+from .records import atomic_write
 
 COMPVIS_PREFIX = "model.diffusion_model."
 TRAINED_FORMAT = "esd-trained-parameters"
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_full_state_dict(state_dict: dict, path) -> None:

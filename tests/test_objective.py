@@ -9,20 +9,25 @@ def test_target_matches_hand_computed_values():
     e0 = torch.tensor([1.0, 2.0, -1.0])
     ep = torch.tensor([3.0, 1.0, -1.0])
     # eta = 1: e0 - (ep - e0) = [1 - 2, 2 + 1, -1 - 0]
-    assert torch.equal(esd_target(e0, e0, ep, 1.0), torch.tensor([-1.0, 3.0, -1.0]))
-    # eta = 2 with an erase-from base e_from = [0, 0, 5]: e_from - 2 (ep - e0)
+    assert torch.equal(esd_target(e0, ep, 1.0), torch.tensor([-1.0, 3.0, -1.0]))
+    # eta = 1 with an erase-from prediction e_from = [0, 0, 5]: e_from - 2 (ep - e0)
     e_from = torch.tensor([0.0, 0.0, 5.0])
-    assert torch.equal(esd_target(e_from, e0, ep, 2.0), torch.tensor([-4.0, 2.0, 5.0]))
+    assert torch.equal(esd_target(e0, ep, 1.0, e_from), torch.tensor([-4.0, 2.0, 5.0]))
     # eta = 0 leaves the unconditional prediction: the concept maps to "nothing"
-    assert torch.equal(esd_target(e0, e0, ep, 0.0), e0)
+    assert torch.equal(esd_target(e0, ep, 0.0), e0)
+    # one rule: erasing c from c itself (e_from = ep) is the plain target, for every eta
+    for eta in (0.0, 1.0, 2.5):
+        assert torch.allclose(esd_target(e0, ep, eta, ep), esd_target(e0, ep, eta))
 
 
 def test_official_code_convention_maps_to_paper_eta():
-    """The current official code's ep - eta_off (ep - e0) with eta_off = 2 is the paper's eta = 1."""
+    """The official codes write e_from - eta_off (ep - e0), e_from = ep without an erase-from prompt:
+    eta_off = eta + 1 in both cases (esd_sd.py's default 2 is our 1, esd_sdxl.py's 1 is our 0)."""
     g = torch.Generator().manual_seed(0)
-    e0, ep = torch.randn(2, 4, 8, 8, generator=g)
-    assert torch.allclose(ep - 2.0 * (ep - e0), esd_target(e0, e0, ep, 1.0))
-    assert torch.allclose(ep - 3.0 * (ep - e0), esd_target(e0, e0, ep, 2.0))
+    e0, ep, e_from = torch.randn(3, 4, 8, 8, generator=g)
+    for eta in (0.0, 1.0, 2.0):
+        assert torch.allclose(ep - (eta + 1) * (ep - e0), esd_target(e0, ep, eta), atol=1e-6)
+        assert torch.allclose(e_from - (eta + 1) * (ep - e0), esd_target(e0, ep, eta, e_from), atol=1e-6)
 
 
 def _schedule_terms(t):
@@ -54,10 +59,10 @@ def test_v_prediction_loss_is_the_paper_loss_in_epsilon_space():
     eps_trained, e0, ep = (a * v + s * x_t for v in (v_trained, v0, vp))
     reference = ((eps_trained - (e0 - 1.0 * (ep - e0))) ** 2).mean()
     to_eps = lambda v: to_epsilon(v, x_t, t, alphas_cumprod, "v_prediction")
-    loss = esd_loss(to_eps(v_trained), esd_target(to_eps(v0), to_eps(v0), to_eps(vp), 1.0))
+    loss = esd_loss(to_eps(v_trained), esd_target(to_eps(v0), to_eps(vp), 1.0))
     assert torch.allclose(loss, reference, rtol=1e-5)
     # The target is affine in the predictions, so the v-space target is the same point...
-    v_target = esd_target(v0, v0, vp, 1.0)
+    v_target = esd_target(v0, vp, 1.0)
     assert torch.allclose(a * v_target + s * x_t, e0 - (ep - e0), atol=1e-5)
     # ...but the v-space MSE is scaled by 1 / a^2 relative to the paper's loss.
     naive = esd_loss(v_trained, v_target)

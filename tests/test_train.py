@@ -75,12 +75,12 @@ def test_same_seed_same_weights_and_pinned_loss(tiny_models, tmp_path):
     assert not same(weights(a), weights(c))
     assert a.losses == b.losses
     # Regression pins (tiny SD1, seed 0, torch CPU): first losses of the fast path and the paper's loop.
-    paper = train(tiny_models["sd1"], tmp_path, "paper", pool_size=0, sampler_model="trained",
-                  timestep_mode="original")
+    paper = train(tiny_models["sd1"], tmp_path, "paper", preset="paper")
     assert [a.losses[0], paper.losses[0]] == pytest.approx(PINNED_FIRST_LOSSES, rel=1e-3)
 
 
-PINNED_FIRST_LOSSES = [4.8325e-06, 8.3116e-06]
+# The paper pin moved from 8.3116e-06 when its loop was fixed to the original code's (x_t level, query) pairing.
+PINNED_FIRST_LOSSES = [4.8325e-06, 2.2345e-05]
 
 
 
@@ -109,7 +109,7 @@ def test_frozen_copy_on_second_device_matches_functional_view(tiny_models, tmp_p
 @pytest.mark.parametrize("options", [
     {"sampler_model": "trained", "timestep_mode": "original", "pool_size": 0},
     {"pool_size": 0, "erase_from": "dog", "batch_size": 2},
-    {"timestep_mode": "original", "pool_size": 2, "batch_size": 3},
+    {"preset": "official", "erase_from": "dog", "batch_size": 3},
     {"erase_from": "dog", "train_method": "noxattn", "batch_size": 2},
     {"prompt": "cat, dog", "separator": ",", "train_method": "esd-x-strict"},
 ])
@@ -242,6 +242,10 @@ def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
     (["--resume", "/no/such.pt"], "--resume '/no/such.pt' does not exist"),
     (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["--preset", "faithful"], "invalid choice: 'faithful'"),
+    (["--timestep_mode", "original"], "--timestep_mode original pairs a partial trajectory"),
+    (["--preset", "paper", "--pool_size", "8"], "--sampler_model trained samples x_t on-policy"),
+    (["--preset", "official", "--timestep_mode", "original"], "needs --sampler_scheduler ddim"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tiny_models, tmp_path):
     defaults = {"--prompt": "cat", "--train_method": "xattn", "--base_model": tiny_models["sd1"],

@@ -74,3 +74,16 @@ def build(family: str, folder: str | Path) -> Path:
         raise ValueError(family)
     pipe.save_pretrained(folder)
     return folder
+
+
+# SD v1.4's UNet config, as published in its diffusers folder: for parameter counts (on the meta
+# device, no memory) and the SD-scale benchmarks (random weights).
+SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd14_unet(device: str = "meta") -> UNet2DConditionModel:
+    with torch.device(device):
+        return UNet2DConditionModel(**SD14_UNET)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..train import ESDConfig, train_esd
+from ..config import ESDConfig
+from ..train import train_esd
 from ..weights import load_erased_unet
 from .judge import judge_batch
 from .quality import load_toy_pipeline, sample

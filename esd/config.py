@@ -1,0 +1,168 @@
+"""Every setting of an erasure, declared once: the choice tables, the presets and ``ESDConfig``.
+
+The CLI flags, ``ESDPipeline``, the demo and the benchmarks are all built from what is here.
+Validation only checks (it reads file and folder names, nothing is loaded or written).
+"""
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .methods import resolve_method
+from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
+
+# -- choice tables -----------------------------------------------------------------------------
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAMPLER_MODELS = ("frozen", "trained")  # which weights sample x_t
+SAMPLER_SCHEDULERS = ("ddim", "model")  # DDIM (the paper's sampler) or the model's own scheduler class
+TIMESTEP_MODES = ("matched", "original")  # the query timestep: x_t's own, or the paper code's pairing
+SDXL_UNCONDS = ("empty", "zeros")  # SDXL's e0: the encoded "" (official esd_sdxl.py) or zero embeddings
+SAVE_FORMATS = ("both", "full", "trained")
+OPTIMIZERS = ("adam", "adam8bit")
+
+# -- presets -----------------------------------------------------------------------------------
+# Each preset sets every field below; an explicit value (a flag, a keyword) overrides it.
+PRESETS: dict[str, dict] = {
+    # The paper's original code (CompVis train-esd.py): the model being trained samples x_t with DDIM
+    # (eta 0, T = 50, guidance 3), a fresh partial trajectory every iteration, x_t paired with the
+    # original code's DDPM query draw, a whole frozen UNet copy, Adam lr 1e-5 for 1,000 iterations.
+    "paper": dict(sampler_model="trained", sampler_scheduler="ddim", timestep_mode="original", pool_size=0,
+                  frozen_copy=True, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=1e-5,
+                  iterations=1000),
+    # The current official code (esd_sd.py): the frozen model samples x_t with the model's own scheduler
+    # (PNDM for SD1.4), a fresh trajectory every iteration, the query at x_t's own timestep, lr 5e-5 for
+    # 200 iterations; its eta 2 is our 1 (see esd/objective.py). It renders 1024 px and trains in bf16:
+    # here the native size and fp32 trained weights (--image_size 1024 for the former).
+    "official": dict(sampler_model="frozen", sampler_scheduler="model", timestep_mode="matched", pool_size=0,
+                     frozen_copy=False, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=5e-5,
+                     iterations=200),
+    # This project's default: trajectory reuse. pool_size whole trajectories from the frozen DDIM sampler,
+    # every (x_t, t, e0, ep) on them trained on once; one UNet in memory.
+    "fast": dict(sampler_model="frozen", sampler_scheduler="ddim", timestep_mode="matched", pool_size=8,
+                 frozen_copy=False, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=1e-5,
+                 iterations=1000),
+}
+DEFAULT_PRESET = "fast"
+PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
+
+
+@dataclass
+class ESDConfig:
+    """Every setting of an erasure. ``None`` in a preset field means "from ``preset``"; after
+    construction every field holds its resolved value and ``preset_overrides`` names the fields
+    that were given explicitly."""
+
+    prompt: str  # concept(s) to erase
+    train_method: str  # see esd.methods.TRAIN_METHODS
+    preset: str = DEFAULT_PRESET  # paper | official | fast: see PRESETS
+    base_model: str = DEFAULT_BASE_MODEL  # hub id, local diffusers folder, or "toy"
+    ckpt_path: str | None = None  # original single-file checkpoint instead of base_model
+    ckpt_config: str | None = None  # local diffusers folder with the configs for ckpt_path
+    erase_from: str | None = None  # erase the concept from this prompt ("cowboy hat" from "cowboy")
+    separator: str | None = None  # split prompt into several concepts, one drawn per iteration
+    # -- preset fields (None: the preset's value) --
+    sampler_model: str | None = None  # frozen | trained: which weights sample x_t
+    sampler_scheduler: str | None = None  # ddim | model: the scheduler that samples x_t
+    timestep_mode: str | None = None  # matched: query at x_t's own timestep; original: the paper code's pairing
+    pool_size: int | None = None  # trajectories per reused pool (the fast path); 0: a fresh x_t every iteration
+    frozen_copy: bool | None = None  # keep a whole frozen UNet (the original layout), not only the trained tensors
+    ddim_steps: int | None = None  # the sampler's schedule length T; the stopping step is drawn among its steps
+    start_guidance: float | None = None  # classifier-free guidance of the sampler that makes x_t
+    negative_guidance: float | None = None  # eta in the paper's target e0 - eta (ep - e0)
+    lr: float | None = None  # Adam learning rate
+    iterations: int | None = None
+    # -- the rest --
+    image_size: int | None = None  # None: the model's native resolution
+    batch_size: int = 1  # latents per iteration (they share t and the concept)
+    seed: int | None = None  # None: drawn at random and recorded
+    devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
+    mixed_precision: str = "no"  # no | fp16 | bf16: dtype of the frozen parts
+    sdxl_uncond: str = "empty"  # SDXL's unconditional prompt: "empty" encodes "" (official), "zeros" zeroes it
+    save_path: str = "models/"
+    save_every: int = 0  # checkpoint every N iterations (0: never)
+    save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
+    save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
+    compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
+    optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
+    resume: str | None = None  # checkpoint to continue from
+    name: str | None = None  # output folder name; default encodes the hyperparameters
+    preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
+        self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on any bad setting before a model is loaded."""
+        if not self.prompt or not all(self.words):
+            raise ValueError("--prompt is empty (or has an empty concept between separators)")
+        resolve_method(self.train_method)
+        for name, value, low in [("iterations", self.iterations, 1), ("ddim_steps", self.ddim_steps, 1),
+                                 ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0),
+                                 ("pool_size", self.pool_size, 0)]:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        for flag, value, choices in [("mixed_precision", self.mixed_precision, PRECISIONS),
+                                     ("sampler_model", self.sampler_model, SAMPLER_MODELS),
+                                     ("sampler_scheduler", self.sampler_scheduler, SAMPLER_SCHEDULERS),
+                                     ("timestep_mode", self.timestep_mode, TIMESTEP_MODES),
+                                     ("sdxl_uncond", self.sdxl_uncond, SDXL_UNCONDS),
+                                     ("save_format", self.save_format, SAVE_FORMATS),
+                                     ("save_precision", self.save_precision, SAVE_PRECISIONS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS)]:
+            if value not in choices:
+                raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(choices)}")
+        if self.pool_size and self.sampler_model == "trained":
+            raise ValueError("--sampler_model trained samples x_t on-policy every iteration; it needs --pool_size 0")
+        if self.pool_size and self.timestep_mode == "original":
+            raise ValueError("--timestep_mode original pairs a partial trajectory with the paper code's query draw; "
+                             "it needs --pool_size 0 (the pool stores whole trajectories at matched timesteps)")
+        if self.timestep_mode == "original" and self.sampler_scheduler != "ddim":
+            raise ValueError("--timestep_mode original reproduces the paper's DDIM loop; it needs "
+                             "--sampler_scheduler ddim")
+        if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
+            raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
+                             f"--batch_size {self.batch_size}")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"--image_size must be positive, got {self.image_size}")
+        if self.optimizer == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or esd[8bit])")
+        if self.ckpt_path is None:
+            resolve_source(self.base_model)
+        elif not os.path.isfile(self.ckpt_path):
+            raise ValueError(f"--ckpt_path {self.ckpt_path!r} does not exist")
+        if self.resume is not None and not os.path.isfile(self.resume):
+            raise ValueError(f"--resume {self.resume!r} does not exist")
+        parse_devices(self.devices)
+
+    @property
+    def words(self) -> list[str]:
+        """The concept words: the prompt, or its parts between separators."""
+        if self.separator is None:
+            return [self.prompt.strip()]
+        return [w.strip() for w in self.prompt.split(self.separator)]
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        word = self.prompt.replace(" ", "").replace(self.separator or " ", "-")
+        method = resolve_method(self.train_method).name
+        return (f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
+                f"-iter_{self.iterations}-lr_{self.lr}")
+
+    def record(self) -> dict:
+        """The resolved settings (what args.json and checkpoints store)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,95 @@
+"""The two views of one UNet that ESD trains with: theta (trained) and theta* (frozen).
+
+With one device and no ``frozen_copy``, theta* is kept only for the trained parameters and
+swapped in with ``torch.func.functional_call``, so the UNet lives in memory once. With
+``frozen_copy`` (the original code's layout) or a second device, a whole frozen UNet is kept.
+
+Precision policy (as diffusers' training examples): frozen weights in the low-precision dtype;
+trained parameters, the target and the loss in fp32; forwards under autocast.
+"""
+
+from copy import deepcopy
+
+import torch
+from torch.func import functional_call
+
+from .objective import FrozenPredictions
+from .sampling import Conditioning, PromptConditioning, call_unet, to_epsilon
+
+
+class FrozenUNet:
+    """theta*: predictions of the UNet as it was before training."""
+
+    def __init__(self, unet: torch.nn.Module, trained_names: list[str], dtype: torch.dtype,
+                 device: torch.device | None = None):
+        if device is not None:  # a whole frozen copy on this device
+            self.module = deepcopy(unet).to(device=device, dtype=dtype).requires_grad_(False)
+            self.params = None
+        else:
+            self.module = unet
+            params = dict(unet.named_parameters())
+            self.params = {n: params[n].detach().clone().to(dtype) for n in trained_names}
+
+    @torch.no_grad()
+    def __call__(self, latents, timesteps, cond: Conditioning):
+        if self.params is None:
+            device = next(self.module.parameters()).device
+            out = call_unet(self.module, latents.to(device), timesteps.to(device), cond.to(device))
+            return out.to(latents.device)
+        return functional_call(self.module, self.params, (latents, timesteps),
+                               {"encoder_hidden_states": cond.prompt_embeds,
+                                "added_cond_kwargs": cond.added_cond_kwargs}).sample
+
+
+class UNetViews:
+    """theta and theta* of ``unet``: raw predictions (the model's own type) from either, their
+    conversion to epsilon, and a count of latent rows through the UNet (for benchmarks)."""
+
+    def __init__(self, unet: torch.nn.Module, trained_names: list[str], dtype: torch.dtype, device: torch.device,
+                 frozen_device: torch.device | None, alphas_cumprod: torch.Tensor, prediction_type: str):
+        self.unet, self.dtype, self.device = unet, dtype, device
+        self.frozen_unet = FrozenUNet(unet, trained_names, dtype, frozen_device)
+        trained = set(trained_names)
+        for name, p in unet.named_parameters():
+            if name in trained:
+                p.requires_grad_(True)
+            else:
+                p.data = p.data.to(dtype)
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        self.evals = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def trained(self, latents, timesteps, cond: Conditioning) -> torch.Tensor:
+        """eps_theta (raw prediction), with gradients to the trained parameters."""
+        self.evals += latents.shape[0]
+        return call_unet(self.unet, latents, timesteps, cond)
+
+    def frozen(self, latents, timesteps, cond: Conditioning) -> torch.Tensor:
+        """eps_theta* (raw prediction), no gradients."""
+        self.evals += latents.shape[0]
+        return self.frozen_unet(latents, timesteps, cond)
+
+    def to_eps(self, prediction, latents, timesteps) -> torch.Tensor:
+        return to_epsilon(prediction, latents, timesteps, self.alphas_cumprod, self.prediction_type)
+
+    def frozen_predictions(self, latents, timesteps, prompts: PromptConditioning,
+                           concept: torch.Tensor) -> FrozenPredictions:
+        """theta*'s raw predictions (fp32) at (x_t, t) for "", the concept and the erase-from prompt,
+        in one batched call: rows [uncond (B), concept (B), erase_from (B)]."""
+        b = latents.shape[0]
+        conds = [prompts.uncond_rows(b), prompts.concept(concept)]
+        if prompts.erase_from is not None:
+            conds.append(prompts.source(concept))
+        n = len(conds)
+        with self.autocast():
+            pred = self.frozen(latents.repeat(n, 1, 1, 1), timesteps.repeat(n), Conditioning.cat(conds)).float()
+        return FrozenPredictions(*pred.split(b))
+
+    def eps_of(self, predictions: FrozenPredictions, latents, timesteps) -> FrozenPredictions:
+        """The same predictions in epsilon space (where the ESD target is built)."""
+        e_from = predictions.erase_from
+        return FrozenPredictions(self.to_eps(predictions.uncond, latents, timesteps),
+                                 self.to_eps(predictions.concept, latents, timesteps),
+                                 None if e_from is None else self.to_eps(e_from, latents, timesteps))
