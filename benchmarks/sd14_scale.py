@@ -8,12 +8,12 @@ memory do not depend on weight values, so nothing is downloaded), 512 px.
 Each path runs in its own process so that peak memory is its own (CUDA: max allocated;
 CPU: peak RSS rise over the process after imports).
 
-Paper path: sampler = trained model, whole frozen UNet copy, a fresh partial trajectory
-per iteration (t drawn as in the paper; seconds/iteration averaged over --iterations).
-Fast path: one pool refresh (pool_size whole trajectories, timed) plus --iterations
-training steps from the pool (timed); seconds/iteration = step time + refresh time /
-(pool entries per refresh / batch size), the refresh's cost spread over the iterations
-it feeds.
+Paths are presets of esd.config.PRESETS. Paper path (preset paper): sampler = trained model,
+whole frozen UNet copy, a fresh partial trajectory per iteration with the original code's
+pairing (seconds/iteration averaged over --iterations). Fast path (preset fast): one pool
+refresh (pool_size whole trajectories, timed) plus --iterations training steps from the pool
+(timed); seconds/iteration = step time + refresh time / (pool entries per refresh / batch
+size), the refresh's cost spread over the iterations it feeds.
 """
 
 import argparse
@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 PATHS = ("paper", "fast")
@@ -32,18 +33,15 @@ PATHS = ("paper", "fast")
 def sd14_models(seed: int = 0):
     """SD v1.4's UNet and text encoder configs (as published in its diffusers folder), random weights."""
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
+    from tiny import sd14_unet
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from esd.models import DiffusionModels
     from esd.toy.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                attention_head_dim=8, norm_num_groups=32,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet = sd14_unet("cpu")
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                 num_attention_heads=12, vocab_size=49408, max_position_embeddings=77,
                                                 hidden_act="quick_gelu", projection_dim=768))
@@ -57,22 +55,21 @@ def sd14_models(seed: int = 0):
 def child(path: str, args) -> dict:
     import torch
 
-    from esd.train import ESDConfig, ESDTrainer
+    from esd.config import ESDConfig
+    from esd.train import ESDTrainer
 
     cuda = args.device.startswith("cuda")
     peak = PeakRSS()
     if not cuda:
         peak.reset()  # the rise over the RSS after imports: the models and both paths' working memory
     models = sd14_models()
-    settings = {"paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original",
-                          "devices": "cpu,cpu" if not cuda else "0,0"},
-                "fast": {"pool_size": args.pool_size, "devices": "cpu" if not cuda else "0"}}[path]
+    settings = {"paper": {}, "fast": {"pool_size": args.pool_size}}  # the paper preset keeps a whole frozen copy
     cfg = ESDConfig(prompt="nudity", train_method=args.train_method, base_model="CompVis/stable-diffusion-v1-4",
-                    iterations=args.iterations,
-                    ddim_steps=args.ddim_steps, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
-                    seed=0, save_path="/tmp/esd-bench",
+                    preset=path, iterations=args.iterations, ddim_steps=args.ddim_steps, batch_size=args.batch_size,
+                    mixed_precision=args.mixed_precision, seed=0, save_path="/tmp/esd-bench",
                     gradient_checkpointing=args.gradient_checkpointing and path == "fast",
-                    optimizer=args.optimizer if path == "fast" else "adam", **settings)
+                    optimizer=args.optimizer if path == "fast" else "adam", devices="0" if cuda else "cpu",
+                    **settings[path])
     trainer = ESDTrainer(cfg, models)
     trainer.setup()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -80,7 +77,7 @@ def child(path: str, args) -> dict:
     if path == "fast":
         sync()
         start = time.perf_counter()
-        trainer._refresh_pool()
+        trainer.source.refresh()
         sync()
         refresh = time.perf_counter() - start
     if cuda:  # warm-up step outside the timing (kernel selection, allocator)

@@ -1,24 +1,27 @@
-"""Paper-faithful ESD loop vs the fast path, side by side on one model and seed.
+"""The three presets' ESD loops side by side on one model and seed: paper, official and fast.
 
     python benchmarks/speed.py                      # toy model, ESD-x of "green"
     python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
 
-Paper path: a fresh partial trajectory every iteration sampled by the model being
-trained, the original DDPM timestep draw, a whole frozen UNet copy (the original
-code's layout). ``--paper_sampler frozen`` samples the paper loop's x_t with the frozen
-model instead (the current official code), the same x_t distribution as the fast path's
-pool: the comparison that isolates what trajectory reuse changes. Fast path (the
-default of `esd train`): trajectory pool sampled by the frozen model, matched
-timesteps, one UNet in memory. Both train on the same number of samples
-(iterations x batch), unless --fast_iterations sets the fast path's own count to
-compare the paths at equal erasure. Prints the figures, then one JSON line.
+Each path is a preset of esd.config.PRESETS, run with the same concept, iterations, batch,
+learning rate, eta and seed (the flags below override every preset alike):
+* paper: the paper's original code. The model being trained samples a fresh partial DDIM
+  trajectory every iteration, x_t is paired with the original code's DDPM query draw, and a
+  whole frozen UNet copy is kept.
+* official: the current official code (esd_sd.py). The frozen model samples a fresh trajectory
+  every iteration with the model's own scheduler (DDIM on the toy model, PNDM on SD1.4), and
+  x_t is queried at its own timestep.
+* fast (the default of `esd train`): trajectory reuse. A pool of whole trajectories is sampled
+  by the frozen model and every (x_t, t, e0, ep) on them is trained on once.
+All paths train on iterations x batch samples, unless --fast_iterations sets the fast path's own
+count, to compare at equal erasure. The script prints the figures, then one JSON line.
 
-Wall time and erasure quality are measured in this process, one path after the
-other; peak memory in a fresh child process per path, as the rise of its peak RSS
-over the RSS after imports (the peak is reset there, so import-time peaks do not count),
-and split into anonymous memory (tensors, allocator, Python objects) and file-backed
-pages (library code a path runs for the first time, mapped weight files): on the toy
-model the file-backed part is about half of either path's rise and the same for both.
+Wall time and erasure quality are measured in this process, one path after the other. Peak
+memory is measured in a fresh child process per path: the rise of its peak RSS over the RSS
+after imports (the peak is reset there, so import-time peaks do not count), split into
+anonymous memory (tensors, allocator, Python objects) and file-backed pages (library code a
+path runs for the first time, mapped weight files). On the toy model the file-backed part is
+about half of each path's rise, and about the same for all of them.
 """
 
 import argparse
@@ -33,10 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-PATHS = {
-    "paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original", "devices": "cpu,cpu"},
-    "fast": {"devices": "cpu"},
-}
+PATHS = ("paper", "official", "fast")  # presets, run in this order
 
 
 def iterations_of(path: str, args) -> int:
@@ -47,14 +47,10 @@ def config(path: str, args, save_path: str):
     from esd import ESDConfig
     from esd.toy.demo import erase_prompt
 
-    settings = dict(PATHS[path])
-    if path == "paper" and args.paper_sampler == "frozen":
-        settings.update(sampler_model="frozen", timestep_mode="matched")
-
     return ESDConfig(prompt=erase_prompt(args.concept), train_method="xattn", base_model=args.base_model,
-                     iterations=iterations_of(path, args), batch_size=args.batch_size, lr=args.lr,
+                     preset=path, iterations=iterations_of(path, args), batch_size=args.batch_size, lr=args.lr,
                      negative_guidance=args.negative_guidance, ddim_steps=args.ddim_steps, seed=args.seed,
-                     save_path=save_path, name=path, save_format="trained", **settings)
+                     devices="cpu", save_path=save_path, name=path, save_format="trained")
 
 
 def peak_memory_child(path: str, args) -> None:
@@ -107,14 +103,12 @@ def main():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negative_guidance", type=float, default=3.0, help="as the demo")
-    p.add_argument("--ddim_steps", type=int, default=50, help="the paper's default")
+    p.add_argument("--ddim_steps", type=int, help="sampler steps T (default: each preset's, 50 for all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
-    p.add_argument("--paper_sampler", default="trained", choices=["trained", "frozen"],
-                   help="x_t of the paper path from the trained model (the paper's code) or the frozen one")
     p.add_argument("--fast_iterations", type=int, help="iterations of the fast path (default: --iterations); "
                    "fewer compare the two paths at equal erasure rather than at equal settings")
-    p.add_argument("--memory_child", choices=list(PATHS), help=argparse.SUPPRESS)
+    p.add_argument("--memory_child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return peak_memory_child(args.memory_child, args)
@@ -133,24 +127,29 @@ def main():
             figures[path] = {"seconds": seconds, "unet_evals_per_sample": result.unet_evals / samples,
                              "presence": presence, "preserved": preserved, **measure_memory(path, argv)}
             f = figures[path]
-            print(f"{path:>5}: {seconds:7.1f} s  {f['unet_evals_per_sample']:5.1f} UNet evals/sample  "
+            print(f"{path:>8}: {seconds:7.1f} s  {f['unet_evals_per_sample']:5.1f} UNet evals/sample  "
                   f"peak RSS rise {f['rss_rise_mib']:6.1f} MiB (anonymous {f['anon_rise_mib']:.1f}, "
                   f"file-backed {f['file_rise_mib']:.1f})  presence {presence:.1%}  preserved {preserved:.1%}",
                   flush=True)
-    paper, fast = figures["paper"], figures["fast"]
-    print(json.dumps({
-        "unet_evals_ratio": round(fast["unet_evals_per_sample"] / paper["unet_evals_per_sample"], 4),
-        "wall_ratio": round(fast["seconds"] / paper["seconds"], 4),
-        "peak_mem_ratio": round(fast["rss_rise_mib"] / paper["rss_rise_mib"], 4),
-        "peak_anon_mem_ratio": round(fast["anon_rise_mib"] / paper["anon_rise_mib"], 4),
-        "rss_rise_mib_paper": round(paper["rss_rise_mib"], 1), "rss_rise_mib_fast": round(fast["rss_rise_mib"], 1),
-        "presence_paper": round(paper["presence"], 4), "presence_fast": round(fast["presence"], 4),
-        "preserved_paper": round(paper["preserved"], 4), "preserved_fast": round(fast["preserved"], 4),
-        "paper_sampler": args.paper_sampler, "samples_per_prompt": args.samples,
-        "training_samples": args.iterations * args.batch_size,
-        "fast_training_samples": iterations_of("fast", args) * args.batch_size,
-        "paper_seconds": round(paper["seconds"], 1), "fast_seconds": round(fast["seconds"], 1),
-    }))
+    fast = figures["fast"]
+    from esd.records import environment_record
+
+    summary = {"settings": {k: v for k, v in vars(args).items() if k != "memory_child"},
+               "environment": environment_record(), "training_samples": args.iterations * args.batch_size,
+               "fast_training_samples": iterations_of("fast", args) * args.batch_size}
+    for base in ("paper", "official"):
+        ref = figures[base]
+        summary[f"vs_{base}"] = {
+            "unet_evals_ratio": round(fast["unet_evals_per_sample"] / ref["unet_evals_per_sample"], 4),
+            "wall_ratio": round(fast["seconds"] / ref["seconds"], 4),
+            "peak_mem_ratio": round(fast["rss_rise_mib"] / ref["rss_rise_mib"], 4),
+            "peak_anon_mem_ratio": round(fast["anon_rise_mib"] / ref["anon_rise_mib"], 4)}
+    for path, f in figures.items():
+        summary[path] = {"seconds": round(f["seconds"], 1),
+                         "unet_evals_per_sample": round(f["unet_evals_per_sample"], 2),
+                         "rss_rise_mib": round(f["rss_rise_mib"], 1), "anon_rise_mib": round(f["anon_rise_mib"], 1),
+                         "presence": round(f["presence"], 4), "preserved": round(f["preserved"], 4)}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-PATHS = {"paper": {"pool_size": 0, "sampler_model": "trained", "timestep_mode": "original", "devices": "cpu,cpu"},
-         "fast": {"devices": "cpu"}}
+PATHS = ("paper", "fast")  # presets of esd.config.PRESETS
 
 
 def child(folder: str, path: str, iterations: int) -> dict:
-    from esd import ESDConfig
+    from esd.config import ESDConfig
     from esd.train import ESDTrainer
 
     peak = PeakRSS()
     peak.reset()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ESDTrainer(ESDConfig(prompt="cat", train_method="xattn", base_model=folder, iterations=iterations,
-                                       seed=0, save_path=tmp, **PATHS[path]))
+                                       preset=path, seed=0, save_path=tmp, devices="cpu"))
         trainer.setup()
         start = time.perf_counter()
         trainer.train()
