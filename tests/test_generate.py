@@ -9,7 +9,9 @@ import pytest
 from esd.generate import GenerationConfig, batches, generate_images, read_jobs, shard
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The paper's prompt files' column layouts, with a few rows: COCO-30k's first five captions, and I2P's
+# columns (an unnamed index first, case_number last) with benign synthetic prompts for its last five cases.
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture
@@ -54,13 +56,13 @@ def test_resume_after_interruption_gives_identical_files(prompts, tmp_path, tiny
 
 
 def test_csv_errors_name_the_columns(tmp_path, tiny_models):
-    coco = SHARED / "coco_30k.csv"
+    coco = DATA / "coco_30k_head.csv"
     with pytest.raises(ValueError, match="no column --case_column 'case_number'; columns found: image_id, source, "
                                          "prompt, evaluation_seed"):
         read_jobs(config(coco, tmp_path, tiny_models["sd1"]))
     jobs = read_jobs(config(coco, tmp_path, tiny_models["sd1"], case_column="image_id", num_samples=1))
-    assert len(jobs) == 30000 and jobs[0].filename == "000000203564_0.png"
-    i2p = read_jobs(config(SHARED / "unsafe-prompts4703.csv", tmp_path, tiny_models["sd1"], from_case=4700))
+    assert len(jobs) == 5 and jobs[0].filename == "000000203564_0.png"  # leading zeros kept
+    i2p = read_jobs(config(DATA / "i2p_layout.csv", tmp_path, tiny_models["sd1"], from_case=4700))
     assert [j.filename for j in i2p] == [f"{c}_{i}" + ".png" for c in range(4700, 4703) for i in range(2)]
 
 
@@ -90,7 +92,7 @@ def test_two_processes_split_the_rows(prompts, tmp_path, tiny_models):
 
 def test_bad_input_cli(prompts, tmp_path, tiny_models):
     r = subprocess.run([sys.executable, str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path",
-                        str(SHARED / "coco_30k.csv"), "--save_path", str(tmp_path / "x"), "--base_model",
+                        str(DATA / "coco_30k_head.csv"), "--save_path", str(tmp_path / "x"), "--base_model",
                         tiny_models["sd1"]], capture_output=True, text=True, timeout=300,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "columns found: image_id" in r.stderr
