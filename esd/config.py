@@ -13,6 +13,7 @@ import torch
 
 from .methods import resolve_method
 from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
+from .records import check_name, safe_name
 
 # -- choice tables -----------------------------------------------------------------------------
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -135,6 +136,8 @@ class ESDConfig:
         if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
             raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
                              f"--batch_size {self.batch_size}")
+        if self.name is not None:
+            check_name(self.name, "--name")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image_size must be positive, got {self.image_size}")
         if self.optimizer == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -156,12 +159,14 @@ class ESDConfig:
 
     @property
     def run_name(self) -> str:
+        """The output folder's name: --name, or one that encodes the settings, made a plain file name
+        (a prompt such as "a/../b" cannot lead outside --save_path; a long one is cut and hashed)."""
         if self.name:
             return self.name
         word = self.prompt.replace(" ", "").replace(self.separator or " ", "-")
         method = resolve_method(self.train_method).name
-        return (f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
-                f"-iter_{self.iterations}-lr_{self.lr}")
+        return safe_name(f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
+                         f"-iter_{self.iterations}-lr_{self.lr}")
 
     def record(self) -> dict:
         """The resolved settings (what args.json and checkpoints store)."""

@@ -21,7 +21,7 @@ import torch
 
 from .config import PRECISIONS
 from .models import DEFAULT_BASE_MODEL, resolve_source
-from .records import atomic_write, environment_record
+from .records import atomic_write, check_name, environment_record
 from .weights import apply_erased_weights
 
 SCHEDULERS = {
@@ -108,6 +108,9 @@ def read_jobs(cfg: GenerationConfig) -> list[Job]:
     df = pd.read_csv(cfg.prompts_path, dtype={cfg.case_column: str})
     number = pd.to_numeric(df[cfg.case_column], errors="coerce")
     keep = ~(number < cfg.from_case) & ~(number > cfg.till_case if cfg.till_case is not None else False)
+    # Case values become file names and prompt CSVs come from third parties: each must be a plain name.
+    for row, case in zip(df.index[keep], df[cfg.case_column][keep]):
+        check_name(case, f"{cfg.prompts_path}: row {row + 1} (line {row + 2}), --case_column {cfg.case_column!r}:")
     return [Job(case, i, str(prompt), int(seed))
             for case, prompt, seed in zip(df[cfg.case_column][keep], df[cfg.prompt_column][keep],
                                           df[cfg.seed_column][keep])

@@ -2,15 +2,43 @@
 and a training run's args.json, loss.csv and loss.png."""
 
 import csv
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
 
 LOSS_COLUMNS = ["iteration", "loss", "word", "ddim_index", "xt_level", "timestep"]
+# A plain file name: letters and digits (any script), '_', '.', '+', '=', '-', starting with a letter,
+# digit or '_'. So never a path, '.', '..' or a hidden file: whatever the input, outputs stay in the
+# folder the user named.
+PLAIN_NAME = re.compile(r"\w[\w.+=-]*")
+MAX_NAME_LENGTH = 120  # file systems allow 255 bytes; room for suffixes such as "diffusers-" and ".safetensors"
+
+
+def check_name(value, what: str) -> str:
+    """``value`` if it is a plain file name (see PLAIN_NAME) of at most MAX_NAME_LENGTH characters;
+    else a ValueError that starts with ``what``."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} {value!r} is not a plain file name (letters, digits, '_', '.', '+', '=', '-', "
+                         f"starting with a letter, digit or '_', at most {MAX_NAME_LENGTH} characters)")
+    return value
+
+
+def safe_name(text: str) -> str:
+    """``text`` made a plain file name: other characters become '-'; a name longer than MAX_NAME_LENGTH
+    is cut and ends with a hash of the whole text, so distinct texts keep distinct names."""
+    name = re.sub(r"[^\w.+=-]", "-", text)
+    if not name or not PLAIN_NAME.fullmatch(name):
+        name = "_" + name
+    if len(name) > MAX_NAME_LENGTH:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        name = f"{name[:MAX_NAME_LENGTH - len(digest) - 1]}-{digest}"
+    return name
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

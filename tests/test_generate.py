@@ -125,3 +125,22 @@ def test_sld_baseline_steers_away_from_plain_sd(prompts, tmp_path, tiny_models):
     assert all(sd[f] != sld[f] for f in sd)
     record = json.loads((tmp_path / "sld" / "generation.json").read_text())
     assert record["settings"]["pipeline"] == "sld" and record["settings"]["sld_preset"] == "max"
+
+
+@pytest.mark.parametrize("case", ["../../escaped", "/tmp/escaped", "foo/bar", "..", ".hidden", "a\\b", ""])
+def test_case_values_never_write_outside_the_save_path(case, tmp_path, tiny_models):
+    """Prompt CSVs come from strangers: a case value that is not a plain file name is a one-line error
+    naming the row and value, raised before any model loads or anything is written."""
+    csv = tmp_path / "in" / "prompts.csv"
+    csv.parent.mkdir()
+    pd.DataFrame({"prompt": ["a cat", "a dog"], "evaluation_seed": [1, 2], "case_number": ["0", case]}).to_csv(
+        csv, index=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, str(ROOT / "eval-scripts" / "generate-images.py"), "--prompts_path", str(csv),
+                        "--save_path", str(tmp_path / "out" / "images"), "--base_model", tiny_models["sd1"],
+                        "--device", "cpu", "--num_samples", "1", "--ddim_steps", "2"], capture_output=True, text=True,
+                       timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "row 2 (line 3), --case_column 'case_number':" in r.stderr and "not a plain file name" in r.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/escaped").exists()

@@ -243,6 +243,9 @@ def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
     (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["--preset", "faithful"], "invalid choice: 'faithful'"),
+    (["--name", "../.."], "--name '../..' is not a plain file name"),
+    (["--name", "/tmp/elsewhere"], "--name '/tmp/elsewhere' is not a plain file name"),
+    (["--name", "a/b"], "--name 'a/b' is not a plain file name"),
     (["--timestep_mode", "original"], "--timestep_mode original pairs a partial trajectory"),
     (["--preset", "paper", "--pool_size", "8"], "--sampler_model trained samples x_t on-policy"),
     (["--preset", "official", "--timestep_mode", "original"], "needs --sampler_scheduler ddim"),
@@ -290,3 +293,16 @@ def test_single_file_checkpoint_loads_offline_and_trains(tiny_models, tmp_path):
                 "--name", "single")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "single" / "args.json").read_text())["ckpt_path"] == str(ckpt)
+
+
+def test_default_run_names_stay_inside_save_path_and_long_ones_are_hashed(tiny_models, tmp_path):
+    """The default name encodes the prompt: path characters in it become '-', so the run folder is a
+    direct child of --save_path; a 200-word prompt gives a name cut to 120 characters ending in a hash
+    of the whole, so two long prompts that share a start keep apart."""
+    save = tmp_path / "runs"
+    result = train(tiny_models["sd1"], save, None, prompt="cat/../../escaped", iterations=1, ddim_steps=2)
+    assert result.output_dir.parent == save and [p.name for p in save.iterdir()] == [result.output_dir.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    long_a = ESDConfig(prompt="word " * 199 + "one", train_method="xattn").run_name
+    long_b = ESDConfig(prompt="word " * 199 + "two", train_method="xattn").run_name
+    assert len(long_a) == len(long_b) == 120 and long_a != long_b and long_a[:100] == long_b[:100]
