@@ -115,6 +115,9 @@ class ESDConfig:
                 raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        for name, value in [("start_guidance", self.start_guidance), ("negative_guidance", self.negative_guidance)]:
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"--{name} must be a finite number, got {value!r}")
         for flag, value, choices in [("mixed_precision", self.mixed_precision, PRECISIONS),
                                      ("sampler_model", self.sampler_model, SAMPLER_MODELS),
                                      ("sampler_scheduler", self.sampler_scheduler, SAMPLER_SCHEDULERS),

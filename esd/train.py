@@ -5,6 +5,7 @@ the UNet in :mod:`esd.views` and the x_t sources in :mod:`esd.xt_sources`; this 
 together and writes the outputs. One iteration is :meth:`ESDTrainer.step`.
 """
 
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -146,6 +147,10 @@ class ESDTrainer:
                    total=cfg.iterations, desc="ESD", disable=None)
         for i in bar:
             record = self.step()
+            if not math.isfinite(record["loss"]):  # diverged: nothing non-finite is saved as a result
+                raise ValueError(f"training diverged: the loss is {record['loss']} at iteration {i + 1}; nothing "
+                                 f"was saved for it (lower --lr or --negative_guidance; checkpoints written so far "
+                                 f"stay in {self.output_dir / 'checkpoints'})")
             record["iteration"] = i + 1
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
@@ -189,9 +194,13 @@ class ESDTrainer:
     def save(self, result: ESDResult | None = None) -> Path:
         """Write weights, ``args.json``, ``loss.csv`` and ``loss.png`` to the output folder."""
         cfg, out = self.config, self.output_dir
+        trained = self.trained_state()
+        bad = [n for n, v in trained.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"training diverged: {len(bad)} trained tensors hold NaN or Inf (first: {bad[0]}); "
+                             "nothing was saved (lower --lr or --negative_guidance)")
         out.mkdir(parents=True, exist_ok=True)
         name = out.name
-        trained = self.trained_state()
         save_dtype = SAVE_PRECISIONS[cfg.save_precision]
         if cfg.save_format in ("both", "full"):
             if self.dtype == torch.float32:

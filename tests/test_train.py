@@ -244,6 +244,8 @@ def test_load_erased_unet_reads_every_format_strictly(tiny_models, tmp_path):
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["--preset", "faithful"], "invalid choice: 'faithful'"),
     (["--name", "../.."], "--name '../..' is not a plain file name"),
+    (["--negative_guidance", "nan"], "--negative_guidance must be a finite number, got nan"),
+    (["--start_guidance", "inf"], "--start_guidance must be a finite number, got inf"),
     (["--name", "/tmp/elsewhere"], "--name '/tmp/elsewhere' is not a plain file name"),
     (["--name", "a/b"], "--name 'a/b' is not a plain file name"),
     (["--timestep_mode", "original"], "--timestep_mode original pairs a partial trajectory"),
@@ -306,3 +308,14 @@ def test_default_run_names_stay_inside_save_path_and_long_ones_are_hashed(tiny_m
     long_a = ESDConfig(prompt="word " * 199 + "one", train_method="xattn").run_name
     long_b = ESDConfig(prompt="word " * 199 + "two", train_method="xattn").run_name
     assert len(long_a) == len(long_b) == 120 and long_a != long_b and long_a[:100] == long_b[:100]
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tiny_models, tmp_path):
+    """--lr 1e12 blows the weights up within a few Adam steps: the run stops with a one-line error at
+    the first non-finite loss, or refuses to save non-finite weights, and writes no result."""
+    r = run_cli("--prompt", "cat", "--train_method", "xattn", "--base_model", tiny_models["sd1"], "--lr", "1e12",
+                "--iterations", 4, "--ddim_steps", 2, "--seed", 0, "--save_path", tmp_path, "--name", "run")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "training diverged" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
