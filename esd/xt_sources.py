@@ -54,15 +54,27 @@ def matched_pairing(timesteps: torch.Tensor, stop_index: int):
     return timesteps[:stop_index], int(timesteps[stop_index])
 
 
-class FreshTrajectory:
-    """The paper's loop: for every batch, a concept and a stopping step k are drawn and x_t is
-    sampled from fresh noise by the guided sampler (theta* or theta, per ``sampler_model``); the
-    target comes from one batched theta* call at (x_t, t)."""
+class XtSource:
+    """What both sources share: the settings, the two views, the sampler's scheduler, the encoded
+    prompts, the latent shape (B, C, h, w) and the trainer's generator (all their randomness)."""
 
     def __init__(self, config: ESDConfig, views: UNetViews, scheduler, prompts: PromptConditioning,
                  latent_shape: tuple, generator: torch.Generator):
         self.config, self.views, self.scheduler, self.prompts = config, views, scheduler, prompts
         self.latent_shape, self.generator = latent_shape, generator
+
+    def state_dict(self) -> dict | None:
+        """State to checkpoint beyond the trainer's generator (None: none)."""
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+
+class FreshTrajectory(XtSource):
+    """The paper's loop: for every batch, a concept and a stopping step k are drawn and x_t is
+    sampled from fresh noise by the guided sampler (theta* or theta, per ``sampler_model``); the
+    target comes from one batched theta* call at (x_t, t)."""
 
     def next_batch(self, stop_index: int | None = None) -> Batch:
         """A new batch; ``stop_index`` forces k (the draw still happens, so the random stream is the same)."""
@@ -91,23 +103,15 @@ class FreshTrajectory:
         return Batch(latents, timesteps, torch.full((b,), level), torch.full((b,), k), concept,
                      target_of(predictions, cfg.negative_guidance))
 
-    def state_dict(self) -> dict | None:
-        return None  # nothing beyond the trainer's generator
 
-    def load_state_dict(self, state: dict | None) -> None:
-        pass
-
-
-class TrajectoryPool:
+class TrajectoryPool(XtSource):
     """Trajectory reuse: each entry trains once, so every x_t is a fresh draw from the same
     distribution as the paper's loop with the frozen sampler (x_t from theta*'s guided sampler,
     the step uniform over the schedule), at a fraction of the UNet evaluations."""
 
-    def __init__(self, config: ESDConfig, views: UNetViews, scheduler, prompts: PromptConditioning,
-                 latent_shape: tuple, generator: torch.Generator):
-        self.config, self.views, self.scheduler, self.prompts = config, views, scheduler, prompts
-        self.latent_shape, self.generator = latent_shape, generator
-        self.pool: dict | None = None
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.pool: dict | None = None  # the current trajectories' entries, their order and a cursor
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -153,6 +157,6 @@ class TrajectoryPool:
         self.pool = state
 
 
-def make_source(config: ESDConfig, *args) -> FreshTrajectory | TrajectoryPool:
-    """The x_t source the config asks for (arguments as the sources' constructors)."""
+def make_source(config: ESDConfig, *args) -> XtSource:
+    """The x_t source the config asks for (arguments as XtSource's constructor)."""
     return (TrajectoryPool if config.pool_size else FreshTrajectory)(config, *args)
