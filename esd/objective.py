@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 @dataclass
 class FrozenPredictions:
-    """theta*'s epsilon predictions at one batch of (x_t, t), each (B, C, h, w), named as in the paper."""
+    """theta*'s predictions at one batch of (x_t, t), each (B, C, h, w), named as in the paper: raw (the
+    model's own prediction type, as the sampler steps with them) or, after ``UNetViews.eps_of``, epsilon
+    (the space :func:`esd_target` needs)."""
 
     uncond: torch.Tensor  # e0 = eps_theta*(x_t, t): the empty prompt
     concept: torch.Tensor  # ep = eps_theta*(x_t, c, t): the concept to erase
