@@ -115,7 +115,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=d["optimizer"].default, choices=OPTIMIZERS,
                    help="'adam' (the paper's) or 'adam8bit' (bitsandbytes' 8-bit Adam: a quarter of Adam's state "
                    "memory, which matters for noxattn/full at SD scale; needs pip install bitsandbytes)")
-    p.add_argument("--resume", help="checkpoint file to continue from (same settings)")
+    p.add_argument("--resume", help="checkpoint file to continue from: the same settings (a longer --iterations "
+                   "is the only change allowed; the seed is the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name "
+                   "(refused without it, so that no run is lost)")
     p.add_argument("--name", help="output folder name (default encodes the hyperparameters)")
 
 
@@ -164,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad input: one line, no traceback (ESD_DEBUG=1 shows it)
-        if os.environ.get("ESD_DEBUG"):
+    except (ValueError, OSError) as e:  # bad input or an unwritable output: one line, no traceback
+        if os.environ.get("ESD_DEBUG"):  # ESD_DEBUG=1 shows the traceback
             raise
-        print(f"esd {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"esd {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

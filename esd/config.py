@@ -51,6 +51,11 @@ DEFAULT_PRESET = "fast"
 PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
 
 
+# Settings a resumed run may change: where outputs go and how fast, never what is computed.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "save_path", "save_every", "save_format", "save_precision",
+                     "devices", "gradient_checkpointing", "compile", "preset_overrides"}
+
+
 @dataclass
 class ESDConfig:
     """Every setting of an erasure. ``None`` in a preset field means "from ``preset``"; after
@@ -90,7 +95,8 @@ class ESDConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
     compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
     optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
-    resume: str | None = None  # checkpoint to continue from
+    resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
+    overwrite: bool = False  # replace an existing run folder of the same name (refused without it)
     name: str | None = None  # output folder name; default encodes the hyperparameters
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
@@ -170,6 +176,21 @@ class ESDConfig:
         method = resolve_method(self.train_method).name
         return safe_name(f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
                          f"-iter_{self.iterations}-lr_{self.lr}")
+
+    def resume_conflicts(self, recorded: dict) -> list[str]:
+        """The settings that differ from a checkpoint's ``recorded`` ones, as "--flag new vs old". Only
+        what cannot change the erasure may differ (RESUME_MAY_CHANGE), and --iterations may only grow."""
+        out = []
+        for name, old in recorded.items():
+            if name in RESUME_MAY_CHANGE or not hasattr(self, name):
+                continue
+            new = getattr(self, name)
+            if name == "iterations":
+                if new < old:
+                    out.append(f"--iterations {new} < {old} (it may only grow)")
+            elif new != old:
+                out.append(f"--{name} {new!r} vs {old!r}")
+        return out
 
     def record(self) -> dict:
         """The resolved settings (what args.json and checkpoints store)."""

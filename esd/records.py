@@ -2,12 +2,15 @@
 and a training run's args.json, loss.csv and loss.png."""
 
 import csv
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import re
+import secrets
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -41,16 +44,115 @@ def safe_name(text: str) -> str:
     return name
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+class OutputError(ValueError):
+    """An output could not be written (no space left, no permission, not a folder); the message names the path."""
+
+
+TMP_SUFFIX = ".esd-tmp"
+_TMP_NAME = re.compile(r"\.(?P<pid>\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX) + "$")
+_swept: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the temporary files of writes whose process is gone (killed mid-write). Once per folder
+    per process: a generation folder can hold 30,000 images. A live process's temporary file (a
+    concurrent writer) is left alone."""
+    key = os.path.abspath(folder)
+    if key in _swept or not folder.is_dir():
+        return []
+    _swept.add(key)
+    removed = []
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        m = _TMP_NAME.search(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def describe_os_error(e: OSError, path) -> str:
+    """One line naming the path and what is wrong with it."""
+    if e.errno == errno.ENOSPC:
+        try:
+            free = f" ({shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return f"no space left on the device to write {path}{free}; nothing was left half-written"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"file name too long: {path}"
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file.
+
+    The temporary file is created exclusively (O_EXCL, no symlink followed) under an unpredictable
+    name in the target folder, flushed to disk, then renamed; a planted symlink cannot redirect the
+    write. Temporary files of killed writes in the folder are removed first (:func:`remove_orphans`).
+    A failed write (full disk, no permission) raises :class:`OutputError` naming ``path`` and leaves
+    no partial file."""
+    path = Path(path)
+    remove_orphans(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
         write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(describe_os_error(e, path)) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def torch_save(obj, path) -> None:
+    """``torch.save`` through a Python file object, so that a full disk raises ENOSPC (torch's own
+    path writer reports it as "unexpected pos ..."), atomically."""
+    import torch
+
+    def write(p):
+        with open(p, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
+
+
+def check_output_folder(folder: Path, flag: str = "--save_path") -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: one under a file, or
+    in a read-only place. Nothing is created."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"{flag}: {probe} is a file, so {folder} cannot be a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag}: {probe} is not writable, so {folder} cannot be written")
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse when the device of ``folder`` (or its nearest existing parent) has less than ``need``
+    bytes free: better now than after hours of training."""
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OutputError(f"not enough free space for {what} in {folder}: about {need / 2**30:.2f} GiB needed, "
+                          f"{free / 2**30:.2f} GiB free")
 
 
 def _version(package: str) -> str | None:
@@ -77,7 +179,7 @@ def environment_record() -> dict:
 
 def write_run_record(out: Path, record: dict, history: list[dict]) -> None:
     """args.json (settings, model facts, environment), loss.csv (one row per iteration) and loss.png."""
-    atomic_write(out / "args.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
+    atomic_write(out / "args.json", lambda p: Path(p).write_text(json.dumps(record, indent=2, allow_nan=False)))
 
     def write_csv(p):
         with open(p, "w", newline="") as f:

@@ -18,7 +18,7 @@ from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
 from .methods import resolve_method, select_parameters
 from .models import DiffusionModels, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
-from .records import atomic_write, environment_record, write_run_record
+from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
 from .sampling import encode_erasure_prompts, sampler_scheduler
 from .views import UNetViews
 from .weights import save_full_state_dict, save_trained_parameters
@@ -53,9 +53,51 @@ class ESDTrainer:
         config.validate()
         self.config = config
         self.models = models
+        self.resume_state = self._read_resume_state(config) if config.resume else None
         if config.seed is None:
             config.seed = secrets.randbelow(2**31)
         self.output_dir = Path(config.save_path) / config.run_name
+        self._check_output_dir()
+
+    # -- checks before any model loads ---------------------------------------------------------
+    @staticmethod
+    def _read_resume_state(cfg: ESDConfig) -> dict:
+        """The checkpoint, read once; its settings must be the new ones (the seed is taken from it when
+        none is given), so that args.json records what was really used."""
+        try:
+            state = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: say so in one line
+            raise ValueError(f"--resume {cfg.resume!r} is not a readable ESD checkpoint ({type(e).__name__})") from e
+        if not isinstance(state, dict) or not {"iteration", "trained", "optimizer", "config"} <= set(state):
+            raise ValueError(f"--resume {cfg.resume!r} is not an ESD checkpoint (written by --save_every)")
+        recorded = state["config"]
+        if cfg.seed is None:
+            cfg.seed = recorded.get("seed")
+        conflicts = cfg.resume_conflicts(recorded)
+        if conflicts:
+            raise ValueError(f"--resume {cfg.resume!r} was trained with other settings: {'; '.join(conflicts)} "
+                             "(a resumed run keeps its settings; only --iterations may grow)")
+        if cfg.iterations < state["iteration"]:
+            raise ValueError(f"--iterations {cfg.iterations} is below the checkpoint's iteration {state['iteration']}")
+        return state
+
+    def _check_output_dir(self) -> None:
+        """An existing run is never silently replaced, and a folder that cannot be written is refused now,
+        not after training."""
+        out, cfg = self.output_dir, self.config
+        check_output_folder(out)
+        existing = [p.name for p in self._run_files(out) if p.exists()]
+        resuming_here = cfg.resume and Path(cfg.resume).resolve().is_relative_to(out.resolve())
+        if existing and not cfg.overwrite and not resuming_here:
+            raise ValueError(f"run folder {out} already holds a run ({', '.join(existing)}); pass --overwrite to "
+                             "replace it, --name for another folder, or --resume to continue it")
+
+    @staticmethod
+    def _run_files(out: Path) -> list[Path]:
+        """What a run writes in its folder (weights, records, checkpoints)."""
+        files = [out / n for n in ("args.json", "loss.csv", "loss.png", f"{out.name}.safetensors",
+                                   f"diffusers-{out.name}.pt")]
+        return files + sorted((out / "checkpoints").glob("checkpoint-*.pt"))
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,8 +142,22 @@ class ESDTrainer:
         self.source = make_source(cfg, self.views, scheduler, self.prompts, latent_shape, self.generator)
         self.start_iteration = 0
         self.history: list[dict] = []
-        if cfg.resume:
-            self._load_checkpoint(cfg.resume)
+        if self.resume_state is not None:
+            self._load_checkpoint(self.resume_state)
+        self._check_free_space()
+
+    def _check_free_space(self) -> None:
+        """Roughly what the outputs will take (weights in the save dtype, fp32 checkpoints with Adam's two
+        moments), checked before training rather than discovered after it."""
+        cfg = self.config
+        width = SAVE_PRECISIONS[cfg.save_precision].itemsize
+        trained = sum(p.numel() for p in self.params)
+        need = trained * width if cfg.save_format in ("both", "trained") else 0
+        if cfg.save_format in ("both", "full"):
+            need += sum(v.numel() for v in self.unet.state_dict().values()) * width
+        if cfg.save_every:
+            need += (cfg.iterations - 1) // cfg.save_every * trained * 4 * 3
+        check_free_space(self.output_dir, int(need * 1.05) + 2**20, "the weights and checkpoints")
 
     @staticmethod
     def _check_image_size(image_size: int, factor: int) -> None:
@@ -142,6 +198,10 @@ class ESDTrainer:
         print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
               f"{self.models.prediction_type})  image size = {self.image_size}  device = {self.device}  "
               f"precision = {cfg.mixed_precision}  seed = {cfg.seed}")
+        if cfg.overwrite:  # asked for: the old run's files go now, so that no stale file is mixed with the new ones
+            for p in self._run_files(self.output_dir):
+                if cfg.resume is None or p.resolve() != Path(cfg.resume).resolve():
+                    p.unlink(missing_ok=True)
         start = time.perf_counter()
         bar = tqdm(range(self.start_iteration, cfg.iterations), initial=self.start_iteration,
                    total=cfg.iterations, desc="ESD", disable=None)
@@ -172,13 +232,12 @@ class ESDTrainer:
         state = {"iteration": iteration, "trained": self.trained_state(),
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "history": self.history, "config": self.config.record(), "pool": self.source.state_dict()}
-        atomic_write(path, lambda p: torch.save(state, p))
+        torch_save(state, path)
         return path
 
-    def _load_checkpoint(self, path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def _load_checkpoint(self, state: dict) -> None:
         if sorted(state["trained"]) != sorted(self.trained_names):
-            raise ValueError(f"checkpoint {path!r} was trained with another train method or model "
+            raise ValueError(f"checkpoint {self.config.resume!r} was trained with another train method or model "
                              f"({len(state['trained'])} tensors vs {len(self.trained_names)} selected now)")
         params = dict(self.unet.named_parameters())
         with torch.no_grad():

@@ -13,27 +13,41 @@ Loading is strict and never unpickles arbitrary objects.
 """
 
 import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_models, resolve_source
-from .records import atomic_write
+from .records import atomic_write, torch_save
 
 COMPVIS_PREFIX = "model.diffusion_model."
 TRAINED_FORMAT = "esd-trained-parameters"
 
 
 def save_full_state_dict(state_dict: dict, path) -> None:
-    atomic_write(path, lambda p: torch.save(state_dict, p))
+    torch_save(state_dict, path)
+
+
+def deterministic_safetensors(tensors: dict, metadata: dict) -> bytes:
+    """The safetensors file of ``tensors`` with its JSON header's keys sorted. safetensors writes the
+    metadata in the order of a Rust HashMap, which changes from process to process, so two identical
+    erasures would otherwise differ in their bytes and hashes. Only the header is rewritten: the data
+    offsets are unchanged, and the header is padded with spaces to 8 bytes as safetensors does."""
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + raw[8 + n:]
 
 
 def save_trained_parameters(params: dict, path, metadata: dict) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
     meta = {"format": TRAINED_FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    data = deterministic_safetensors(tensors, meta)
+    atomic_write(path, lambda p: Path(p).write_bytes(data))
 
 
 def read_weights(path) -> tuple[dict, dict]:
@@ -42,13 +56,16 @@ def read_weights(path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickles with arbitrary objects are refused on purpose
-        raise ModelLoadError(f"could not read {str(path)!r} as a weights-only torch file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); only tensor state dicts are loaded") from e
+        raise ModelLoadError(f"could not read {str(path)!r} as a weights-only torch file ({_first_line(e)}); "
+                             "only tensor state dicts are loaded") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -58,6 +75,12 @@ def read_weights(path) -> tuple[dict, dict]:
     if args.exists():
         meta = {"base_model": json.loads(args.read_text()).get("base_model", "")}
     return obj, meta
+
+
+def _first_line(e: Exception) -> str:
+    """'Type: first line of the message' (an empty file gives an exception with no message)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _describe(names, limit=3) -> str:
@@ -93,6 +116,10 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
                  "no tensors" if not state_dict else ""]
         raise ModelLoadError(f"weights file {str(path)!r} does not fit {base_model}: "
                              f"{'; '.join(p for p in parts if p)}; the file was trained from {trained_from}")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged erasure: its images would be noise, not evidence
+        raise ModelLoadError(f"weights file {str(path)!r} holds NaN or Inf in {len(bad)} tensors "
+                             f"({_describe(bad)}); refusing to load it")
     with torch.no_grad():
         for k, v in state_dict.items():
             own[k].copy_(v)
