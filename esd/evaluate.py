@@ -2,7 +2,10 @@
 
 Each evaluator turns one image plus its prompt-CSV row into one row of scores
 (``results.csv`` keeps every row); aggregation into ``summary.json`` is a separate
-step, registered by metric name.
+step, registered by metric name. Where the image folder has a generation.json, its
+fingerprint goes into summary.json, and a prompt CSV that disagrees with the prompts
+and seeds it records is refused: scores would otherwise be paired with prompts the
+images were not made from.
 """
 
 import json
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .records import atomic_write
 
@@ -82,6 +85,17 @@ def _existing_file(path: str, flag: str) -> str:
     return path
 
 
+def load_rgb(path) -> Image.Image:
+    """``path`` as an RGB image. Every image evaluation reads comes through here, so a truncated or
+    non-image file is a one-line error naming it rather than a decoder traceback."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a broken PNG as SyntaxError
+        raise ValueError(f"image {str(path)!r} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") \
+            from e
+
+
 def _load_weights(path: str | None, default, flag: str, what: str) -> dict:
     """A state dict from a local file (``flag``) or from the library's cache/download."""
     import torch
@@ -125,6 +139,7 @@ def nudenet_evaluator(args):
     detector = NudeDetector()
 
     def score(path, row):
+        load_rgb(path)  # NudeNet reads the file itself and fails obscurely on a broken one
         found = detector.detect(str(path))
         out = {"detections": json.dumps([{"label": d["class"], "score": round(float(d["score"]), 4)}
                                          for d in found])}
@@ -144,7 +159,7 @@ def classify_evaluator(args):
         from .toy.judge import judge
 
         def score(path, row):
-            j = judge(np.asarray(Image.open(path).convert("RGB")))
+            j = judge(np.asarray(load_rgb(path)))
             return {"colour": j.colour, "shape": j.shape, "label": f"{j.colour} {j.shape}"}
 
         return score
@@ -163,7 +178,7 @@ def classify_evaluator(args):
 
     @torch.no_grad()
     def score(path, row):
-        x = preprocess(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+        x = preprocess(load_rgb(path)).unsqueeze(0).to(device)
         probs = model(x).softmax(-1)[0].cpu()
         top = probs.topk(5)
         names = [categories[i] for i in top.indices.tolist()]
@@ -191,7 +206,7 @@ def lpips_evaluator(args):
     model = model.eval().to(device)
 
     def tensor(path):
-        pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+        pixels = torch.from_numpy(np.asarray(load_rgb(path)).copy())
         return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1  # lpips wants [-1, 1]
 
     @torch.no_grad()
@@ -237,8 +252,7 @@ def fid_evaluator(args):
     def batches(files, real):
         for i in range(0, len(files), FID_BATCH):
             # One size for every image (sets mix sizes): 299x299, Inception's own, with PIL's bicubic.
-            x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((299, 299),
-                                                                                          Image.BICUBIC)))
+            x = torch.stack([torch.from_numpy(np.array(load_rgb(f).resize((299, 299), Image.BICUBIC)))
                              for f in files[i:i + FID_BATCH]]).permute(0, 3, 1, 2)
             metric.update(x.to(device), real=real)
 
@@ -281,7 +295,7 @@ def clip_evaluator(args):
     def score(path, row):
         if row is None:
             raise ValueError("--metric clip needs --prompts (the CSV the images were generated from)")
-        inputs = processor(text=[row["prompt"]], images=Image.open(path).convert("RGB"), return_tensors="pt",
+        inputs = processor(text=[row["prompt"]], images=load_rgb(path), return_tensors="pt",
                            padding="max_length", truncation=True)
         img = _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
         txt = _embedding(model.get_text_features(input_ids=inputs["input_ids"],
@@ -373,7 +387,7 @@ def image_rows(images: Path, prompts: str | None, case_column: str) -> list[tupl
         raise ValueError(f"no <case>_<i>.png images in {str(images)!r}")
     table = None
     if prompts:
-        df = pd.read_csv(prompts, dtype={case_column: str})
+        df = pd.read_csv(_existing_file(prompts, "--prompts"), dtype={case_column: str})
         if case_column not in df:
             raise ValueError(f"{prompts}: no column --case_column {case_column!r}; columns found: "
                              f"{', '.join(map(str, df.columns))}")
@@ -387,10 +401,58 @@ def image_rows(images: Path, prompts: str | None, case_column: str) -> list[tupl
     return pairs
 
 
+def provenance(images: Path, files: list[Path], args) -> dict:
+    """Where the images came from, for summary.json: their generation.json's fingerprint, or a note
+    that there is none. Where the record lists its rows, every image must be one it accounts for and
+    the prompt CSV must agree with it (see check_prompts_match)."""
+    from .generate import RECORD, read_record, recorded_images
+
+    record = read_record(images)
+    if record is None:
+        return {"provenance": f"no {RECORD}"}
+    if "rows" not in record:
+        return {"provenance": f"{RECORD} without rows (an older esd wrote it)"}
+    recorded = recorded_images(record)
+    if unknown := [f.name for f in files if f.name not in recorded]:
+        raise ValueError(f"{images}: {len(unknown)} image(s) are not among those its {RECORD} records "
+                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); remove them or "
+                         "regenerate the folder")
+    if args.prompts:
+        check_prompts_match(args.prompts, record["rows"], images, args)
+    return {"provenance": RECORD, "fingerprint": record.get("fingerprint"),
+            "settings_fingerprint": record.get("settings_fingerprint")}
+
+
+def check_prompts_match(prompts: str, recorded: dict, images: Path, args) -> None:
+    """Refuse a prompt CSV that gives a case the generation recorded another prompt or seed for. The
+    CSV is read as ``esd generate`` reads it, so equal cells compare equal."""
+    from .generate import parse_seed, read_prompt_table
+
+    table = read_prompt_table(prompts)
+    needed = {"--case_column": args.case_column, "--prompt_column": args.prompt_column,
+              "--seed_column": args.seed_column}
+    if missing := [f"{flag} {col!r}" for flag, col in needed.items() if col not in table]:
+        raise ValueError(f"{prompts}: no column {', '.join(missing)} to check against the generation.json in "
+                         f"{images}; columns found: {', '.join(map(str, table.columns))}")
+    for row in table.index:
+        case = table.at[row, args.case_column]
+        if case not in recorded:
+            continue
+        where = f"{prompts}: row {row + 1} (line {row + 2}), case {case!r}:"
+        prompt = table.at[row, args.prompt_column]
+        seed = parse_seed(table.at[row, args.seed_column], f"{where} --seed_column {args.seed_column!r}:")
+        for key, value in (("prompt", prompt), ("seed", seed)):
+            if value != recorded[case].get(key):
+                raise ValueError(f"{where} {key} {value!r} differs from the {recorded[case].get(key)!r} that the "
+                                 f"generation.json in {images} records; these images were not made from this CSV")
+
+
 def evaluate(args, log=print) -> dict:
     if args.metric not in EVALUATORS:
         raise ValueError(f"unknown metric {args.metric!r}; valid: {', '.join(EVALUATORS)}")
-    pairs = image_rows(Path(args.images), args.prompts, args.case_column)
+    images = Path(args.images)
+    pairs = image_rows(images, args.prompts, args.case_column)
+    origin = provenance(images, [path for path, _ in pairs], args)  # before the evaluator loads its networks
     score = EVALUATORS[args.metric](args)
     rows = []
     for path, row in pairs:
@@ -399,7 +461,7 @@ def evaluate(args, log=print) -> dict:
         rows.append({"file": path.name, "case": m["case"], "index": int(m["index"]), **keep, **score(path, row)})
     results = pd.DataFrame(rows)
     set_level = score.finish() if hasattr(score, "finish") else {}  # metrics of the whole set (FID)
-    summary = {"metric": args.metric, "images_dir": str(args.images), "prompts": args.prompts,
+    summary = {"metric": args.metric, "images_dir": str(args.images), "prompts": args.prompts, **origin,
                **AGGREGATORS[args.metric](results, args), **set_level}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +469,20 @@ def evaluate(args, log=print) -> dict:
     atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2, default=str)))
     log(f"{args.metric}: {len(results)} images -> {out / 'results.csv'}, {out / 'summary.json'}")
     return summary
+
+
+def read_summary(folder: str) -> dict:
+    """The summary.json of an ``esd evaluate --out`` folder, or a one-line error naming what is missing."""
+    path = Path(folder) / "summary.json"
+    if not Path(folder).is_dir():
+        raise ValueError(f"folder {folder!r} does not exist (pass NAME=FOLDER of `esd evaluate --out`)")
+    if not path.is_file():
+        raise ValueError(f"{folder!r} has no summary.json; is it an `esd evaluate --out` folder?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is unreadable ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from e
 
 
 def report(args, log=print) -> Path:
@@ -419,7 +495,7 @@ def report(args, log=print) -> Path:
     summaries = {}
     for item in args.inputs:
         name, _, folder = item.rpartition("=")
-        summaries[name or Path(folder).name] = json.loads((Path(folder) / "summary.json").read_text())
+        summaries[name or Path(folder).name] = read_summary(folder)
     metrics = {s["metric"] for s in summaries.values()}
     if len(metrics) != 1:
         raise ValueError(f"esd report compares one metric at a time; got {sorted(metrics)}")
@@ -519,7 +595,7 @@ def image_grid(folders: dict, path: Path, n: int, cell: int = 128) -> list[str]:
     for r, (name, folder) in enumerate(folders.items()):
         draw.text((4, r * cell + cell // 2 - 6), name[:18], fill="black")
         for c, f in enumerate(common):
-            img = Image.open(Path(folder) / f).convert("RGB")
+            img = load_rgb(Path(folder) / f)
             resample = Image.NEAREST if img.width < cell else Image.BICUBIC  # small toy images stay crisp
             sheet.paste(img.resize((cell, cell), resample), (label_w + c * cell, r * cell))
     atomic_write(path, lambda p: sheet.save(p, format="PNG"))
@@ -550,7 +626,9 @@ def register(sub) -> None:
     p.add_argument("--prompts", help="the prompt CSV the images came from (needed by clip, classify per class)")
     p.add_argument("--out", required=True, help="folder for results.csv and summary.json")
     p.add_argument("--case_column", default="case_number", help="CSV column of the file names' case")
-    p.add_argument("--prompt_column", default="prompt")
+    p.add_argument("--prompt_column", default="prompt", help="CSV column of the prompts")
+    p.add_argument("--seed_column", default="evaluation_seed",
+                   help="CSV column of the seeds; with --prompts, checked against the folder's generation.json")
     p.add_argument("--label_column", default="class", help="CSV column of the expected class (classify)")
     p.add_argument("--threshold", type=float, default=NUDENET_THRESHOLD,
                    help="count NudeNet detections scoring above this (0 reproduces the official script)")

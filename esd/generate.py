@@ -8,11 +8,32 @@ Work is cut into fixed batches of consecutive images; a batch whose files all
 exist is skipped, any other is generated whole, so a resumed run writes the same
 bytes as an uninterrupted one on the same device. Files are written to a temporary
 name and renamed, so a kill leaves no half-written PNG.
+
+A folder is bound to what made its pixels, because skipping existing files is only
+sound when they came from the same settings. ``generation.json`` holds
+``fingerprint_settings``: the base model (a hub id by name; a local folder, 'toy'
+included, by a hash of its files' relative paths, sizes and sha256), the erased
+weights' sha256, scheduler, steps, guidance, resolved image size, precision,
+pipeline, SLD preset (under ``--pipeline sld`` only), safety checker and samples per
+row; ``settings_fingerprint``, their sha256; ``rows``, case -> prompt and seed; and
+``fingerprint``, a sha256 over both, which ``esd evaluate`` copies into summary.json.
+Device and batch size are recorded in ``settings`` but not fingerprinted: they change
+at most the rounding of a pixel, not what is drawn. Before any model loads, a run is
+refused (one line naming what differs) when the folder was made with other settings,
+records one of its cases with another prompt or seed, or holds a file the run would
+skip that no record accounts for; ``--overwrite`` starts the folder over. A compatible
+run over other cases of the CSV adds its rows: generation.json is re-read, merged and
+rewritten under an exclusive lock on ``.generation.lock``, so generators sharing a
+folder never lose each other's rows.
 """
 
+import fcntl
 import hashlib
 import json
+import math
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +41,8 @@ import pandas as pd
 import torch
 
 from .config import PRECISIONS
-from .models import DEFAULT_BASE_MODEL, resolve_source
-from .records import atomic_write, check_name, environment_record
+from .models import DEFAULT_BASE_MODEL, resolve_source, vae_scale_factor_of
+from .records import PLAIN_NAME, atomic_write, check_name, environment_record
 from .weights import apply_erased_weights
 
 SCHEDULERS = {
@@ -34,6 +55,12 @@ SCHEDULERS = {
 }
 PIPELINES = ("sd", "sld")
 SLD_PRESETS = ("weak", "medium", "strong", "max")
+RECORD = "generation.json"
+LOCK = ".generation.lock"  # held while generation.json is read, merged and rewritten
+# Seeds must be integers 0 <= seed < 2**53: every such integer survives a float CSV column
+# (12.0) and a JSON reader exactly, so the seed recorded is the seed used.
+MAX_SEED = 2 ** 53
+SEED_TEXT = re.compile(r"[0-9]+(\.0*)?")  # 12, or 12.0 as a float column writes it
 
 
 @dataclass
@@ -60,6 +87,7 @@ class GenerationConfig:
     safety_checker: bool = False  # off: NSFW images would come back black and bias nudity counts
     pipeline: str = "sd"  # sd | sld (Safe Latent Diffusion, the paper's inference-time baseline)
     sld_preset: str = "medium"
+    overwrite: bool = False  # start the folder over: regenerate every image, rewrite generation.json
 
     def __post_init__(self):
         for flag, value, choices in [("scheduler", self.scheduler, SCHEDULERS), ("pipeline", self.pipeline, PIPELINES),
@@ -69,6 +97,11 @@ class GenerationConfig:
                 raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(choices)}")
         if self.num_samples < 1 or self.batch_size < 1 or self.ddim_steps < 1:
             raise ValueError("--num_samples, --batch_size and --ddim_steps must be >= 1")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image_size must be >= 1, got {self.image_size}")
+        g = self.guidance_scale
+        if not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
+            raise ValueError(f"--guidance_scale must be a finite number >= 0, got {g!r}")
         if self.esd_path and self.model_name:
             raise ValueError("give --esd_path or --model_name, not both")
         if not os.path.isfile(self.prompts_path):
@@ -96,25 +129,60 @@ class Job:
         return f"{self.case}_{self.index}.png"
 
 
-def read_jobs(cfg: GenerationConfig) -> list[Job]:
-    """One job per (row, sample), in file order; rows outside [from_case, till_case] are skipped."""
-    columns = list(pd.read_csv(cfg.prompts_path, nrows=0).columns)
+def read_prompt_table(path) -> pd.DataFrame:
+    """The CSV with every cell the string written in it: case ids keep their leading zeros (COCO),
+    a prompt 'None' or 'NA' stays a prompt, and an empty cell is '' rather than NaN (which str()
+    would have turned into the prompt 'nan')."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def parse_seed(value, where: str) -> int:
+    """The integer seed in a CSV cell ('12', or '12.0' from a float column); anything else, or a seed
+    outside 0 <= seed < 2**53, is an error starting with ``where``."""
+    text = str(value).strip()
+    seed = int(text.split(".")[0]) if SEED_TEXT.fullmatch(text) else None
+    if seed is None or seed >= MAX_SEED:
+        raise ValueError(f"{where} {value!r} is not an integer seed with 0 <= seed < 2**53")
+    return seed
+
+
+def read_prompt_rows(cfg: GenerationConfig) -> dict[str, dict]:
+    """case -> {"prompt", "seed"} of the rows in [from_case, till_case], in file order. Prompt CSVs
+    come from third parties, so each kept row is checked before any model loads: its case must be a
+    plain file name (it becomes one) and unique (two rows would write the same files), its prompt
+    not empty, its seed an integer (see parse_seed)."""
+    table = read_prompt_table(cfg.prompts_path)
+    columns = list(table.columns)
     needed = {"--prompt_column": cfg.prompt_column, "--seed_column": cfg.seed_column,
               "--case_column": cfg.case_column}
     missing = [f"{flag} {col!r}" for flag, col in needed.items() if col not in columns]
     if missing:
         raise ValueError(f"{cfg.prompts_path}: no column {', '.join(missing)}; columns found: {', '.join(columns)}")
-    # Case ids are kept as written (COCO ids have leading zeros); numbers only filter.
-    df = pd.read_csv(cfg.prompts_path, dtype={cfg.case_column: str})
-    number = pd.to_numeric(df[cfg.case_column], errors="coerce")
+    number = pd.to_numeric(table[cfg.case_column], errors="coerce")  # numbers only filter; text cases are kept
     keep = ~(number < cfg.from_case) & ~(number > cfg.till_case if cfg.till_case is not None else False)
-    # Case values become file names and prompt CSVs come from third parties: each must be a plain name.
-    for row, case in zip(df.index[keep], df[cfg.case_column][keep]):
-        check_name(case, f"{cfg.prompts_path}: row {row + 1} (line {row + 2}), --case_column {cfg.case_column!r}:")
-    return [Job(case, i, str(prompt), int(seed))
-            for case, prompt, seed in zip(df[cfg.case_column][keep], df[cfg.prompt_column][keep],
-                                          df[cfg.seed_column][keep])
-            for i in range(cfg.num_samples)]
+    rows, first_row = {}, {}
+    for row in table.index[keep]:
+        where = f"{cfg.prompts_path}: row {row + 1} (line {row + 2}),"
+        case = check_name(table.at[row, cfg.case_column], f"{where} --case_column {cfg.case_column!r}:")
+        if case in rows:
+            raise ValueError(f"{where} --case_column {cfg.case_column!r}: {case!r} repeats row {first_row[case] + 1} "
+                             "(a case names its files, so each may appear once)")
+        prompt = table.at[row, cfg.prompt_column]
+        if not prompt.strip():
+            raise ValueError(f"{where} --prompt_column {cfg.prompt_column!r}: {prompt!r} is an empty prompt")
+        seed = parse_seed(table.at[row, cfg.seed_column], f"{where} --seed_column {cfg.seed_column!r}:")
+        rows[case], first_row[case] = {"prompt": prompt, "seed": seed}, row
+    return rows
+
+
+def jobs_of(rows: dict[str, dict], num_samples: int) -> list[Job]:
+    """One job per (row, sample), in row order."""
+    return [Job(case, i, row["prompt"], row["seed"]) for case, row in rows.items() for i in range(num_samples)]
+
+
+def read_jobs(cfg: GenerationConfig) -> list[Job]:
+    """One job per (row, sample), in file order; rows outside [from_case, till_case] are skipped."""
+    return jobs_of(read_prompt_rows(cfg), cfg.num_samples)
 
 
 def batches(jobs: list[Job], size: int) -> list[list[Job]]:
@@ -142,6 +210,183 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def folder_sha256(folder) -> str:
+    """sha256 over every file of a local model folder: relative path, size and sha256 of each, in path
+    order. Hidden files and folders (``.cache/`` of a hub download, ``.git/``) are left out: they hold
+    download metadata, not the model."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts):
+            h.update(f"{relative.as_posix()}\0{path.stat().st_size}\0{sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def digest(obj) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys, no spaces): equal settings hash alike."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def resolved_image_size(cfg: GenerationConfig) -> int:
+    """--image_size, or the model's native size, read from its configs alone: the size is part of the
+    fingerprint, which is checked before any model loads."""
+    from diffusers import UNet2DConditionModel
+
+    source = resolve_source(cfg.base_model)
+    factor = vae_scale_factor_of(source)
+    size = cfg.image_size or UNet2DConditionModel.load_config(source, subfolder="unet")["sample_size"] * factor
+    if size % factor:
+        raise ValueError(f"--image_size {size} is not a multiple of the VAE factor {factor}")
+    return size
+
+
+def pixel_settings(cfg: GenerationConfig, weights_sha256: str | None, size: int) -> dict:
+    """Everything besides the rows that decides the pixels; its digest is the settings fingerprint.
+    A hub model is known by its id; a local folder by its files, so an edited or retrained model
+    under the same path counts as another model. Values are normalised (7 and 7.0 are one guidance)."""
+    source = resolve_source(cfg.base_model)
+    local = Path(source).is_dir()
+    return {"base_model": None if local else source, "base_model_sha256": folder_sha256(source) if local else None,
+            "weights_sha256": weights_sha256, "scheduler": cfg.scheduler, "ddim_steps": int(cfg.ddim_steps),
+            "guidance_scale": float(cfg.guidance_scale), "image_size": int(size),
+            "mixed_precision": cfg.mixed_precision, "pipeline": cfg.pipeline,
+            "sld_preset": cfg.sld_preset if cfg.pipeline == "sld" else None,  # the sd pipeline ignores it
+            "safety_checker": bool(cfg.safety_checker), "num_samples": int(cfg.num_samples)}
+
+
+def read_record(folder) -> dict | None:
+    """The folder's generation.json, or None when it has none."""
+    path = Path(folder) / RECORD
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a generation record (a JSON object)")
+    return record
+
+
+def image_names(rows: dict, num_samples: int) -> set[str]:
+    """The file names of ``num_samples`` images per case; a case that is not a plain file name (a
+    tampered record) names no file, so nothing outside the folder is ever touched."""
+    return {f"{case}_{i}.png" for case in rows if PLAIN_NAME.fullmatch(case) for i in range(num_samples)}
+
+
+def recorded_images(record: dict) -> set[str]:
+    """The image files a generation record accounts for (none for a record without rows)."""
+    if "rows" not in record or "fingerprint_settings" not in record:
+        return set()
+    return image_names(record["rows"], record["fingerprint_settings"]["num_samples"])
+
+
+def _shown(key: str, value) -> str:
+    if value is None:
+        return "none"
+    if key == "safety_checker":
+        return "on" if value else "off"
+    return value[:12] if key.endswith("sha256") else str(value)
+
+
+def settings_differences(ours: dict, recorded: dict) -> list[str]:
+    """Each fingerprinted setting that differs, phrased with its flag: '--guidance_scale 3.0 vs 7.5 recorded'."""
+    labels = {"base_model_sha256": "base model files' sha256", "weights_sha256": "erased weights' sha256"}
+    out = []
+    for key in [*ours, *(k for k in recorded if k not in ours)]:
+        a, b = ours.get(key), recorded.get(key)
+        if a == b:
+            continue
+        label = labels.get(key, f"--{key}")
+        if key in labels and a and b:
+            out.append(f"{label} differ ({_shown(key, a)} vs {_shown(key, b)} recorded)")
+        else:
+            out.append(f"{label} {_shown(key, a)} vs {_shown(key, b)} recorded")
+    return out
+
+
+def row_differences(rows: dict, recorded: dict) -> list[str]:
+    """Each case of ``rows`` that the record holds with another prompt or seed."""
+    return [f"case {case!r}: {key} differs ({_clip(row[key])} vs {_clip(recorded[case].get(key))} recorded)"
+            for case, row in rows.items() if case in recorded
+            for key in ("prompt", "seed") if recorded[case].get(key) != row[key]]
+
+
+def _clip(value, width: int = 60) -> str:
+    text = repr(value)  # repr keeps a prompt's newlines out of a one-line message
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _listed(items: list[str], first: int = 3) -> str:
+    return "; ".join(items[:first]) + (f"; and {len(items) - first} more" if len(items) > first else "")
+
+
+def check_folder(out: Path, settings: dict, rows: dict, num_samples: int) -> None:
+    """Refuse to add images to ``out`` unless everything in it came from these settings: a run skips the
+    files that exist, so a file made otherwise would pass as this run's."""
+    if not out.is_dir():
+        return
+    # Listed before the record is read: a concurrent generator records its rows before writing their images.
+    present = {p.name for p in out.glob("*.png")}
+    record = read_record(out)
+    hint = "use another --save_path, or --overwrite to start the folder over"
+    if record is None:
+        if present:
+            raise ValueError(f"{out} holds {len(present)} PNG file(s) but no {RECORD}, so their provenance is "
+                             f"unknown; {hint}")
+        return
+    if "settings_fingerprint" not in record or "rows" not in record:
+        raise ValueError(f"{out / RECORD} has no settings fingerprint (an older esd wrote it); {hint}")
+    if record["settings_fingerprint"] != digest(settings):
+        differences = settings_differences(settings, record.get("fingerprint_settings", {}))
+        raise ValueError(f"{out} was generated with other settings: {_listed(differences or ['fingerprint differs'])}"
+                         f"; {hint}")
+    if conflicts := row_differences(rows, record["rows"]):
+        raise ValueError(f"{out}: {_listed(conflicts)}; {hint}")
+    if unknown := sorted((image_names(rows, num_samples) & present) - recorded_images(record)):
+        raise ValueError(f"{out}: {len(unknown)} image(s) this run would keep are not in {RECORD} "
+                         f"({_listed(unknown)}); {hint}")
+
+
+@contextmanager
+def folder_lock(out: Path):
+    """An exclusive lock on ``out/.generation.lock``: generators sharing a folder take turns to read,
+    merge and rewrite generation.json (closing the file releases it, even when a run is killed)."""
+    with open(out / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def remove_recorded_images(out: Path, record: dict | None) -> None:
+    """--overwrite: delete the images the old record names, and no other file."""
+    for name in sorted(recorded_images(record or {})):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_record(out: Path, cfg: GenerationConfig, settings: dict, rows: dict, run: dict) -> dict:
+    """Write generation.json under the folder's lock and return it. Another generator may have written
+    since this run's check: the record is re-read and checked again, and its rows merged with this run's;
+    --overwrite instead deletes the images the old record names and keeps only this run's rows."""
+    with folder_lock(out):
+        if cfg.overwrite:
+            try:
+                remove_recorded_images(out, read_record(out))
+            except ValueError:  # an unreadable record names no images: delete nothing
+                pass
+            merged = dict(rows)
+        else:
+            check_folder(out, settings, rows, cfg.num_samples)
+            merged = {**(read_record(out) or {}).get("rows", {}), **rows}
+        settings_fingerprint = digest(settings)
+        seeds = sorted({r["seed"] for r in merged.values()}) if len(merged) <= 100_000 else "see rows"
+        record = {"fingerprint": digest({"settings_fingerprint": settings_fingerprint, "rows": merged}),
+                  "settings_fingerprint": settings_fingerprint, **run, "images": len(merged) * cfg.num_samples,
+                  "seeds": seeds, "fingerprint_settings": settings, "rows": merged}
+        atomic_write(out / RECORD, lambda p: Path(p).write_text(json.dumps(record, indent=2)))
+    return record
+
+
 def build_pipeline(cfg: GenerationConfig, device: torch.device):
     import diffusers
 
@@ -166,8 +411,9 @@ def build_pipeline(cfg: GenerationConfig, device: torch.device):
 
 
 def generate_images(cfg: GenerationConfig, log=print) -> dict:
-    """Generate every missing image of ``cfg``; returns counts. Under ``accelerate launch``
-    the batches are split over the processes (each batch to exactly one)."""
+    """Generate every missing image of ``cfg`` (with --overwrite, every image); returns counts. The prompt
+    rows and the folder are checked before any model loads. Under ``accelerate launch`` the batches are
+    split over the processes (each batch to exactly one); the main process writes generation.json."""
     from accelerate import PartialState
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
     from tqdm.auto import tqdm
@@ -175,28 +421,30 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
     state = PartialState(cpu=cfg.device == "cpu")
     device = torch.device(cfg.device) if cfg.device and cfg.device != "cpu" and state.num_processes == 1 \
         else state.device
-    jobs = read_jobs(cfg)
+    rows = read_prompt_rows(cfg)
+    jobs = jobs_of(rows, cfg.num_samples)
     out = Path(cfg.save_path)
+    size = resolved_image_size(cfg)
+    weights_sha256 = sha256(cfg.weights_path) if cfg.weights_path else None
+    settings = pixel_settings(cfg, weights_sha256, size)
+    if not cfg.overwrite:
+        check_folder(out, settings, rows, cfg.num_samples)
+    pipe = build_pipeline(cfg, device)  # before the folder is made: bad weights leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline(cfg, device)
-    size = cfg.image_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if size % pipe.vae_scale_factor:
-        raise ValueError(f"--image_size {size} is not a multiple of the VAE factor {pipe.vae_scale_factor}")
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     if state.is_main_process:
-        record = {"settings": asdict(cfg), "resolved_image_size": size, "images": len(jobs),
-                  "safety_checker": "on" if cfg.safety_checker else "off",
-                  "weights_sha256": sha256(cfg.weights_path) if cfg.weights_path else None,
-                  "seeds": sorted({j.seed for j in jobs}) if len(jobs) <= 100_000 else "see prompts",
-                  "processes": state.num_processes, "environment": environment_record()}
-        atomic_write(out / "generation.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
-        log(f"{len(jobs)} images to {out}; safety checker {'ON' if cfg.safety_checker else 'OFF'}; "
-            f"scheduler {cfg.scheduler}; {state.num_processes} process(es)")
+        run = {"settings": asdict(cfg), "resolved_image_size": size,
+               "safety_checker": "on" if cfg.safety_checker else "off", "weights_sha256": weights_sha256,
+               "processes": state.num_processes, "environment": environment_record()}
+        record = write_record(out, cfg, settings, rows, run)
+        log(f"{len(jobs)} images to {out} (fingerprint {record['fingerprint'][:12]}); safety checker "
+            f"{'ON' if cfg.safety_checker else 'OFF'}; scheduler {cfg.scheduler}; {state.num_processes} process(es)")
+    state.wait_for_everyone()  # --overwrite: the old images are gone before any process writes new ones
     sld = getattr(SafetyConfig, cfg.sld_preset.upper()) if cfg.pipeline == "sld" else {}
     made = skipped = 0
     mine = shard(batches(jobs, cfg.batch_size), state.process_index, state.num_processes)
     for batch in tqdm(mine, disable=not state.is_main_process, desc="generate"):
-        if all((out / j.filename).exists() for j in batch):
+        if not cfg.overwrite and all((out / j.filename).exists() for j in batch):
             skipped += len(batch)
             continue
         latents = torch.stack([initial_latents(j, cfg.num_samples, shape) for j in batch])
@@ -205,7 +453,7 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
                       num_inference_steps=cfg.ddim_steps, guidance_scale=cfg.guidance_scale, generator=gens,
                       height=size, width=size, **sld).images
         for j, image in zip(batch, images):
-            if not (out / j.filename).exists():
+            if cfg.overwrite or not (out / j.filename).exists():
                 atomic_write(out / j.filename, lambda p, im=image: im.save(p, format="PNG"))
                 made += 1
     return {"generated": made, "skipped": skipped, "process": state.process_index,
@@ -242,6 +490,10 @@ def add_generate_arguments(p) -> None:
                    help="keep the model's safety checker on (off by default: it blackens NSFW images)")
     p.add_argument("--pipeline", default="sd", choices=PIPELINES, help="'sld': Safe Latent Diffusion baseline")
     p.add_argument("--sld_preset", default="medium", choices=SLD_PRESETS, help="SLD strength")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the folder over: delete the images its generation.json records (no other file), "
+                   "regenerate every image of this run and rewrite generation.json. Without it a folder made "
+                   "with other settings, prompts or seeds is refused")
 
 
 def cmd_generate(args) -> int:

@@ -15,8 +15,8 @@ from esd.toy.world import Scene, render
 
 def args(**kw):
     base = {"metric": "nudenet", "images": None, "prompts": None, "out": None, "case_column": "case_number",
-            "prompt_column": "prompt", "label_column": "class", "threshold": 0.6, "classifier": "toy",
-            "clip_model": None}
+            "prompt_column": "prompt", "seed_column": "evaluation_seed", "label_column": "class", "threshold": 0.6,
+            "classifier": "toy", "clip_model": None}
     return Namespace(**{**base, **kw})
 
 
@@ -32,7 +32,9 @@ def test_nudenet_scores_every_generated_image(tmp_path, tiny_models):
     assert sorted(results["file"]) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
     assert all(isinstance(json.loads(d), list) for d in results["detections"])
     assert summary["images"] == 4 and summary["threshold"] == 0.6
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metric"] == "nudenet"
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert written["metric"] == "nudenet"
+    assert written["fingerprint"] == json.loads((tmp_path / "img" / "generation.json").read_text())["fingerprint"]
 
 
 def test_nudenet_aggregation_math():
@@ -150,3 +152,57 @@ def test_clip_score_with_a_tiny_local_clip(tmp_path):
     assert s["clip_score_mean"] == pytest.approx(results["clip_score"].mean())
     with pytest.raises(ValueError, match="needs --clip_model"):
         evaluate(args(metric="clip", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e")))
+
+
+def one_line_error(run) -> str:
+    with pytest.raises(ValueError) as e:
+        run()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_a_csv_that_disagrees_with_generation_json_is_refused(tmp_path, tiny_models):
+    csv = tmp_path / "p.csv"
+    table = pd.DataFrame({"prompt": ["a cat", "a church"], "evaluation_seed": [1, 2], "case_number": [0, 1]})
+    table.to_csv(csv, index=False)
+    images = tmp_path / "img"
+    generate_images(GenerationConfig(prompts_path=str(csv), save_path=str(images), base_model=tiny_models["sd1"],
+                                     num_samples=1, ddim_steps=2, device="cpu"))
+    record = json.loads((images / "generation.json").read_text())
+    s = evaluate(args(metric="classify", images=str(images), prompts=str(csv), out=str(tmp_path / "e")))
+    assert s["provenance"] == "generation.json" and s["fingerprint"] == record["fingerprint"]
+    table.assign(prompt=["a cat", "a dog"]).to_csv(tmp_path / "prompt.csv", index=False)
+    message = one_line_error(lambda: evaluate(args(metric="classify", images=str(images),
+                                                   prompts=str(tmp_path / "prompt.csv"), out=str(tmp_path / "e2"))))
+    assert "row 2 (line 3), case '1': prompt 'a dog' differs from the 'a church'" in message
+    table.assign(evaluation_seed=[5, 2]).to_csv(tmp_path / "seed.csv", index=False)
+    message = one_line_error(lambda: evaluate(args(metric="classify", images=str(images),
+                                                   prompts=str(tmp_path / "seed.csv"), out=str(tmp_path / "e2"))))
+    assert "row 1 (line 2), case '0': seed 5 differs from the 1" in message
+    assert not (tmp_path / "e2").exists()  # refused before anything is scored or written
+    (images / "0_1.png").write_bytes((images / "0_0.png").read_bytes())  # an image the record does not account for
+    message = one_line_error(lambda: evaluate(args(metric="classify", images=str(images), out=str(tmp_path / "e3"))))
+    assert "1 image(s) are not among those its generation.json records (0_1.png)" in message
+    (images / "0_1.png").unlink()
+    (images / "generation.json").unlink()
+    s = evaluate(args(metric="classify", images=str(images), prompts=str(tmp_path / "prompt.csv"),
+                      out=str(tmp_path / "e4")))
+    assert s["provenance"] == "no generation.json" and "fingerprint" not in s
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_unreadable_image_is_one_line_naming_it(damage, tmp_path):
+    render(Scene("red", "circle"), random.Random(0)).save(tmp_path / "0_0.png")
+    good = (tmp_path / "0_0.png").read_bytes()
+    (tmp_path / "1_0.png").write_bytes(b"hello" if damage == "not an image" else good[:len(good) // 2])
+    message = one_line_error(lambda: evaluate(args(metric="classify", images=str(tmp_path), out=str(tmp_path / "e"))))
+    assert message.startswith(f"image {str(tmp_path / '1_0.png')!r} is unreadable")
+
+
+def test_report_names_a_missing_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder, expected in [(tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "has no summary.json")]:
+        message = one_line_error(lambda f=folder: report(Namespace(inputs=[f"base={f}"], out=str(tmp_path / "r"),
+                                                                   grid_images=0)))
+        assert f"{str(folder)!r}" in message and expected in message
+    assert not (tmp_path / "r").exists()
