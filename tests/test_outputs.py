@@ -48,6 +48,34 @@ def fresh_sweep(monkeypatch):
     monkeypatch.setattr(records, "_swept", set())  # each test's folders are swept for orphans anew
 
 
+def kill_while_flushing(n: int, argv: list, marker: Path) -> None:
+    """Run ``esd argv`` in a child process that pauses inside its n-th fsync (a file whose bytes are
+    written but not yet renamed into place), then kill it with SIGKILL there."""
+    script = f"""
+import os, sys, time
+from pathlib import Path
+import esd.records as r
+calls = []
+real = os.fsync
+def fsync(fd):
+    calls.append(fd)
+    if len(calls) == {n}:
+        Path({str(marker)!r}).write_text("now")
+        time.sleep(600)
+    real(fd)
+r.os.fsync = fsync
+from esd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], cwd=ROOT)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), f"the child never reached its fsync number {n}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 # -- temporary files -------------------------------------------------------------------------------
 
 def test_a_planted_symlink_at_the_temporary_name_is_not_followed(tmp_path, monkeypatch):
@@ -133,33 +161,10 @@ def test_kill_during_a_checkpoint_write_leaves_no_partial_checkpoint_and_the_orp
     """The run is killed (SIGKILL) while its second checkpoint is being flushed: the first checkpoint is
     whole, the second does not exist under its name, and the next write to the folder removes the
     orphaned temporary file. Resuming from the first checkpoint then finishes the run."""
-    marker = tmp_path / "writing"
-    script = f"""
-import os, sys, time
-from pathlib import Path
-import esd.records as r
-calls = []
-real = os.fsync
-def fsync(fd):
-    calls.append(fd)
-    if len(calls) == 2:
-        Path({str(marker)!r}).write_text("now")
-        time.sleep(600)
-    real(fd)
-r.os.fsync = fsync
-from esd.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
     args = ["train", "--prompt", "cat", "--train_method", "xattn", "--base_model", tiny_models["sd1"],
             "--iterations", 3, "--ddim_steps", 2, "--seed", 0, "--lr", 1e-3, "--save_every", 1,
             "--save_path", str(tmp_path), "--name", "run", "--devices", "cpu"]
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT)
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the run never reached its second checkpoint write"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_while_flushing(2, args, tmp_path / "writing")  # the second checkpoint
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("checkpoint-*.pt")) == ["checkpoint-1.pt"]
     assert torch.load(ckpts / "checkpoint-1.pt", weights_only=True)["iteration"] == 1
@@ -247,3 +252,25 @@ def test_loaders_refuse_nan_weights_empty_and_corrupt_files(tiny_models, tmp_pat
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ModelLoadError, match="could not read .*bad.safetensors.* as safetensors"):
         load_erased_unet(tmp_path / "bad.safetensors", base_model=tiny_models["sd1"])
+
+
+def test_kill_during_generation_then_a_rerun_gives_the_uninterrupted_files(tiny_models, tmp_path):
+    """A generator is killed (SIGKILL) while its third PNG is being flushed; a rerun into the folder
+    removes the orphaned temporary file, keeps the two whole images and writes the rest: the folder then
+    equals that of an uninterrupted run, byte for byte."""
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n1,a dog,2\n")
+
+    def args(out):
+        return ["generate", "--prompts_path", str(csv), "--save_path", str(out), "--base_model", tiny_models["sd1"],
+                "--num_samples", "2", "--ddim_steps", "2", "--device", "cpu", "--scheduler", "ddim"]
+
+    kill_while_flushing(4, args(tmp_path / "killed"), tmp_path / "writing")  # generation.json, then PNGs 1-3
+    killed = tmp_path / "killed"
+    assert sorted(p.name for p in killed.glob("*.png")) == ["0_0.png", "0_1.png"]
+    assert len(list(killed.glob(f"*{records.TMP_SUFFIX}"))) == 1
+    assert main(args(killed)) == 0
+    assert main(args(tmp_path / "whole")) == 0
+    assert not list(killed.glob(f"*{records.TMP_SUFFIX}"))
+    pngs = {p.name: p.read_bytes() for p in killed.glob("*.png")}
+    assert len(pngs) == 4 and pngs == {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.png")}
