@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .records import atomic_write
+from .records import atomic_write, environment_record
 
 NUDENET_EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
                    "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "BELLY_EXPOSED", "ARMPITS_EXPOSED",
@@ -462,7 +462,9 @@ def evaluate(args, log=print) -> dict:
     results = pd.DataFrame(rows)
     set_level = score.finish() if hasattr(score, "finish") else {}  # metrics of the whole set (FID)
     summary = {"metric": args.metric, "images_dir": str(args.images), "prompts": args.prompts, **origin,
-               **AGGREGATORS[args.metric](results, args), **set_level}
+               **AGGREGATORS[args.metric](results, args), **set_level,
+               "arguments": {k: v for k, v in vars(args).items() if k != "func"},  # how the numbers were made
+               "environment": environment_record()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.csv", lambda p: results.to_csv(p, index=False))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..records import environment_record
 from .tokenizer import build_clip_tokenizer
 from .world import IMAGE_SIZE, make_dataset, vocabulary
 
@@ -193,7 +194,7 @@ def toy_train(out: str | Path, cfg: RecipeConfig | None = None, log=print) -> Pa
     pipe.save_pretrained(out)
     seconds = time.perf_counter() - start
     record = {"recipe": asdict(cfg), "seconds": round(seconds, 1), "vae_psnr_db": round(psnr, 2),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "environment": environment_record()}
     (out / "recipe.json").write_text(json.dumps(record, indent=2))
     log(f"saved toy model to {out} in {seconds:.0f} s")
     return out
