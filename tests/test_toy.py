@@ -13,7 +13,15 @@ from esd.toy.demo import DemoConfig, run_demo
 from esd.toy.judge import NONE, judge
 from esd.toy.quality import judge_accuracy, load_toy_pipeline, sample, score
 from esd.toy.recipe import RecipeConfig, toy_train
-from esd.toy.world import COLOURS, HELD_OUT, SHAPES, all_scenes, render
+from esd.toy.world import (
+    COLOURS,
+    HELD_OUT_TEMPLATES,
+    TRAINED_TEMPLATES,
+    all_phrasings,
+    all_scenes,
+    captions,
+    render,
+)
 
 
 def test_judge_is_exact_on_clean_renders_of_every_combination():
@@ -51,27 +59,56 @@ def test_toy_text_encoder_gives_each_colour_its_own_direction():
     assert cosine[~torch.eye(len(COLOURS), dtype=torch.bool)].max() < 0.5
 
 
+def test_a_word_embeds_alike_wherever_it_stands():
+    """Why the frozen random encoder is kept: a colour or shape word's hidden state is nearly the same
+    alone and inside any caption (as CLIP keeps "Van Gogh" close in "a painting by Van Gogh"), so what
+    the UNet learns for a word, and what ESD erases for it, holds in every phrasing."""
+    pipe = load_toy_pipeline("toy")
+
+    def state(text, word):
+        ids = pipe.tokenizer(text, padding="max_length", return_tensors="pt").input_ids
+        position = [pipe.tokenizer.decode(i) for i in ids[0]].index(word)
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0][0, position]
+
+    for word, texts in [("red", ["a red shape", "red circle", "a circle, red", "a photo of a red circle"]),
+                        ("circle", ["a circle", "red circle", "a photo of a blue circle", "a circle, red"])]:
+        alone = state(word, word)
+        for text in texts:
+            assert torch.nn.functional.cosine_similarity(alone, state(text, word), dim=0) > 0.9, text
+
+
+def test_captions_name_each_word_alone_and_in_several_orders():
+    phrasings = all_phrasings()
+    assert len(phrasings) == len({p.text for p in phrasings})
+    texts = {p.text for p in phrasings}
+    assert {"red", "a circle", "red circle", "a red circle", "a circle, red", "a photo of a red circle"} <= texts
+    assert all(p.held_out for p in phrasings if any(p.text == t.format(colour=p.colour, shape=p.shape)
+                                                    for t in HELD_OUT_TEMPLATES))
+    scene = all_scenes()[0]
+    assert captions(scene) == [t.format(colour=scene.colour, shape=scene.shape) for t in TRAINED_TEMPLATES]
+
+
 def test_judge_survives_the_vae_round_trip():
     vae = load_toy_pipeline().vae
     acc = judge_accuracy(n_per_scene=20, seed=8, vae=vae)
     assert acc["colour"] >= 0.99 and acc["shape"] >= 0.98
 
 
-def test_esd_x_erases_green_and_spares_the_other_colours(tmp_path):
-    """100 images per prompt, the same seeds before and after. Erased: 3 prompts x 100 = 300 images;
-    if 15% of them were still green, seeing <= 10% would have probability < 1% (binomial), so the bound
-    is not luck. Red, blue and yellow: their trained prompts (200-300 images per colour, paired by seed)
-    each stay within 10 points. Yellow is the hard case: its RGB is about red + green, and it was lost
-    before the toy text encoder gave each colour its own embedding (see RecipeConfig.token_embedding_std)."""
-    report = run_demo(DemoConfig(concept="green", out=str(tmp_path), samples=100))
-    presence_before = np.mean([v["presence_before"] for v in report["erased"].values()])
-    presence_after = np.mean([v["presence_after"] for v in report["erased"].values()])
-    assert presence_before >= 0.95 and presence_after <= 0.10
-    for colour in ("red", "blue", "yellow"):
-        rows = [report["others"][f"a {colour} {shape}"] for shape in SHAPES if (colour, shape) not in HELD_OUT]
-        before = np.mean([v["accuracy_before"] for v in rows])
-        after = np.mean([v["accuracy_after"] for v in rows])
-        assert after >= before - 0.10, colour
+def test_esd_x_erases_green_from_every_phrasing_with_the_papers_settings(tmp_path):
+    """The demo's defaults: the bare word "green" erased with ESD-x at the paper's eta 1 (1000 iterations).
+    30 images per prompt, the same seeds before and after. Erased: the 18 phrasings that name green (trained
+    and held-out templates, the held-out green triangle), 540 images: their mean presence must fall to
+    <= 5% (measured: 0.1% at 100 images per prompt), and no phrasing may keep more than 15%. Others:
+    "a {colour} {shape}" of the other colours and the other colour words alone, each within 10 points
+    (paired by seed)."""
+    report = run_demo(DemoConfig(concept="green", out=str(tmp_path), samples=30))
+    erased = report["erased"].values()
+    assert len(erased) == 18 and min(v["presence_before"] for v in erased) >= 0.9
+    assert np.mean([v["presence_after"] for v in erased]) <= 0.05
+    assert max(v["presence_after"] for v in erased) <= 0.15
+    for prompt, v in report["others"].items():
+        assert v["accuracy_after"] >= v["accuracy_before"] - 0.10, prompt
     assert {p.name for p in tmp_path.iterdir()} >= {"report.json", "report.md", "erased_before.png",
                                                     "erased_after.png", "others_before.png", "others_after.png"}
 

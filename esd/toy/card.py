@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from .judge import SHAPE_BOUNDS
-from .world import BACKGROUND, COLOURS, HELD_OUT, IMAGE_SIZE, SHAPES
+from .world import BACKGROUND, COLOURS, HELD_OUT, HELD_OUT_TEMPLATES, IMAGE_SIZE, SHAPES, TRAINED_TEMPLATES
 
 
 def _rebuild_lines(recipe: dict) -> list[str]:
@@ -20,7 +20,17 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
     recipe = json.loads((folder / "recipe.json").read_text())
     q = evaluation["quality"]
     trained = [r for r in q if not r["held_out"]]
-    mean_shape = sum(r["shape"] for r in trained) / len(trained)
+    held_out = [r for r in q if r["held_out"]]
+
+    def low(rows, axis):
+        values = [r[axis] for r in rows if axis in r]
+        return f"{min(values):.0%} (mean {sum(values) / len(values):.1%})"
+
+    def cell(r, key):
+        return f"{r[key]:.0%}" if key in r else ""
+
+    def quoted(templates):
+        return ", ".join(f'"{t}"' for t in templates)
     lines = [
         "# esd toy model: coloured shapes", "",
         f"A tiny but real `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} px) for trying and measuring ESD "
@@ -30,8 +40,9 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
         "(channels 16/32/64, 4x8x8 latents), DDIM scheduler with SD's scaled-linear betas.", "",
         "## World", "",
         f"Shapes {', '.join(SHAPES)} in colours {', '.join(COLOURS)} on a plain background {BACKGROUND}; "
-        "captions \"a {colour} {shape}\", \"a {colour} shape\", \"a {shape}\", 10% dropped for classifier-free "
-        f"guidance. Held out of training: {', '.join(f'{c} {s}' for c, s in HELD_OUT)}.", "",
+        f"captions drawn from the templates {quoted(TRAINED_TEMPLATES)}, 10% dropped for classifier-free "
+        f"guidance. Held out of training: the combinations {', '.join(f'{c} {s}' for c, s in HELD_OUT)} and the "
+        f"templates {quoted(HELD_OUT_TEMPLATES)}.", "",
         "## Recipe", "",
         "`esd toy-train --out DIR` (defaults below) rebuilds it; everything is seeded.", "",
         "```json", json.dumps(recipe["recipe"], indent=2), "```", "",
@@ -48,13 +59,16 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
         f"| VAE round trip | {evaluation['judge_vae']['n']} | {evaluation['judge_vae']['colour']:.1%} | "
         f"{evaluation['judge_vae']['shape']:.1%} |", "",
         "## Quality", "",
-        f"Judged over {q[0]['n']} samples per prompt, guidance 7.5, 25 DDIM steps (`esd toy-eval`):", "",
+        f"Judged over {q[0]['n']} samples per prompt, guidance 7.5, 25 DDIM steps (`esd toy-eval`); a phrasing "
+        "is scored on what it names.", "",
+        f"Trained phrasings ({len(trained)}): right colour, lowest {low(trained, 'colour')}; right shape, lowest "
+        f"{low(trained, 'shape')}. Held-out phrasings and combinations ({len(held_out)}): right colour, lowest "
+        f"{low(held_out, 'colour')}; right shape, lowest {low(held_out, 'shape')}.", "",
         "| prompt | held out | right colour | right shape | both | no object |", "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['prompt']} | {'yes' if r['held_out'] else ''} | {r['colour']:.0%} | {r['shape']:.0%} | "
-              f"{r['both']:.0%} | {r['none']:.0%} |" for r in q]
-    lines += ["", f"Trained prompts: colour >= {min(r['colour'] for r in trained):.0%} on every prompt; shape "
-              f"{mean_shape:.1%} on average, lowest {min(r['shape'] for r in trained):.0%}.", ""]
+    lines += [f"| {r['prompt']} | {'yes' if r['held_out'] else ''} | {cell(r, 'colour')} | {cell(r, 'shape')} | "
+              f"{cell(r, 'both')} | {r['none']:.0%} |" for r in q]
+    lines += [""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

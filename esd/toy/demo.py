@@ -1,10 +1,12 @@
 """``esd demo``: erase a concept from the toy model with ESD and show what changed.
 
-Before and after images use the same seeds; the judge scores every image. For a
-colour concept, the erased prompts are "a {concept} {shape}" for every shape and
-presence is the share of images still judged that colour; the other prompts are
-the other colours' and their accuracy is "right colour and right shape". For a
-shape concept, the roles of colour and shape swap.
+The concept is typed as a user would ("red", "circle") and erased with the paper's settings
+(ESD-x, eta 1, start guidance 3). Before and after images use the same seeds; the judge scores
+every image. Erased prompts: every phrasing of the world that names the concept (trained and
+held-out templates, held-out combinations too); presence is the share of images still judged
+to have it. Other prompts: "a {colour} {shape}" for every scene without the concept and the other
+values of the concept's axis alone ("blue", "a square"); accuracy is "right in what the prompt
+names".
 """
 
 import json
@@ -16,44 +18,54 @@ import numpy as np
 from PIL import Image
 
 from ..config import ESDConfig
+from ..records import environment_record
 from ..train import train_esd
 from ..weights import load_erased_unet
 from .judge import judge_batch
 from .quality import load_toy_pipeline, sample
-from .world import COLOURS, SHAPES, Scene
+from .world import COLOURS, SHAPES, Phrasing, all_phrasings
 
 
 @dataclass
 class DemoConfig:
-    concept: str = "red"
+    concept: str = "green"  # gone from every phrasing at the paper's settings in 1000 iterations (red: README)
     out: str = "demo-out"
     base_model: str = "toy"
     train_method: str = "xattn"  # ESD-x
-    iterations: int = 150
+    # At the paper's eta 1, 1000 iterations (80 s on 2 cores) take green to 0% on every phrasing; red keeps
+    # 28% on average (squares 50-64%) at 1000: see the README's table.
+    iterations: int = 1000
     batch_size: int = 8
-    lr: float = 1e-3  # the toy UNet is small and far from SD's scale; 1e-5 barely moves it in 150 steps
-    # eta = 1 (the paper's default) only halves "red" in 150 iterations on this small model; eta = 3 erases it.
-    negative_guidance: float = 3.0
+    lr: float = 1e-3  # the toy UNet is small and far from SD's scale; 1e-5 barely moves it
+    negative_guidance: float = 1.0  # the paper's eta
     samples: int = 100  # images per prompt, before and after
     seed: int = 0
 
 
-def prompts_for(concept: str) -> tuple[list[Scene], list[Scene], str]:
-    """(erased scenes, other scenes, axis of the concept)."""
+def prompts_for(concept: str) -> tuple[list[Phrasing], list[Phrasing], str]:
+    """(phrasings that name the concept, other prompts, axis of the concept)."""
     if concept in COLOURS:
-        scenes = [Scene(c, s) for c in COLOURS for s in SHAPES]
-        return [s for s in scenes if s.colour == concept], [s for s in scenes if s.colour != concept], "colour"
-    if concept in SHAPES:
-        scenes = [Scene(c, s) for c in COLOURS for s in SHAPES]
-        return [s for s in scenes if s.shape == concept], [s for s in scenes if s.shape != concept], "shape"
-    raise ValueError(f"unknown toy concept {concept!r}; valid: {', '.join([*COLOURS, *SHAPES])}")
+        axis = "colour"
+    elif concept in SHAPES:
+        axis = "shape"
+    else:
+        raise ValueError(f"unknown toy concept {concept!r}; valid: {', '.join([*COLOURS, *SHAPES])}")
+    phrasings = all_phrasings()
+    erased = [p for p in phrasings if getattr(p, axis) == concept]
+    others = [p for p in phrasings if getattr(p, axis) not in (concept, None)
+              and (p.text == f"a {p.colour} {p.shape}" or p.text in (p.colour, f"a {p.shape}"))]
+    return erased, others, axis
 
 
-def erase_prompt(concept: str) -> str:
-    """The concept as the world's captions phrase it. The toy text encoder is causal and every caption
-    starts with "a", so "red" alone (at another position) is not the token the model learned; "a red
-    shape" carries exactly the "red" of "a red circle"."""
-    return f"a {concept} shape" if concept in COLOURS else f"a {concept}"
+def concept_presence(images, axis: str, concept: str) -> float:
+    """Share of images judged to show ``concept`` on ``axis`` ("colour" or "shape")."""
+    return sum(getattr(j, axis) == concept for j in judge_batch(images)) / len(images)
+
+
+def accuracy(images, p: Phrasing) -> float:
+    """Share of images judged right in what the phrasing names."""
+    return sum((p.colour is None or j.colour == p.colour) and (p.shape is None or j.shape == p.shape)
+               for j in judge_batch(images)) / len(images)
 
 
 def _grid(rows: list[np.ndarray], columns: int = 8, scale: int = 3) -> Image.Image:
@@ -70,38 +82,39 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     before_pipe = load_toy_pipeline(cfg.base_model)
 
-    def images(pipe, scenes):
-        return {s.prompt: sample(pipe, s.prompt, cfg.samples, cfg.seed) for s in scenes}
+    def images(pipe, phrasings):
+        return {p.text: sample(pipe, p.text, cfg.samples, cfg.seed) for p in phrasings}
 
     before = images(before_pipe, erased + others)
     log(f"generated {len(before) * cfg.samples} images before erasure")
-    result = train_esd(ESDConfig(prompt=erase_prompt(cfg.concept), train_method=cfg.train_method,
-                                 base_model=cfg.base_model, iterations=cfg.iterations, batch_size=cfg.batch_size,
-                                 lr=cfg.lr, negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=cfg.seed,
-                                 devices="cpu", save_path=str(out / "weights"), save_format="trained"))
+    result = train_esd(ESDConfig(prompt=cfg.concept, train_method=cfg.train_method, base_model=cfg.base_model,
+                                 iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
+                                 negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=cfg.seed,
+                                 devices="cpu", save_path=str(out / "weights"), save_format="trained",
+                                 overwrite=True))  # the demo's own folder: a rerun replaces its run
     unet = load_erased_unet(result.output_dir / f"{result.output_dir.name}.safetensors", base_model=cfg.base_model)
     after = images(load_toy_pipeline(cfg.base_model, unet=unet), erased + others)
 
     def presence(imgs):
-        return sum(getattr(j, axis) == cfg.concept for j in judge_batch(imgs)) / len(imgs)
-
-    def accuracy(imgs, scene):
-        return sum(j.colour == scene.colour and j.shape == scene.shape for j in judge_batch(imgs)) / len(imgs)
+        return concept_presence(imgs, axis, cfg.concept)
 
     report = {
         "concept": cfg.concept,
         "axis": axis,
-        "erased": {s.prompt: {"presence_before": presence(before[s.prompt]),
-                              "presence_after": presence(after[s.prompt])} for s in erased},
-        "others": {s.prompt: {"accuracy_before": accuracy(before[s.prompt], s),
-                              "accuracy_after": accuracy(after[s.prompt], s)} for s in others},
+        "erased": {p.text: {"held_out": p.held_out, "presence_before": presence(before[p.text]),
+                            "presence_after": presence(after[p.text])} for p in erased},
+        "others": {p.text: {"held_out": p.held_out, "accuracy_before": accuracy(before[p.text], p),
+                            "accuracy_after": accuracy(after[p.text], p)} for p in others},
         "samples_per_prompt": cfg.samples,
+        "seeds": f"image i of every prompt starts from seed {cfg.seed} + i, before and after",
         "settings": {k: v for k, v in vars(cfg).items() if k != "out"},
+        "erasure": json.loads((result.output_dir / "args.json").read_text()),  # every resolved training setting
         "training_seconds": round(result.seconds, 1),
+        "environment": environment_record(),
     }
-    for name, scenes in [("erased", erased), ("others", others)]:
+    for name, phrasings in [("erased", erased), ("others", others)]:
         for when, imgs in [("before", before), ("after", after)]:
-            _grid([imgs[s.prompt] for s in scenes]).save(out / f"{name}_{when}.png")
+            _grid([imgs[p.text] for p in phrasings]).save(out / f"{name}_{when}.png")
     report["seconds"] = round(time.perf_counter() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
@@ -112,12 +125,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 def render_markdown(report: dict) -> str:
     c, ax = report["concept"], report["axis"]
     lines = [f"# ESD demo: erasing \"{c}\" from the toy model", "",
-             f"ESD-x ({report['settings']['train_method']}), {report['settings']['iterations']} iterations, "
+             f"ESD-x ({report['settings']['train_method']}) of the prompt \"{c}\", eta "
+             f"{report['settings']['negative_guidance']}, {report['settings']['iterations']} iterations; "
              f"{report['samples_per_prompt']} images per prompt before and after with the same seeds; "
-             f"{report['seconds']} s in all.", "",
+             f"{report['seconds']} s in all ({report['training_seconds']} s of training).", "",
              f"## Erased prompts: share of images whose {ax} is judged \"{c}\"", "",
-             "| prompt | before | after |", "|---|---|---|"]
-    lines += [f"| {p} | {v['presence_before']:.0%} | {v['presence_after']:.0%} |" for p, v in report["erased"].items()]
+             "| prompt | held out | before | after |", "|---|---|---|---|"]
+    lines += [f"| {p} | {'yes' if v['held_out'] else ''} | {v['presence_before']:.0%} | {v['presence_after']:.0%} |"
+              for p, v in report["erased"].items()]
     lines += ["", "![before](erased_before.png) ![after](erased_after.png)", "",
               "## Other prompts: share judged right in colour and shape (collateral damage shows here)", "",
               "| prompt | before | after | change |", "|---|---|---|---|"]
@@ -135,5 +150,7 @@ def summary(report: dict) -> str:
     ab = np.mean([v["accuracy_before"] for v in o])
     aa = np.mean([v["accuracy_after"] for v in o])
     worst = min(v["accuracy_after"] - v["accuracy_before"] for v in o)
-    return (f"erased \"{report['concept']}\": presence {pb:.0%} -> {pa:.0%}; other prompts' accuracy "
-            f"{ab:.0%} -> {aa:.0%} (worst prompt {100 * worst:+.0f} pts); {report['seconds']} s")
+    highest = max(report["erased"].items(), key=lambda kv: kv[1]["presence_after"])
+    return (f"erased \"{report['concept']}\": presence {pb:.0%} -> {pa:.0%} (highest after: {highest[0]!r} "
+            f"{highest[1]['presence_after']:.0%}); other prompts' accuracy {ab:.0%} -> {aa:.0%} (worst prompt "
+            f"{100 * worst:+.0f} pts); {report['seconds']} s")

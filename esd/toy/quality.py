@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from ..models import resolve_source
 from .judge import NONE, judge_batch
-from .world import HELD_OUT, all_scenes
+from .world import all_phrasings, all_scenes
 
 QUALITY_STEPS = 25  # DDIM steps, as the quality bar is defined
 QUALITY_GUIDANCE = 7.5
@@ -52,12 +52,12 @@ def score(images, colour: str | None, shape: str | None) -> dict:
 
 
 def quality_table(pipe, n: int = 100, seed: int = 0) -> list[dict]:
-    """One row per "a {colour} {shape}" prompt of the world, held-out ones marked."""
+    """One row per phrasing of the world (every template, every colour and shape it names), held-out
+    phrasings marked; a colour or shape the phrasing does not name is not scored."""
     rows = []
-    for scene in all_scenes():
-        images = sample(pipe, scene.prompt, n, seed)
-        rows.append({"prompt": scene.prompt, "held_out": (scene.colour, scene.shape) in HELD_OUT,
-                     **score(images, scene.colour, scene.shape)})
+    for p in all_phrasings():
+        images = sample(pipe, p.text, n, seed)
+        rows.append({"prompt": p.text, "held_out": p.held_out, **score(images, p.colour, p.shape)})
     return rows
 
 

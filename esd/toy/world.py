@@ -20,6 +20,13 @@ AXES = {"colour": tuple(COLOURS), "shape": SHAPES}
 # Held out of training, to measure compositional generalisation.
 HELD_OUT = (("yellow", "square"), ("green", "triangle"))
 CAPTION_DROP = 0.1  # unconditional share, for classifier-free guidance
+# Captions vary as real ones do: each word alone, and both in several orders and contexts, so that a
+# word means the same wherever it stands (as CLIP makes "Van Gogh" and "a painting by Van Gogh" close
+# for Stable Diffusion) and an erasure of the bare word reaches every phrasing. One is drawn per image.
+TRAINED_TEMPLATES = ("{colour}", "a {colour} shape", "a {shape}", "{shape}", "{colour} {shape}",
+                     "a {colour} {shape}", "a {shape}, {colour}", "a photo of a {colour} {shape}")
+# Phrasings never seen in training: quality and erasure are measured on them too.
+HELD_OUT_TEMPLATES = ("{colour} shape", "a photo of a {shape}, {colour}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,29 @@ class Scene:
     @property
     def prompt(self) -> str:
         return f"a {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """A caption and what it names (None: that axis is not named)."""
+
+    text: str
+    colour: str | None
+    shape: str | None
+    held_out: bool  # its template or its colour-shape combination was never trained on
+
+
+def all_phrasings() -> list[Phrasing]:
+    """Every caption of every template, trained ones first."""
+    out = []
+    for template in TRAINED_TEMPLATES + HELD_OUT_TEMPLATES:
+        colours = list(COLOURS) if "{colour}" in template else [None]
+        shapes = list(SHAPES) if "{shape}" in template else [None]
+        for colour in colours:
+            for shape in shapes:
+                held_out = template in HELD_OUT_TEMPLATES or (colour, shape) in HELD_OUT
+                out.append(Phrasing(template.format(colour=colour, shape=shape), colour, shape, held_out))
+    return out
 
 
 def all_scenes() -> list[Scene]:
@@ -65,7 +95,7 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
 
 def captions(scene: Scene) -> list[str]:
     """Ways to caption a scene; training draws one at random."""
-    return [scene.prompt, f"a {scene.colour} shape", f"a {scene.shape}"]
+    return [t.format(colour=scene.colour, shape=scene.shape) for t in TRAINED_TEMPLATES]
 
 
 def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
