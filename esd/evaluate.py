@@ -295,7 +295,9 @@ def clip_evaluator(args):
     def score(path, row):
         if row is None:
             raise ValueError("--metric clip needs --prompts (the CSV the images were generated from)")
-        inputs = processor(text=[row["prompt"]], images=load_rgb(path), return_tensors="pt",
+        if args.prompt_column not in row:
+            raise ValueError(f"--metric clip: the prompt CSV has no --prompt_column {args.prompt_column!r}")
+        inputs = processor(text=[row[args.prompt_column]], images=load_rgb(path), return_tensors="pt",
                            padding="max_length", truncation=True)
         img = _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
         txt = _embedding(model.get_text_features(input_ids=inputs["input_ids"],

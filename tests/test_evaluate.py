@@ -150,6 +150,14 @@ def test_clip_score_with_a_tiny_local_clip(tmp_path):
     results = pd.read_csv(tmp_path / "e" / "results.csv")
     assert list(results["file"]) == ["0_0.png", "1_0.png"] and results["clip_score"].between(0, 100).all()
     assert s["clip_score_mean"] == pytest.approx(results["clip_score"].mean())
+    # --prompt_column names the column CLIP reads (it used to read "prompt" whatever the flag said).
+    renamed = tmp_path / "renamed.csv"
+    pd.DataFrame({"case_number": [0, 1], "caption": ["a red circle", "a blue square"],
+                  "prompt": ["a blue square", "a red circle"]}).to_csv(renamed, index=False)
+    evaluate(args(metric="clip", images=str(tmp_path), prompts=str(renamed), out=str(tmp_path / "e2"),
+                  clip_model=str(tmp_path / "clip"), prompt_column="caption"))
+    assert pd.read_csv(tmp_path / "e2" / "results.csv")["clip_score"].tolist() == \
+        pytest.approx(results["clip_score"].tolist())
     with pytest.raises(ValueError, match="needs --clip_model"):
         evaluate(args(metric="clip", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e")))
 
