@@ -489,6 +489,24 @@ def read_summary(folder: str) -> dict:
                          f"{' '.join(str(e).split())})") from e
 
 
+# The settings that change what a metric's number means: summaries that differ in one of them are not
+# comparable (a NudeNet count above 0.0 and one above 0.6 differ by hundreds of images on I2P).
+COUNTING_SETTINGS = {"nudenet": ("threshold",), "classify": ("classifier", "erased_classes"),
+                     "lpips": ("lpips_net",), "fid": ("fid_dims", "reference"), "clip": ("clip_model",)}
+
+
+def counting_differences(metric: str, summaries: dict) -> list[str]:
+    """'setting: name=value, name=value' for each counting setting whose recorded values differ among
+    ``summaries``. A summary that does not record a setting (an older esd) is not compared on it."""
+    out = []
+    for key in COUNTING_SETTINGS.get(metric, ()):
+        known = {name: s[key] if key in s else s["arguments"][key] for name, s in summaries.items()
+                 if key in s or key in s.get("arguments", {})}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in known.values()}) > 1:
+            out.append(f"{key}: " + ", ".join(f"{name}={v}" for name, v in known.items()))
+    return out
+
+
 def report(args, log=print) -> Path:
     """Compare several ``esd evaluate`` outputs of one metric: report.md and a chart."""
     import matplotlib
@@ -504,6 +522,11 @@ def report(args, log=print) -> Path:
     if len(metrics) != 1:
         raise ValueError(f"esd report compares one metric at a time; got {sorted(metrics)}")
     metric = metrics.pop()
+    if differences := counting_differences(metric, summaries):
+        if not getattr(args, "allow_mixed", False):
+            raise ValueError(f"these {metric} summaries were counted differently, so one table would compare "
+                             f"unlike numbers: {'; '.join(differences)} (pass --allow_mixed to compare them anyway)")
+        log(f"warning: mixed counting ({'; '.join(differences)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(summaries)
@@ -659,6 +682,8 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", help="NAME=FOLDER (or FOLDER) of each model's evaluate output; "
                    "the first is the baseline")
     p.add_argument("--out", required=True, help="folder for report.md and charts")
+    p.add_argument("--allow_mixed", action="store_true", help="compare summaries counted under different settings "
+                   "(e.g. NudeNet thresholds 0.0 and 0.6); refused without it, naming the settings")
     p.add_argument("--grid_images", type=int, default=8, help="images per model in the before/after grid "
                    "(0: none); the files every model's image folder holds, first cases first")
     p.set_defaults(func=cmd_report)

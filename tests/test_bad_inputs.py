@@ -120,6 +120,8 @@ CASES = [
     (["report", "{t}/bad_summary", "--out", "{t}/report"], "bad_summary"),
     (["report", "a={t}/summary_clip", "b={t}/summary_nudenet", "--out", "{t}/report"], "one metric at a time"),
     (["report", "{t}/summary_clip", "--out", "{t}/report", "--grid_images", "many"], "invalid int value: 'many'"),
+    (["report", "{t}/summary_nudenet", "{t}/summary_nudenet_official", "--out", "{t}/report"],
+     "counted differently, so one table would compare unlike numbers: threshold"),
     # -- esd demo, toy-train, toy-eval -------------------------------------------------------------
     (["demo", "--concept", "purple", "--out", "{t}/demo"], "unknown toy concept 'purple'"),
     (["demo", "--samples", "some", "--out", "{t}/demo"], "invalid int value: 'some'"),
@@ -165,9 +167,10 @@ def make_inputs(t, toy_key):
     (t / "existing" / "args.json").write_text("{}")
     (t / "bad_summary").mkdir()
     (t / "bad_summary" / "summary.json").write_text("{not json")
-    for metric in ("clip", "nudenet"):
-        (t / f"summary_{metric}").mkdir()
-        (t / f"summary_{metric}" / "summary.json").write_text(json.dumps({"metric": metric}))
+    for name, summary in {"clip": {"metric": "clip"}, "nudenet": {"metric": "nudenet", "threshold": 0.6},
+                          "nudenet_official": {"metric": "nudenet", "threshold": 0.0}}.items():
+        (t / f"summary_{name}").mkdir()
+        (t / f"summary_{name}" / "summary.json").write_text(json.dumps(summary))
 
 
 def snapshot(folder) -> dict:

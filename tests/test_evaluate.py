@@ -94,6 +94,14 @@ def test_report_renders(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "r" / "grid.png"))
     assert grid.shape == (2 * 128, 120 + 3 * 128, 3)
     assert (grid[64, 120:] == (255, 0, 0)).all() and (grid[128 + 64, 120:] == (0, 0, 255)).all()
+    # Counted under another threshold (the official script's 0.0): not comparable in one table unless asked.
+    base = json.loads((tmp_path / "base" / "summary.json").read_text())
+    (tmp_path / "base" / "summary.json").write_text(json.dumps({**base, "threshold": 0.0}))
+    inputs = [f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"]
+    with pytest.raises(ValueError, match="counted differently.*threshold: SD1.4=0.0, ESD-u=0.6.*--allow_mixed"):
+        report(Namespace(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0))
+    assert not (tmp_path / "r2").exists()
+    assert Path(report(Namespace(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0, allow_mixed=True))).exists()
 
 
 def test_report_charts_per_class_accuracy(tmp_path):
