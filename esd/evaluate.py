@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .records import atomic_write, environment_record
+from .records import atomic_write, environment_record, error_summary, read_json
 
 NUDENET_EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
                    "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "BELLY_EXPOSED", "ARMPITS_EXPOSED",
@@ -92,8 +92,7 @@ def load_rgb(path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a broken PNG as SyntaxError
-        raise ValueError(f"image {str(path)!r} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") \
-            from e
+        raise ValueError(f"image {str(path)!r} is unreadable ({error_summary(e)})") from e
 
 
 def _load_weights(path: str | None, default, flag: str, what: str) -> dict:
@@ -482,11 +481,7 @@ def read_summary(folder: str) -> dict:
         raise ValueError(f"folder {folder!r} does not exist (pass NAME=FOLDER of `esd evaluate --out`)")
     if not path.is_file():
         raise ValueError(f"{folder!r} has no summary.json; is it an `esd evaluate --out` folder?")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is unreadable ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())})") from e
+    return read_json(path)
 
 
 # The settings that change what a metric's number means: summaries that differ in one of them are not

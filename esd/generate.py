@@ -42,7 +42,7 @@ import torch
 
 from .config import PRECISIONS
 from .models import DEFAULT_BASE_MODEL, resolve_source, vae_scale_factor_of
-from .records import PLAIN_NAME, atomic_write, check_name, environment_record
+from .records import PLAIN_NAME, atomic_write, check_name, environment_record, read_json
 from .weights import apply_erased_weights
 
 SCHEDULERS = {
@@ -260,10 +260,7 @@ def read_record(folder) -> dict | None:
     path = Path(folder) / RECORD
     if not path.exists():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from e
+    record = read_json(path)
     if not isinstance(record, dict):
         raise ValueError(f"{path} is not a generation record (a JSON object)")
     return record

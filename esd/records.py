@@ -128,15 +128,33 @@ def torch_save(obj, path) -> None:
     atomic_write(path, write)
 
 
+def error_summary(e: Exception) -> str:
+    """'Type: message' on one line, for errors quoted inside a one-line message."""
+    message = " ".join(str(e).split())
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def read_json(path) -> object:
+    """The JSON in ``path``; an unreadable or malformed file is a one-line ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is unreadable ({error_summary(e)})") from e
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists: where a folder still to be made would go."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_output_folder(folder: Path, flag: str = "--save_path") -> None:
     """Refuse, before any work, an output folder that cannot be made or written: one under a file, or
     in a read-only place. Nothing is created."""
     folder = Path(folder)
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    probe = nearest_existing(folder)
     if probe.exists() and not probe.is_dir():
         raise OutputError(f"{flag}: {probe} is a file, so {folder} cannot be a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -146,10 +164,7 @@ def check_output_folder(folder: Path, flag: str = "--save_path") -> None:
 def check_free_space(folder: Path, need: int, what: str) -> None:
     """Refuse when the device of ``folder`` (or its nearest existing parent) has less than ``need``
     bytes free: better now than after hours of training."""
-    probe = Path(folder)
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < need:
         raise OutputError(f"not enough free space for {what} in {folder}: about {need / 2**30:.2f} GiB needed, "
                           f"{free / 2**30:.2f} GiB free")

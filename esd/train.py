@@ -74,11 +74,9 @@ class ESDTrainer:
         if cfg.seed is None:
             cfg.seed = recorded.get("seed")
         conflicts = cfg.resume_conflicts(recorded)
-        if conflicts:
+        if conflicts:  # includes an --iterations below the recorded one, which is >= the checkpoint's iteration
             raise ValueError(f"--resume {cfg.resume!r} was trained with other settings: {'; '.join(conflicts)} "
                              "(a resumed run keeps its settings; only --iterations may grow)")
-        if cfg.iterations < state["iteration"]:
-            raise ValueError(f"--iterations {cfg.iterations} is below the checkpoint's iteration {state['iteration']}")
         return state
 
     def _check_output_dir(self) -> None:
