@@ -17,10 +17,14 @@ from esd.toy.world import (
     COLOURS,
     HELD_OUT_TEMPLATES,
     TRAINED_TEMPLATES,
+    SHAPES,
     all_phrasings,
     all_scenes,
+    balanced_weights,
     captions,
+    make_dataset,
     render,
+    training_scenes,
 )
 
 
@@ -87,6 +91,21 @@ def test_captions_name_each_word_alone_and_in_several_orders():
                                                     for t in HELD_OUT_TEMPLATES))
     scene = all_scenes()[0]
     assert captions(scene) == [t.format(colour=scene.colour, shape=scene.shape) for t in TRAINED_TEMPLATES]
+
+
+def test_balanced_data_draws_every_colour_and_every_shape_equally_often():
+    scenes = training_scenes()
+    weights = balanced_weights(scenes)
+    total = sum(weights)
+    for axis, values in (("colour", COLOURS), ("shape", SHAPES)):
+        for value in values:
+            share = sum(w for s, w in zip(scenes, weights) if getattr(s, axis) == value) / total
+            assert share == pytest.approx(1 / len(values), abs=1e-9), (axis, value)
+    _, _, plain = make_dataset(3000, seed=1)  # the shipped recipe: scenes drawn uniformly
+    _, _, balanced = make_dataset(3000, seed=1, balanced=True)
+    assert sum(s.colour == "red" for s in plain) / 3000 == pytest.approx(0.3, abs=0.03)
+    assert sum(s.colour == "red" for s in balanced) / 3000 == pytest.approx(0.25, abs=0.03)
+    assert all((s.colour, s.shape) in {(t.colour, t.shape) for t in scenes} for s in balanced)  # none held out
 
 
 def test_judge_survives_the_vae_round_trip():

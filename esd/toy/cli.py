@@ -5,12 +5,20 @@ from dataclasses import fields
 from pathlib import Path
 
 
+def _flag_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{text!r} is not a yes/no value; valid: true, false, 1, 0, yes, no")
+
+
 def _add_dataclass_flags(p, cls, skip=()):
     for f in fields(cls):
         if f.name in skip:
             continue
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
+        kind = _flag_bool if isinstance(f.default, bool) else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"(default: {f.default})")
 
 
 def register(sub) -> None:
