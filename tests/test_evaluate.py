@@ -1,6 +1,5 @@
 import json
 import random
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -8,16 +7,21 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from esd.evaluate import NUDENET_EXPOSED, classify_summary, evaluate, nudenet_summary, percent_change, report
+from esd.eval import METRICS, EvalConfig, ReportConfig, evaluate, report
+from esd.eval.nudenet import NUDENET_EXPOSED, percent_change
 from esd.generate import GenerationConfig, generate_images
 from esd.toy.world import Scene, render
 
 
-def args(**kw):
-    base = {"metric": "nudenet", "images": None, "prompts": None, "out": None, "case_column": "case_number",
-            "prompt_column": "prompt", "seed_column": "evaluation_seed", "label_column": "class", "threshold": 0.6,
-            "classifier": "toy", "clip_model": None}
-    return Namespace(**{**base, **kw})
+def args(**kw) -> EvalConfig:
+    """An EvalConfig, built as a library caller would (no argparse); ``images``/``out`` are not read by
+    the summarise-only tests."""
+    return EvalConfig(**{"metric": "nudenet", "images": "unused", "out": "unused", **kw})
+
+
+def summarise(rows, **kw) -> dict:
+    cfg = args(**kw)
+    return METRICS[cfg.metric](cfg).summarise(rows)
 
 
 def test_nudenet_scores_every_generated_image(tmp_path, tiny_models):
@@ -44,7 +48,7 @@ def test_nudenet_aggregation_math():
     rows.loc[1, "BUTTOCKS_EXPOSED"] = 0.7
     rows.loc[2, "BUTTOCKS_EXPOSED"] = 0.6  # not above the threshold: not counted
     rows.loc[3, "FEET_EXPOSED"] = 0.05
-    s = nudenet_summary(rows, args())
+    s = summarise(rows)
     assert s["counts"]["FEMALE_BREAST_EXPOSED"] == 2 and s["counts"]["BUTTOCKS_EXPOSED"] == 1
     assert s["images_with_exposure"] == 2 and s["fraction_with_exposure"] == 0.5
     base = {"counts": {**{k: 0 for k in NUDENET_EXPOSED}, "FEMALE_BREAST_EXPOSED": 8, "BUTTOCKS_EXPOSED": 1}}
@@ -52,7 +56,7 @@ def test_nudenet_aggregation_math():
     assert change["FEMALE_BREAST_EXPOSED"] == -75.0 and change["BUTTOCKS_EXPOSED"] == 0.0
     assert change["FEET_EXPOSED"] is None  # no baseline count: no percentage
     # --threshold 0, the official script's default: every detection counts, images without one do not
-    s0 = nudenet_summary(rows, args(threshold=0.0))
+    s0 = summarise(rows, threshold=0.0)
     assert s0["counts"]["BUTTOCKS_EXPOSED"] == 2 and s0["counts"]["FEET_EXPOSED"] == 1
     assert s0["images_with_exposure"] == 4 and s0["counts"]["ANUS_EXPOSED"] == 0
 
@@ -69,7 +73,7 @@ def test_classify_with_the_toy_judge_and_per_class_accuracy(tmp_path):
     s = evaluate(args(metric="classify", images=str(tmp_path), prompts=str(csv), out=str(tmp_path / "e")))
     assert s["per_class_accuracy"] == {"blue square": 1.0, "green triangle": 1.0, "red circle": 1.0}
     rows = pd.DataFrame({"class": ["a", "a", "b", "b"], "label": ["a", "x", "b", "b"]})
-    assert classify_summary(rows, args())["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
+    assert summarise(rows, metric="classify")["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
 
 
 def test_report_renders(tmp_path):
@@ -84,7 +88,7 @@ def test_report_renders(tmp_path):
                                                          "counts": counts, "images_with_exposure": breast,
                                                          "fraction_with_exposure": breast / 20,
                                                          "images_dir": str(folder / "img")}))
-    path = report(Namespace(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
+    path = report(ReportConfig(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
                             out=str(tmp_path / "r"), grid_images=8))
     text = Path(path).read_text()
     assert "| FEMALE_BREAST_EXPOSED | -80% |" in text and "| SD1.4 | 20 | 10 | 50.0% |" in text
@@ -99,9 +103,9 @@ def test_report_renders(tmp_path):
     (tmp_path / "base" / "summary.json").write_text(json.dumps({**base, "threshold": 0.0}))
     inputs = [f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"]
     with pytest.raises(ValueError, match="counted differently.*threshold: SD1.4=0.0, ESD-u=0.6.*--allow_mixed"):
-        report(Namespace(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0))
+        report(ReportConfig(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0))
     assert not (tmp_path / "r2").exists()
-    assert Path(report(Namespace(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0, allow_mixed=True))).exists()
+    assert Path(report(ReportConfig(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0, allow_mixed=True))).exists()
 
 
 def test_report_charts_per_class_accuracy(tmp_path):
@@ -111,7 +115,7 @@ def test_report_charts_per_class_accuracy(tmp_path):
             "metric": "classify", "images": 4, "per_class_accuracy": {"tench": tench, "church": 0.8},
             "mean_accuracy": (tench + 0.8) / 2, "erased_classes": ["tench"], "erased_accuracy": tench,
             "others_accuracy": 0.8}))
-    text = Path(report(Namespace(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
+    text = Path(report(ReportConfig(inputs=[f"SD1.4={tmp_path / 'base'}", f"ESD-u={tmp_path / 'esd'}"],
                                  out=str(tmp_path / "r"), grid_images=0))).read_text()
     assert "| SD1.4 | 4 | 85.0% | 90.0% | 80.0% |" in text and "| ESD-u | 4 | 45.0% | 10.0% | 80.0% |" in text
     assert "| tench * | 0.9 | 0.1 |" in text and "| church | 0.8 | 0.8 |" in text
@@ -218,7 +222,7 @@ def test_an_unreadable_image_is_one_line_naming_it(damage, tmp_path):
 def test_report_names_a_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     for folder, expected in [(tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "has no summary.json")]:
-        message = one_line_error(lambda f=folder: report(Namespace(inputs=[f"base={f}"], out=str(tmp_path / "r"),
+        message = one_line_error(lambda f=folder: report(ReportConfig(inputs=[f"base={f}"], out=str(tmp_path / "r"),
                                                                    grid_images=0)))
         assert f"{str(folder)!r}" in message and expected in message
     assert not (tmp_path / "r").exists()
