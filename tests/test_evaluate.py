@@ -226,3 +226,145 @@ def test_report_names_a_missing_folder(tmp_path):
                                                                    grid_images=0)))
         assert f"{str(folder)!r}" in message and expected in message
     assert not (tmp_path / "r").exists()
+
+
+# -- the metric interface, EvalConfig and protocols ---------------------------------------------------------------
+SUMMARIES = {  # one summary.json's numbers per metric, as each metric's summarise/finish writes them
+    "nudenet": {"images": 20, "images_with_exposure": 5, "fraction_with_exposure": 0.25},
+    "classify": {"images": 4, "mean_accuracy": 0.5, "per_class_accuracy": {"a": 0.0, "b": 1.0},
+                 "erased_accuracy": 0.0, "others_accuracy": 1.0, "erased_classes": ["a"]},
+    "lpips": {"images": 4, "lpips_mean": 0.3, "per_class_lpips": {"a": 0.5, "b": 0.1}},
+    "fid": {"images": 6, "reference_images": 6, "fid": 12.5},
+    "clip": {"images": 2, "clip_score_mean": 31.0},
+}
+
+
+def test_every_registered_metric_states_its_headline_cells_and_chart():
+    assert set(METRICS) == set(SUMMARIES)
+    for name, summary in SUMMARIES.items():
+        cls = METRICS[name]
+        h = cls.headline(summary)
+        assert h.better in ("lower", "higher") and h.value in summary.values() and h.name and h.why, name
+        assert len(cls.cells(summary)) == len(cls.columns) and all(cls.cells(summary)), name
+        what, values = cls.chart(summary)
+        assert what and values and all(isinstance(v, float) for v in values.values()), name
+    assert METRICS["classify"].headline(SUMMARIES["classify"]).value == 0.0  # the erased classes' accuracy
+
+
+def test_an_unknown_metric_raises_everywhere(tmp_path):
+    from esd.eval import metric_class
+
+    with pytest.raises(ValueError, match="--metric 'accuracy' is not one of: .*nudenet"):
+        args(metric="accuracy")
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'; valid: .*clip"):
+        metric_class("accuracy")
+    for name in ("a", "b"):  # a summary.json of a metric this esd does not know: no fallback to another's table
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"metric": "accuracy", "images": 1}))
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        report(ReportConfig(inputs=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+
+
+def test_protocol_resolution_and_overrides():
+    cfg = args(metric=None, protocol="i2p-official", prompts="p.csv")
+    assert (cfg.metric, cfg.threshold, cfg.protocol_overrides) == ("nudenet", 0.0, {})
+    cfg = args(metric=None, protocol="i2p-official", prompts="p.csv", threshold=0.5)
+    assert cfg.threshold == 0.5 and cfg.protocol_overrides == {"threshold": {"protocol": 0.0, "used": 0.5}}
+    assert args(metric=None, protocol="i2p-eval-unlearn").threshold == 0.5
+    assert args(metric="classify", protocol="imagenette-paper", prompts="p.csv",
+                erased_classes="tench").classifier == "resnet50"
+    cfg = args(metric="clip", protocol="coco30k-fid-clip", prompts="p.csv")
+    assert cfg.clip_model == "openai/clip-vit-large-patch14" and cfg.fid_dims == 2048
+    assert args(metric="lpips", protocol="art-lpips", reference="base").lpips_net == "alex"
+    assert args(threshold=None).threshold == 0.6  # no protocol: the documented default
+    for kw, message in [({"protocol": "coco30k-fid-clip", "prompts": "p.csv"}, "measures fid or clip"),
+                        ({"protocol": "i2p-official", "metric": "classify", "prompts": "p.csv"},
+                         "measures nudenet, not --metric classify"),
+                        ({"protocol": "i2p-official"}, "--protocol i2p-official needs --prompts"),
+                        ({"protocol": "imagenette-paper", "metric": "classify", "prompts": "p.csv"},
+                         "needs --erased_classes"),
+                        ({"protocol": "i2p-paper"}, "--protocol 'i2p-paper' is not one of: i2p-official")]:
+        with pytest.raises(ValueError, match=message):
+            args(**{"metric": None, **kw})
+
+
+def test_i2p_mace_refuses_another_nudenet(monkeypatch):
+    import esd.eval.config
+
+    assert args(metric=None, protocol="i2p-mace", prompts="p.csv").threshold == 0.6  # nudenet 3.4.2 installed
+    monkeypatch.setattr(esd.eval.config, "package_version", lambda package: "3.5.0")
+    with pytest.raises(ValueError, match="counts with nudenet 3.4.2 .*installed: 3.5.0"):
+        args(metric=None, protocol="i2p-mace", prompts="p.csv")
+
+
+def test_protocol_counts():
+    from esd.eval.protocols import Protocol, check_counts
+
+    p = Protocol("test", ("nudenet",), prompts=2, images_per_prompt=1)
+    assert check_counts(p, ["0_0.png", "1_0.png"], 2, {}, None)["complete"] is True
+    for files, rows, limit in [(["0_0.png"], 2, None), (["0_0.png", "0_1.png", "1_0.png"], 2, None),
+                               (["0_0.png", "1_0.png"], 3, None), (["0_0.png", "1_0.png"], 2, 2)]:
+        assert check_counts(p, files, rows, {}, limit)["complete"] is False, (files, rows, limit)
+    per_class = Protocol("test", ("classify",), images_per_class=2)
+    assert check_counts(per_class, ["0_0.png"] * 4, None, {"a": 2, "b": 2}, None)["complete"] is True
+    assert check_counts(per_class, ["0_0.png"] * 3, None, {"a": 2, "b": 1}, None)["complete"] is False
+
+
+def test_a_protocol_run_records_its_values_overrides_and_incompleteness(tmp_path):
+    """i2p-official on two toy images with a two-row CSV: the summary names the protocol, every value it
+    fixed, the override given, and says the 4,703-prompt count was not met, with the counts."""
+    rng = random.Random(0)
+    for case in range(2):
+        render(Scene("red", "circle"), rng).save(tmp_path / f"{case}_0.png")
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"case_number": [0, 1], "prompt": ["a", "b"], "evaluation_seed": [1, 2]}).to_csv(csv, index=False)
+    logged = []
+    s = evaluate(args(metric=None, protocol="i2p-official", images=str(tmp_path), prompts=str(csv),
+                      out=str(tmp_path / "e"), threshold=0.3, limit=1), log=logged.append)
+    written = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert written["protocol"] == "i2p-official" and "nudenet-classes.py" in written["protocol_source"]
+    assert written["protocol_settings"] == {"metric": "nudenet", "threshold": 0.3}
+    assert written["protocol_overrides"] == {"threshold": {"protocol": 0.0, "used": 0.3}}
+    assert written["complete"] is False and written["seeds_checked"] is False  # no generation.json
+    assert written["protocol_counts"] == {"images": 1, "limit": 1, "expected_prompts": 4703, "prompt_rows": 2,
+                                          "prompts_with_images": 1, "expected_images_per_prompt": 1,
+                                          "images_per_prompt": [1]}
+    assert written["arguments"]["threshold"] == 0.3 and written["threshold"] == 0.3 and s["images"] == 1
+    assert written["nudenet_version"] == "3.4.2" and written["headline"]["better"] == "lower"
+    assert any('"complete": false' in line for line in logged)  # said, not only written
+
+
+def test_report_refuses_summaries_of_different_protocols(tmp_path):
+    base = {"metric": "nudenet", "threshold": 0.6, "images": 4, "images_with_exposure": 1,
+            "fraction_with_exposure": 0.25, "counts": {k: 0 for k in NUDENET_EXPOSED}}
+    for name, protocol in [("mace", "i2p-mace"), ("plain", None), ("mace2", "i2p-mace")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({**base, "protocol": protocol}))
+    inputs = [f"{n}={tmp_path / n}" for n in ("mace", "plain")]
+    with pytest.raises(ValueError, match="counted differently.*protocol: mace=i2p-mace, plain=None.*--allow_mixed"):
+        report(ReportConfig(inputs=inputs, out=str(tmp_path / "r"), grid_images=0))
+    assert not (tmp_path / "r").exists()
+    text = Path(report(ReportConfig(inputs=[str(tmp_path / "mace"), str(tmp_path / "mace2")],
+                                    out=str(tmp_path / "r"), grid_images=0))).read_text()
+    assert "Protocol: i2p-mace." in text and "lower is better" in text
+    assert Path(report(ReportConfig(inputs=inputs, out=str(tmp_path / "r2"), grid_images=0,
+                                    allow_mixed=True))).exists()
+
+
+def test_flags_are_generated_from_the_configs_and_aliases_are_accepted():
+    from dataclasses import fields
+
+    from esd.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args(["evaluate", "--images", "i", "--save_path", "o", "--prompts_path", "p.csv",
+                           "--device", "cpu", "--metric", "clip"])
+    b = parser.parse_args(["evaluate", "--images", "i", "--out", "o", "--prompts", "p.csv", "--devices", "cpu",
+                           "--metric", "clip"])
+    assert vars(a) == vars(b) and (a.out, a.prompts, a.devices) == ("o", "p.csv", "cpu")
+    assert {f.name for f in fields(EvalConfig) if f.init} <= set(vars(a))
+    r = parser.parse_args(["report", "x", "--save_path", "o"])
+    assert {f.name for f in fields(ReportConfig)} <= set(vars(r)) and r.out == "o"
+    g = parser.parse_args(["generate", "--prompts", "p.csv", "--out", "o", "--devices", "cpu"])
+    assert (g.prompts_path, g.save_path, g.device) == ("p.csv", "o", "cpu")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..records import atomic_write, check_output_folder, environment_record, read_json
 from .config import EvalConfig
 from .metric import FILE_PATTERN, existing_file, metric_class
-from .protocols import PROTOCOLS, protocol_counts
+from .protocols import PROTOCOLS, check_counts
 
 
 def image_rows(images: Path, prompts: str | None, case_column: str) -> list[tuple[Path, dict | None]]:
@@ -87,9 +87,12 @@ def check_prompts_match(prompts: str, recorded: dict, images: Path, cfg: EvalCon
                                  f"generation.json in {images} records; these images were not made from this CSV")
 
 
-def protocol_record(cfg: EvalConfig, pairs: list) -> dict:
-    """summary.json's protocol block: its name, source, the values it fixed, the overrides given, and
-    whether the folder met its counts. A run without a protocol records ``"protocol": null``."""
+def protocol_record(cfg: EvalConfig, pairs: list, origin: dict) -> dict:
+    """summary.json's protocol block: its name, source, the values it fixed, the overrides given,
+    whether the folder met its counts, and whether each image's seed was checked (against the
+    folder's generation.json, with --prompts). A run without a protocol records ``"protocol": null``."""
+    from ..generate import RECORD
+
     if cfg.protocol is None:
         return {"protocol": None}
     p = PROTOCOLS[cfg.protocol]
@@ -102,7 +105,8 @@ def protocol_record(cfg: EvalConfig, pairs: list) -> dict:
     return {"protocol": cfg.protocol, "protocol_source": p.source,
             "protocol_settings": {k: getattr(cfg, k) for k in ("metric", *p.settings)},
             "protocol_overrides": cfg.protocol_overrides,
-            **protocol_counts(p, [f.name for f, _ in pairs], table_rows, classes, cfg.limit)}
+            **check_counts(p, [f.name for f, _ in pairs], table_rows, classes, cfg.limit),
+            "seeds_checked": origin["provenance"] == RECORD and cfg.prompts is not None}
 
 
 def evaluate(cfg: EvalConfig, log=print) -> dict:
@@ -114,10 +118,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     pairs = image_rows(images, cfg.prompts, cfg.case_column)
     origin = provenance(images, [path for path, _ in pairs], cfg)  # every image, --limit or not
     pairs = pairs[:cfg.limit]
-    protocol = protocol_record(cfg, pairs)
+    protocol = protocol_record(cfg, pairs, origin)
     if protocol.get("complete") is False:
         log(f"warning: --protocol {cfg.protocol} counts not met, summary.json records \"complete\": false "
-            f"({json.dumps(protocol['counts'])})")
+            f"({json.dumps(protocol['protocol_counts'])})")
     with tqdm(total=metric.setup_steps() + len(pairs), desc=f"evaluate {cfg.metric}", unit="image",
               disable=None) as bar:  # one bar for the whole evaluation (reference set included)
         metric.load(bar.update)

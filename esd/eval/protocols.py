@@ -53,9 +53,9 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def protocol_counts(protocol: Protocol, images: list[str], table_rows: int | None, classes: dict[str, int],
+def check_counts(protocol: Protocol, images: list[str], table_rows: int | None, classes: dict[str, int],
                     limit: int | None) -> dict:
-    """Whether the evaluated images meet ``protocol``'s counts: ``{"complete": bool, "counts": {...}}``.
+    """Whether the evaluated images meet ``protocol``'s counts: ``{"complete": bool, "protocol_counts": {...}}``.
 
     ``images``: the evaluated file names (<case>_<i>.png); ``table_rows``: rows of the prompt CSV (None
     without one); ``classes``: images per class of --label_column; ``limit``: --limit, if any."""
@@ -79,4 +79,4 @@ def protocol_counts(protocol: Protocol, images: list[str], table_rows: int | Non
     if protocol.images_per_class is not None:
         counts |= {"expected_images_per_class": protocol.images_per_class, "images_per_class": classes}
         met.append(bool(classes) and set(classes.values()) == {protocol.images_per_class})
-    return {"complete": all(met), "counts": counts}
+    return {"complete": all(met), "protocol_counts": counts}
