@@ -119,15 +119,13 @@ class EvalConfig:
                              f"{self.metric}")
         if missing := [f"--{name}" for name in protocol.needs if getattr(self, name) is None]:
             raise ValueError(f"--protocol {self.protocol} needs {', '.join(missing)}")
+        # Refused, not warned: another NudeNet ships another detector model and post-processing, so its counts
+        # are not the protocol's, yet summary.json and esd report would label them as such.
         for package, wanted in protocol.versions.items():
-            if self.metric == "nudenet" or package != "nudenet":
-                installed = package_version(package)
-                # Refused, not warned: another NudeNet ships another detector model and post-processing, so its
-                # counts are not the protocol's, yet summary.json and esd report would label them as such.
-                if installed != wanted:
-                    raise ValueError(f"--protocol {self.protocol} counts with {package} {wanted} (its detector "
-                                     f"fixes the counts); installed: {installed or 'none'}. pip install "
-                                     f"{package}=={wanted}, or drop --protocol (the installed version is recorded)")
+            if (installed := package_version(package)) != wanted:
+                raise ValueError(f"--protocol {self.protocol} counts with {package} {wanted} (its detector fixes "
+                                 f"the counts); installed: {installed or 'none'}. pip install {package}=={wanted}, "
+                                 "or drop --protocol (the installed version is recorded)")
 
     @property
     def device(self) -> str:
