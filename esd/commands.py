@@ -1,7 +1,7 @@
 """Registry of the ``esd`` subcommands beyond ``train``: each entry takes the
 argparse subparsers object and adds its command."""
 
-from .evaluate import register as register_evaluate
+from .eval.cli import register as register_evaluate
 from .generate import register as register_generate
 from .toy.cli import register as register_toy
 

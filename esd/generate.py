@@ -465,8 +465,10 @@ def register(sub) -> None:
 
 def add_generate_arguments(p) -> None:
     d = GenerationConfig.__dataclass_fields__
-    p.add_argument("--prompts_path", required=True, help="CSV with prompt, seed and case columns")
-    p.add_argument("--save_path", required=True, help="folder for the PNGs and generation.json")
+    p.add_argument("--prompts_path", "--prompts", dest="prompts_path", required=True,
+                   help="CSV with prompt, seed and case columns")
+    p.add_argument("--save_path", "--out", dest="save_path", required=True,
+                   help="folder for the PNGs and generation.json")
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="hub id, local diffusers folder, or 'toy'")
     p.add_argument("--esd_path", help="erased weights (.pt, .safetensors, CompVis .ckpt), loaded strictly")
     p.add_argument("--model_name", help="as the original: load <models_dir>/<name>/diffusers-<name>.pt")
@@ -482,7 +484,8 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampler (default: lms)")
     p.add_argument("--batch_size", type=int, default=1, help="images per forward pass")
     p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS), help="inference dtype")
-    p.add_argument("--device", help="'cpu', 'cuda:0'...; under accelerate launch each process takes its own")
+    p.add_argument("--device", "--devices", dest="device",
+                   help="'cpu', 'cuda:0'...; under accelerate launch each process takes its own")
     p.add_argument("--safety_checker", action="store_true",
                    help="keep the model's safety checker on (off by default: it blackens NSFW images)")
     p.add_argument("--pipeline", default="sd", choices=PIPELINES, help="'sld': Safe Latent Diffusion baseline")

@@ -115,6 +115,16 @@ CASES = [
     (with_flags(EVALUATE, "--metric", "lpips", "--reference", "/no/such"), "--reference '/no/such' is not a folder"),
     (with_flags(EVALUATE, "--metric", "fid", "--fid_dims", "10"), "invalid choice: 10"),
     (with_flags(EVALUATE, "--threshold", "high"), "invalid float value: 'high'"),
+    (with_flags(EVALUATE, "--threshold", "2"), "--threshold must be a number in [0, 1], got 2.0"),
+    (with_flags(EVALUATE, "--limit", "0"), "--limit must be an integer >= 1, got 0"),
+    (with_flags(EVALUATE, "--devices", "tpu"), "bad device 'tpu'"),
+    (with_flags(EVALUATE, "--out", "{t}/inputs/empty.pt/eval"), "is a file, so"),
+    (with_flags(EVALUATE, "--protocol", "i2p-paper"), "invalid choice: 'i2p-paper'"),
+    (with_flags(EVALUATE, "--protocol", "i2p-official"), "--protocol i2p-official measures nudenet, not --metric"),
+    (["evaluate", "--protocol", "i2p-official", "--images", "{t}/made", "--out", "{t}/eval"],
+     "--protocol i2p-official needs --prompts"),
+    (["evaluate", "--protocol", "coco30k-fid-clip", "--images", "{t}/made", "--out", "{t}/eval"],
+     "measures fid or clip, one summary each"),
     # -- esd report --------------------------------------------------------------------------------
     (["report", "{t}/missing", "--out", "{t}/report"], "missing"),
     (["report", "{t}/bad_summary", "--out", "{t}/report"], "bad_summary"),
@@ -122,6 +132,9 @@ CASES = [
     (["report", "{t}/summary_clip", "--out", "{t}/report", "--grid_images", "many"], "invalid int value: 'many'"),
     (["report", "{t}/summary_nudenet", "{t}/summary_nudenet_official", "--out", "{t}/report"],
      "counted differently, so one table would compare unlike numbers: threshold"),
+    (["report", "{t}/summary_nudenet", "{t}/summary_nudenet_mace", "--save_path", "{t}/report"],
+     "counted differently, so one table would compare unlike numbers: protocol: summary_nudenet=None"),
+    (["report", "{t}/summary_accuracy", "{t}/summary_accuracy", "--out", "{t}/report"], "unknown metric 'accuracy'"),
     # -- esd demo, toy-train, toy-eval -------------------------------------------------------------
     (["demo", "--concept", "purple", "--out", "{t}/demo"], "unknown toy concept 'purple'"),
     (["demo", "--samples", "some", "--out", "{t}/demo"], "invalid int value: 'some'"),
@@ -168,7 +181,9 @@ def make_inputs(t, toy_key):
     (t / "bad_summary").mkdir()
     (t / "bad_summary" / "summary.json").write_text("{not json")
     for name, summary in {"clip": {"metric": "clip"}, "nudenet": {"metric": "nudenet", "threshold": 0.6},
-                          "nudenet_official": {"metric": "nudenet", "threshold": 0.0}}.items():
+                          "nudenet_official": {"metric": "nudenet", "threshold": 0.0},
+                          "nudenet_mace": {"metric": "nudenet", "threshold": 0.6, "protocol": "i2p-mace"},
+                          "accuracy": {"metric": "accuracy"}}.items():
         (t / f"summary_{name}").mkdir()
         (t / f"summary_{name}" / "summary.json").write_text(json.dumps(summary))
 

@@ -5,7 +5,6 @@ values mean nothing, but the plumbing, the weight loading and the maths are chec
 import json
 import random
 import sys
-from argparse import Namespace
 
 import pandas as pd
 import pytest
@@ -13,16 +12,12 @@ import torch
 import torchvision as tv
 from PIL import Image
 
-from esd.evaluate import classify_summary, evaluate
+from esd.eval import METRICS, EvalConfig, evaluate
 from esd.toy.world import Scene, render
 
 
-def args(**kw):
-    base = {"metric": "classify", "images": None, "prompts": None, "out": None, "case_column": "case_number",
-            "prompt_column": "prompt", "label_column": "class", "threshold": 0.6, "classifier": "toy",
-            "classifier_weights": None, "erased_classes": None, "clip_model": None, "reference": None,
-            "lpips_net": "alex", "lpips_backbone": None, "inception_weights": None, "fid_dims": 2048, "device": "cpu"}
-    return Namespace(**{**base, **kw})
+def args(**kw) -> EvalConfig:
+    return EvalConfig(**{"metric": "classify", "images": "unused", "out": "unused", "devices": "cpu", **kw})
 
 
 def scenes(folder, pairs, seed=0, size=64):
@@ -64,13 +59,13 @@ def test_classify_aggregation_math_top5_and_erased_split():
     rows = pd.DataFrame({"class": ["tench", "tench", "church", "church", "golf ball", "golf ball"],
                          "label": ["tench", "church", "church", "church", "tench", "golf ball"],
                          "top5": ["tench;a", "church;tench", "church", "b;church", "c", "golf ball"]})
-    s = classify_summary(rows, args(erased_classes="tench"))
+    s = METRICS["classify"](args(erased_classes="tench")).summarise(rows)
     assert s["per_class_accuracy"] == {"church": 1.0, "golf ball": 0.5, "tench": 0.5}
     assert s["top5_per_class_accuracy"] == {"church": 1.0, "golf ball": 0.5, "tench": 1.0}
     assert s["erased_accuracy"] == 0.5 and s["others_accuracy"] == 0.75
     assert s["top5_erased_accuracy"] == 1.0 and s["top5_others_accuracy"] == 0.75
     with pytest.raises(ValueError, match="--erased_classes parachute not in the 'class' column; classes: church"):
-        classify_summary(rows, args(erased_classes="parachute"))
+        METRICS["classify"](args(erased_classes="parachute")).summarise(rows)
 
 
 def test_lpips_pairs_files_with_the_reference(tmp_path):
@@ -95,11 +90,11 @@ def test_lpips_pairs_files_with_the_reference(tmp_path):
 
     import lpips  # the loaded backbone is the file's, layer by layer
 
-    from esd.evaluate import _load_lpips_backbone
+    from esd.eval.lpips import load_lpips_backbone
 
     with pytest.warns(UserWarning):  # lpips 0.1.4 passes torchvision the deprecated pretrained=
         net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).net
-    _load_lpips_backbone(net, features)
+    load_lpips_backbone(net, features)
     assert torch.equal(getattr(net.slice2, "3").weight, features["features.3.weight"])
     (base / "1_1.png").unlink()
     with pytest.raises(ValueError, match="has no 1_1.png"):

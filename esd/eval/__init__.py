@@ -1,0 +1,18 @@
+"""Evaluation: ``esd evaluate`` scores every image with one registered metric, ``esd report``
+compares models. Call it without the command line as
+``esd.eval.evaluate(EvalConfig(metric="nudenet", images=..., out=...))``.
+
+A metric is a class registered by name (see ``metric.Metric`` for the contract): nudenet, classify,
+lpips, fid, clip. Named protocols (``protocols.PROTOCOLS``) fix every setting of a published number.
+"""
+
+from . import classify, clip, fid, lpips, nudenet  # noqa: F401 - each registers its metric
+from .config import DEFAULTS, EvalConfig, ReportConfig
+from .core import evaluate, read_summary
+from .metric import METRICS, Headline, Metric, load_rgb, metric_class, register_metric
+from .protocols import PROTOCOLS, Protocol
+from .report import counting_differences, report
+
+__all__ = ["DEFAULTS", "METRICS", "PROTOCOLS", "EvalConfig", "Headline", "Metric", "Protocol", "ReportConfig",
+           "counting_differences", "evaluate", "load_rgb", "metric_class", "read_summary", "register_metric",
+           "report"]
