@@ -16,8 +16,8 @@ from esd.toy.recipe import RecipeConfig, toy_train
 from esd.toy.world import (
     COLOURS,
     HELD_OUT_TEMPLATES,
-    TRAINED_TEMPLATES,
     SHAPES,
+    TRAINED_TEMPLATES,
     all_phrasings,
     all_scenes,
     balanced_weights,
