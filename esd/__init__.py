@@ -11,6 +11,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .config import PRESETS, ESDConfig  # noqa: E402
 from .methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
+from .modelcard import write_model_card  # noqa: E402
 from .models import DiffusionModels, ModelLoadError, load_models  # noqa: E402
 from .objective import esd_loss, esd_target  # noqa: E402
 from .pipeline import ESDPipeline  # noqa: E402
@@ -19,4 +20,4 @@ from .weights import apply_erased_weights, load_erased_unet  # noqa: E402
 
 __all__ = ["PRESETS", "TRAIN_METHODS", "DiffusionModels", "ESDConfig", "ESDPipeline", "ESDTrainer", "ModelLoadError",
            "apply_erased_weights", "esd_loss", "esd_target", "load_erased_unet", "load_models", "resolve_method",
-           "select_parameters", "train_esd"]
+           "select_parameters", "train_esd", "write_model_card"]

@@ -1,35 +1,75 @@
 """``ESDPipeline``: erase (or load an erasure) and generate, in one object.
 
-This is the contract under which benchmarks such as eval-unlearn call an ``esd``
-package; it runs on the same engine as ``esd train``."""
+This is the contract under which benchmarks such as eval-unlearn (its ``ESDTechnique``) call an
+``esd`` package; it runs on the same engine as ``esd train``."""
 
+import os
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
 from .config import DEFAULT_PRESET, ESDConfig
+from .modelcard import write_model_card
 from .models import DEFAULT_BASE_MODEL, DiffusionModels, resolve_source
+from .records import check_name, check_output_folder
 from .train import ESDTrainer
 from .weights import apply_erased_weights
+
+# save_path's suffix -> the trainer's save_format: the whole UNet state dict (the published ESD weights,
+# what the official code writes) or only the trained parameters.
+SAVE_SUFFIXES = {".pt": "full", ".safetensors": "trained"}
+
+
+class _UnsavedTrainer(ESDTrainer):
+    """A trainer whose outputs are never written (no save_path): no run folder to check."""
+
+    def _check_output_dir(self) -> None:
+        pass
 
 
 class ESDPipeline:
     """A diffusers text-to-image pipeline whose UNet has a concept erased.
 
-    With ``load_path``, erased weights (any format :func:`esd.load_erased_unet` reads)
-    are loaded strictly; otherwise, with ``erase_concept``, ESD trains for
-    ``train_steps`` iterations (and saves to ``save_path`` when given). ``preset`` is one of
-    :data:`esd.config.PRESETS`; ``train_steps``, ``learning_rate`` and ``negative_guidance``
-    default to the preset's values."""
+    With ``load_path``, erased weights (any format :func:`esd.load_erased_unet` reads) are loaded
+    strictly and nothing trains; otherwise ESD erases ``erase_concept`` (from ``erase_from``, default
+    the concept itself) for ``train_steps`` iterations; with neither, it is the base model.
+
+    The arguments are eval-unlearn's (``ESDTechnique``), which follow the current official code:
+
+    * ``negative_guidance`` is the official code's eta (esd_sd.py, default 2.0), which is the paper's
+      and ``esd train``'s eta + 1: 2.0 erases with our eta = 1. None: the preset's (2.0 for each).
+    * ``use_fp16`` (default True) casts the frozen weights and the generating pipeline to fp16 on CUDA
+      only; on the CPU everything stays fp32.
+    * ``save_path`` is the weights file to write: ``.pt`` (the whole UNet state dict, the published ESD
+      weights' format) or ``.safetensors`` (the trained parameters only). An existing file is never
+      replaced. Its records (args.json, loss.csv, loss.png, README.md) go to the folder beside it named
+      after its stem (``out/esd.pt`` -> ``out/esd/``). The same path as ``load_path`` reloads it.
+
+    ``preset`` is one of :data:`esd.config.PRESETS`; ``train_steps`` and ``learning_rate`` default to
+    its values. ``output_dir`` is the run's records folder (None when nothing was saved)."""
 
     def __init__(self, model_id: str = DEFAULT_BASE_MODEL, device: str | None = None,
                  erase_concept: str | None = None, erase_from: str | None = None, train_method: str = "xattn",
                  negative_guidance: float | None = None, train_steps: int | None = None,
-                 learning_rate: float | None = None, use_fp16: bool = False, save_path: str | None = None,
+                 learning_rate: float | None = None, use_fp16: bool = True, save_path: str | None = None,
                  load_path: str | None = None, preset: str = DEFAULT_PRESET):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float16 if use_fp16 and self.device.type == "cuda" else torch.float32
+        self.output_dir = None
+        trainer = None
+        if load_path is None and erase_concept is not None:
+            if not erase_concept.strip():
+                raise ValueError(f"erase_concept {erase_concept!r} is empty; name the concept to erase, or pass "
+                                 "load_path to load an erasure (or neither, for the base model)")
+            # Every check before the model loads: the settings, then where the weights and records go.
+            save = {} if save_path is None else self._save_settings(save_path)
+            eta = None if negative_guidance is None else negative_guidance - 1
+            config = ESDConfig(prompt=erase_concept, erase_from=erase_from, train_method=train_method,
+                               base_model=model_id, preset=preset, negative_guidance=eta, iterations=train_steps,
+                               lr=learning_rate, mixed_precision="fp16" if self.dtype == torch.float16 else "no",
+                               devices="cpu" if self.device.type == "cpu" else str(self.device.index or 0), **save)
+            trainer = ESDTrainer(config) if save else _UnsavedTrainer(config)
         source = resolve_source(model_id)
         index = DiffusionPipeline.load_config(source)
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
@@ -37,29 +77,39 @@ class ESDPipeline:
         self.pipe.set_progress_bar_config(disable=True)
         if load_path is not None:
             apply_erased_weights(self.pipe.unet, load_path, base_model=model_id)
-        elif erase_concept:
-            self._erase(model_id, erase_concept, erase_from, train_method, negative_guidance, train_steps,
-                        learning_rate, use_fp16, save_path, preset)
-        elif erase_concept is not None:
-            raise ValueError("erase_concept is empty")
+        elif trainer is not None:
+            self._erase(trainer, None if save_path is None else Path(save_path))
         self.pipe.to(self.device, self.dtype)
 
-    def _erase(self, model_id, concept, erase_from, method, eta, steps, lr, use_fp16, save_path, preset):
+    @staticmethod
+    def _save_settings(save_path: str) -> dict:
+        """The ESDConfig settings that write the weights file ``save_path`` (a new .pt or .safetensors file
+        in a writable folder) and its records folder beside it."""
+        path = Path(save_path)
+        if path.suffix not in SAVE_SUFFIXES:
+            raise ValueError(f"save_path {save_path!r} must name a weights file ending in "
+                             f"{' or '.join(SAVE_SUFFIXES)}")
+        if path.exists():
+            raise ValueError(f"save_path {save_path!r} already exists; pass it as load_path to use it, or "
+                             "name a new file")
+        check_name(path.stem, "save_path's file name")
+        check_output_folder(path.parent, "save_path")
+        return {"save_path": str(path.parent), "name": path.stem, "save_format": SAVE_SUFFIXES[path.suffix]}
+
+    def _erase(self, trainer: ESDTrainer, save_path: Path | None) -> None:
         p = self.pipe
         encoders = [p.text_encoder] + ([p.text_encoder_2] if getattr(p, "text_encoder_2", None) else [])
         tokenizers = [p.tokenizer] + ([p.tokenizer_2] if getattr(p, "tokenizer_2", None) else [])
-        models = DiffusionModels(p.unet, p.scheduler, tokenizers, encoders, None, p.vae_scale_factor, model_id)
-        config = ESDConfig(prompt=concept, erase_from=erase_from, train_method=method, base_model=model_id,
-                           preset=preset, negative_guidance=eta, iterations=steps, lr=lr,
-                           mixed_precision="fp16" if use_fp16 else "no",
-                           devices="cpu" if self.device.type == "cpu" else str(self.device.index or 0),
-                           save_path=save_path or "models/")
-        trainer = ESDTrainer(config, models)
+        trainer.models = DiffusionModels(p.unet, p.scheduler, tokenizers, encoders, None, p.vae_scale_factor,
+                                         trainer.config.base_model)
         trainer.setup()
         result = trainer.train()
         if save_path is not None:
-            trainer.save(result)
-        self.output_dir = Path(result.output_dir)
+            out = trainer.save(result)
+            written = out / (f"diffusers-{out.name}.pt" if save_path.suffix == ".pt" else f"{out.name}.safetensors")
+            os.replace(written, save_path)  # the same file system: the file appears whole or not at all
+            write_model_card(out, weights=[save_path])
+            self.output_dir = out
 
     @torch.no_grad()
     def generate(self, prompts, seed: int | None = None, num_inference_steps: int = 50,

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
 from .methods import resolve_method, select_parameters
+from .modelcard import write_model_card
 from .models import DiffusionModels, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
@@ -93,7 +94,7 @@ class ESDTrainer:
     @staticmethod
     def _run_files(out: Path) -> list[Path]:
         """What a run writes in its folder (weights, records, checkpoints)."""
-        files = [out / n for n in ("args.json", "loss.csv", "loss.png", f"{out.name}.safetensors",
+        files = [out / n for n in ("args.json", "loss.csv", "loss.png", "README.md", f"{out.name}.safetensors",
                                    f"diffusers-{out.name}.pt")]
         return files + sorted((out / "checkpoints").glob("checkpoint-*.pt"))
 
@@ -249,7 +250,7 @@ class ESDTrainer:
 
     # -- outputs -------------------------------------------------------------------------------
     def save(self, result: ESDResult | None = None) -> Path:
-        """Write weights, ``args.json``, ``loss.csv`` and ``loss.png`` to the output folder."""
+        """Write weights, ``args.json``, ``loss.csv``, ``loss.png`` and the model card to the output folder."""
         cfg, out = self.config, self.output_dir
         trained = self.trained_state()
         bad = [n for n, v in trained.items() if not torch.isfinite(v).all()]
@@ -279,6 +280,7 @@ class ESDTrainer:
         if result is not None:
             record.update(seconds=result.seconds, unet_evals=result.unet_evals)
         write_run_record(out, record, self.history)
+        write_model_card(out)
         return out
 
 

@@ -1,20 +1,106 @@
+import json
+import shutil
+
+import huggingface_hub
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from esd import ESDPipeline
+from esd.models import DEFAULT_BASE_MODEL, TOY_MODEL_DIR
+
+PROMPTS = ["a red circle", "a blue square"]  # the toy model's world
 
 
-def test_esd_pipeline_erases_saves_and_reloads(tiny_models, tmp_path):
-    pipe = ESDPipeline(model_id=tiny_models["sd1"], device="cpu", erase_concept="cat", train_method="xattn",
-                       train_steps=2, learning_rate=1e-3, save_path=str(tmp_path))
-    images = pipe.generate(["a photo of cat", "a dog"], seed=0, num_inference_steps=2, guidance_scale=7.5)
-    assert len(images) == 2 and images[0].size == (128, 128)
-    again = pipe.generate(["a photo of cat", "a dog"], seed=0, num_inference_steps=2)
-    assert list(images[0].getdata()) == list(again[0].getdata())  # seeded
-    weights = pipe.output_dir / f"{pipe.output_dir.name}.safetensors"
-    loaded = ESDPipeline(model_id=tiny_models["sd1"], device="cpu", load_path=str(weights))
+def pixels(images):
+    return [list(im.getdata()) for im in images]
+
+
+def test_eval_unlearn_arguments_and_defaults_train_save_and_reload(tmp_path):
+    """eval-unlearn's ESDTechnique passes every argument by these names; its defaults are the official
+    code's negative_guidance 2.0 (our eta 1) and use_fp16=True (CUDA only), and save_path is a file that
+    it later passes as load_path."""
+    weights = tmp_path / "esd-red.pt"
+    contract = dict(model_id="toy", device="cpu", erase_concept="red", erase_from=None,
+                    train_method="noxattn", negative_guidance=2.0, train_steps=2, learning_rate=5e-5, use_fp16=True)
+    pipe = ESDPipeline(**contract, save_path=str(weights), load_path=None)
+    assert pipe.dtype == torch.float32 and pipe.pipe.unet.dtype == torch.float32  # fp16 is for CUDA only
+    images = pipe.generate(PROMPTS, seed=0, num_inference_steps=2, guidance_scale=7.5)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert pixels(pipe.generate(PROMPTS, seed=0, num_inference_steps=2)) == pixels(images)  # seeded
+
+    # The file is the whole UNet state dict; the run's records sit in the folder named after its stem.
+    records = tmp_path / "esd-red"
+    assert pipe.output_dir == records and sorted(p.name for p in tmp_path.iterdir()) == ["esd-red", "esd-red.pt"]
+    assert sorted(p.name for p in records.iterdir()) == ["README.md", "args.json", "loss.csv", "loss.png"]
+    args = json.loads((records / "args.json").read_text())
+    assert args["negative_guidance"] == 1.0 and args["mixed_precision"] == "no" and args["iterations"] == 2
+    assert "../esd-red.pt" in (records / "README.md").read_text()
+    state = torch.load(weights, weights_only=True)
+    assert state.keys() == pipe.pipe.unet.state_dict().keys()
+
+    # eval-unlearn's reload: the same path as save_path and load_path; nothing trains, nothing is written.
+    before = weights.read_bytes()
+    loaded = ESDPipeline(**contract, save_path=str(weights), load_path=str(weights))
+    assert pixels(loaded.generate(PROMPTS, seed=0, num_inference_steps=2, guidance_scale=7.5)) == pixels(images)
+    assert loaded.output_dir is None and weights.read_bytes() == before
+    with pytest.raises(ValueError, match="already exists; pass it as load_path"):
+        ESDPipeline(**contract, save_path=str(weights))
+    assert weights.read_bytes() == before
+
+
+def test_safetensors_save_path_holds_the_trained_tensors(tmp_path):
+    weights = tmp_path / "red.safetensors"
+    pipe = ESDPipeline(model_id="toy", device="cpu", erase_concept="red", train_method="xattn",
+                       train_steps=2, learning_rate=1e-3, save_path=str(weights))
+    images = pipe.generate(PROMPTS, seed=0, num_inference_steps=2)
     trained = load_file(weights)
-    own = loaded.pipe.unet.state_dict()
-    assert all(torch.equal(own[k], v) for k, v in trained.items())
-    reloaded = loaded.generate(["a photo of cat", "a dog"], seed=0, num_inference_steps=2)
-    assert list(reloaded[0].getdata()) == list(images[0].getdata())
+    own = pipe.pipe.unet.state_dict()
+    assert trained and all("attn2" in k and torch.equal(own[k], v) for k, v in trained.items())
+    loaded = ESDPipeline(model_id="toy", device="cpu", load_path=str(weights))
+    assert pixels(loaded.generate(PROMPTS, seed=0, num_inference_steps=2)) == pixels(images)
+
+
+@pytest.mark.parametrize("save_path, message", [("weights.bin", r"must name a weights file ending in \.pt or "
+                                                                "\\.safetensors"),
+                                                ("a folder/", "must name a weights file"),
+                                                ("bad name!.pt", "save_path's file name 'bad name!' is not a plain")])
+def test_bad_save_path_is_refused_before_loading(save_path, message, tmp_path):
+    # The hub model is not in the offline cache: reaching the loading step would fail otherwise.
+    with pytest.raises(ValueError, match=message):
+        ESDPipeline(model_id=DEFAULT_BASE_MODEL, device="cpu", erase_concept="cat", save_path=str(tmp_path / save_path))
+    assert not any(tmp_path.iterdir())
+
+
+def hub_cache(root, repo_id=DEFAULT_BASE_MODEL):
+    """A Hugging Face hub cache in which ``repo_id`` is the toy model, as a download would leave it."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(TOY_MODEL_DIR, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+def test_eval_unlearn_esd_technique_round_trip(tmp_path, monkeypatch):
+    wrapper = pytest.importorskip("eval_unlearn.techniques.esd.wrapper",
+                                  reason="eval-unlearn is not installed (pip install esd[eval-unlearn])")
+    cache = hub_cache(tmp_path / "hf" / "hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read when the module loaded
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    weights = tmp_path / "out" / "esd-red.pt"
+    # Its defaults otherwise: model_id CompVis/stable-diffusion-v1-4 (fixed), train_method noxattn,
+    # negative_guidance 2.0, learning_rate 5e-5, use_fp16 True.
+    settings = dict(device="cpu", erase_concept="red", train_steps=2, save_path=str(weights))
+    technique = wrapper.ESDTechnique(**settings)
+    images = technique.generate(PROMPTS, seed=0, num_inference_steps=2)
+    assert weights.is_file() and technique.pipeline.dtype == torch.float32
+    args = json.loads((tmp_path / "out" / "esd-red" / "args.json").read_text())
+    assert args["base_model"] == DEFAULT_BASE_MODEL and args["negative_guidance"] == 1.0
+    assert args["train_method"] == "noxattn" and args["lr"] == 5e-5
+
+    reloaded = wrapper.ESDTechnique(**settings, load_path=str(weights))
+    again = reloaded.generate(PROMPTS, seed=0, num_inference_steps=2)
+    assert pixels(again) == pixels(images)

@@ -33,8 +33,8 @@ def test_two_iteration_cli_run_writes_loadable_outputs(family, tiny_models, tmp_
                 "--name", "run")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "diffusers-run.pt", "loss.csv", "loss.png",
-                                                     "run.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "args.json", "diffusers-run.pt", "loss.csv",
+                                                     "loss.png", "run.safetensors"]
     args = json.loads((out / "args.json").read_text())
     assert args["family"] == family and args["seed"] == 0 and args["environment"]["torch"] == torch.__version__
     assert args["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
