@@ -95,7 +95,7 @@ def evaluation_rows(run_dir: Path) -> list[str]:
     paths = sorted(run_dir.rglob("summary.json"))
     if not paths:  # the usual case at the end of training: no need to import the evaluators
         return []
-    from .evaluate import COUNTING_SETTINGS, _headline
+    from .eval import METRICS, metric_class
 
     rows = []
     for path in paths:
@@ -103,8 +103,10 @@ def evaluation_rows(run_dir: Path) -> list[str]:
         try:
             summary = read_json(path)
             metric = summary["metric"]
-            headline = _headline(metric, summary) if metric in COUNTING_SETTINGS else {}
-            result = ", ".join(f"{k}: {v}" for k, v in headline.items() if v)
+            if metric not in METRICS:
+                raise ValueError(f"unknown metric {metric!r}")
+            cls = metric_class(metric)  # the columns of esd report's table
+            result = ", ".join(f"{c}: {v}" for c, v in zip(cls.columns, cls.cells(summary)) if v)
         except (ValueError, KeyError, TypeError) as e:  # one unreadable summary does not stop the card
             metric, result = "?", f"unreadable summary.json ({type(e).__name__})"
         rows.append(f"| {_cell(folder)} | {_cell(metric)} | {_cell(result)} |")
