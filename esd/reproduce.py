@@ -17,7 +17,7 @@ inputs (settings and the fingerprints of the image folders) is kept. Each skip i
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .config import PRESETS, ESDConfig
@@ -43,7 +43,7 @@ class Experiment:
     protocols: tuple[str, ...]  # the evaluation protocols that apply; the first is the default
     samples: int  # images per prompt row the protocol expects
     case_column: str = "case_number"
-    published: dict = None  # (model, quantity) -> (value, source); only numbers with a source
+    published: dict = field(default_factory=dict)  # (model, quantity) -> (value, source); sourced numbers only
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -60,9 +60,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         published={("erased-church", "erased-class accuracy %"): (54.2, ESD_TABLE2),
                    ("erased-parachute", "erased-class accuracy %"): (23.8, ESD_TABLE2)}),
     "art": Experiment("the artist-style measure: ESD-x of an artist, LPIPS to the base model's images", "xattn",
-                      "Van Gogh", ("art-lpips",), 1, published={}),
+                      "Van Gogh", ("art-lpips",), 1),
     "coco": Experiment("the COCO quality columns: FID and CLIP score of an erased model on COCO captions", "noxattn",
-                       "nudity", ("coco30k-fid-clip",), 1, case_column="image_id", published={}),
+                       "nudity", ("coco30k-fid-clip",), 1, case_column="image_id"),
 }
 NOT_PUBLISHED = "not published here"
 
