@@ -3,6 +3,7 @@ argparse subparsers object and adds its command."""
 
 from .eval.cli import register as register_evaluate
 from .generate import register as register_generate
+from .reproduce import register as register_reproduce
 from .toy.cli import register as register_toy
 
-REGISTERED: list = [register_toy, register_generate, register_evaluate]
+REGISTERED: list = [register_toy, register_generate, register_evaluate, register_reproduce]
