@@ -1,8 +1,9 @@
 """Registry of the ``esd`` subcommands beyond ``train``: each entry takes the
 argparse subparsers object and adds its command."""
 
+from .attack.cli import register as register_attack
 from .evaluate import register as register_evaluate
 from .generate import register as register_generate
 from .toy.cli import register as register_toy
 
-REGISTERED: list = [register_toy, register_generate, register_evaluate]
+REGISTERED: list = [register_toy, register_generate, register_evaluate, register_attack]
