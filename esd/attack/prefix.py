@@ -67,5 +67,5 @@ def prefix_attack(target: Target, slot_ids: list[int], prompt: str, latents: tor
         optimizer.step()
         losses.append(loss.item())
     chosen = candidates[nearest(soft.detach(), table)].tolist()
-    prefix = target.tokenizer.decode(chosen)
+    prefix = " ".join(target.tokenizer.decode([i]) for i in chosen)  # each word tokenizes back alone
     return PrefixResult(chosen, prefix, losses)
