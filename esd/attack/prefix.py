@@ -1,0 +1,71 @@
+"""The ``prefix`` attack: k real vocabulary tokens put before a prompt bring the erased concept back."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .target import Target, denoising_loss, slot_embeddings, token_ids
+
+
+@dataclass
+class PrefixResult:
+    token_ids: list[int]  # k vocabulary ids, in prompt order
+    prefix: str  # their text, which tokenizes back to token_ids
+    losses: list[float]  # the denoising loss at the projected tokens, one per step
+
+
+def word_tokens(target: Target) -> torch.Tensor:
+    """Ids of the vocabulary tokens an adversarial prefix may use: whole words (CLIP's '</w>' ending), no
+    special or added token, and only those whose text tokenizes back to that one token, so the prefix
+    written to adversarial_prompts.csv is the prefix that was optimised."""
+    tok = target.tokenizer
+    excluded = set(tok.all_special_ids) | set(tok.added_tokens_encoder.values())
+    ids = []
+    for token, i in tok.get_vocab().items():
+        if i in excluded or not token.endswith("</w>"):
+            continue
+        if tok(tok.decode([i]), add_special_tokens=False).input_ids == [i]:
+            ids.append(i)
+    return torch.tensor(sorted(ids), dtype=torch.long, device=target.device)
+
+
+def nearest(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the row of ``table`` (V, D) nearest (Euclidean) to each of ``vectors`` (k, D)."""
+    return torch.cdist(vectors, table).argmin(-1)
+
+
+def prefix_attack(target: Target, slot_ids: list[int], prompt: str, latents: torch.Tensor, candidates: torch.Tensor,
+                  steps: int, lr: float, generator: torch.Generator) -> PrefixResult:
+    """UnlearnDiffAtk's prefix attack (Zhang et al. 2023, "To Generate or Not? Safety-Driven Unlearned
+    Diffusion Models Are Still Easy To Generate Unsafe Images ... For Now"): k tokens prepended to the
+    prompt minimise the erased model's denoising loss on reference latents of the concept (their defaults:
+    k=5, 40 steps).
+
+    Optimised by projected gradient as in PEZ (Wen et al. 2023, "Hard Prompts Made Easy", Algorithm 1):
+    continuous embeddings P (k, D) start at random vocabulary tokens; each step projects P onto the
+    nearest word-token embeddings, takes the loss and its gradient there (straight-through) and applies
+    the step to P with Adam. PEZ's weight decay is left out: decoupled decay shrinks P by a factor that
+    depends on the embeddings' scale, which differs between models. The result is the final
+    projection, so every token is a real one.
+
+    ``slot_ids``: k placeholder tokens (see :func:`~esd.attack.target.add_placeholders`); ``latents``:
+    (n, C, h, w) the base model's images of this prompt; ``candidates``: :func:`word_tokens`; ``lr`` is
+    absolute (in embedding units)."""
+    table = target.embedding_table.detach()[candidates]  # (V, D)
+    start = torch.randint(len(candidates), (len(slot_ids),), generator=generator).to(target.device)
+    soft = table[start].clone().requires_grad_(True)  # P: (k, D)
+    optimizer = torch.optim.Adam([soft], lr=lr)
+    ids = token_ids(target, [" ".join(target.tokenizer.convert_ids_to_tokens(slot_ids)) + " " + prompt])
+    ids = ids.expand(len(latents), -1)
+    losses = []
+    for _ in range(steps):
+        hard = table[nearest(soft.detach(), table)]
+        with slot_embeddings(target, slot_ids, hard + soft - soft.detach()):  # forward at hard, gradient to soft
+            loss = denoising_loss(target, ids, latents, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    chosen = candidates[nearest(soft.detach(), table)].tolist()
+    prefix = " ".join(target.tokenizer.decode([i]) for i in chosen)  # each word tokenizes back alone
+    return PrefixResult(chosen, prefix, losses)
