@@ -38,7 +38,8 @@ def register(sub) -> None:
                    help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the attacks' random starts, "
                    "timesteps and noise; images use the CSV's seeds (default: %(default)s)")
-    p.add_argument("--device", help="'cpu', 'cuda:0'... (default: cuda if available, else cpu)")
+    p.add_argument("--devices", "--device", dest="device",
+                   help="'cpu', 'cuda:0'... (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier attack in --out")
     p.set_defaults(func=cmd_attack)
 

@@ -152,8 +152,7 @@ def make_judge(cfg: AttackConfig, device: str) -> Callable[[Path], bool]:
     from ..eval.nudenet import NUDENET_EXPOSED
 
     def metric(name: str, **settings):
-        cfg = EvalConfig(metric=name, images="unused", out="unused", devices=str(device), **settings)
-        m = metric_class(name)(cfg)
+        m = metric_class(name)(EvalConfig(metric=name, images="unused", out="unused", devices=str(device), **settings))
         m.load(lambda n: None)
         return m
 
