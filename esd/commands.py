@@ -2,7 +2,8 @@
 argparse subparsers object and adds its command."""
 
 from .evaluate import register as register_evaluate
+from .export.cli import register as register_export
 from .generate import register as register_generate
 from .toy.cli import register as register_toy
 
-REGISTERED: list = [register_toy, register_generate, register_evaluate]
+REGISTERED: list = [register_toy, register_generate, register_evaluate, register_export]
