@@ -146,8 +146,9 @@ def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, setti
 
 
 def write_folder(out: Path, write) -> None:
-    """``write(tmp_folder)`` then rename onto ``out``: a kill leaves either the old folder or the new one,
-    never half of one. The temporary folder's suffix differs from atomic_write's, whose sweep removes files."""
+    """``write(tmp_folder)`` then rename it to ``out``: ``out`` is never a half-written folder. A replaced
+    folder is renamed away just before (a directory cannot be renamed onto a full one) and removed after.
+    The temporary folder's suffix differs from atomic_write's, whose sweep of killed writes removes files."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(8)}.esd-tmpdir")
     old = tmp.with_name(tmp.name + "-old")
     try:
@@ -171,6 +172,7 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
     erasure = find_erasure(source, base_model, ckpt_path, ckpt_config)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
+    settings.out.parent.mkdir(parents=True, exist_ok=True)  # checked to be makeable before loading
     log(f"{erasure.weights} ({erasure.train_method or 'unknown method'}, concept {erasure.concept!r}): "
         f"{len(loaded.changed)} changed tensors over {erasure.base}")
     if settings.format == "lora":
