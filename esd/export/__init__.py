@@ -1,0 +1,194 @@
+"""``esd export``: an erasure in the formats other tools load.
+
+* ``lora``: the weight change as a kohya-named LoRA (see :mod:`esd.export.lora`), for diffusers'
+  ``load_lora_weights``, AUTOMATIC1111 and ComfyUI.
+* ``single-file``: the whole erased model as one original-layout ``.safetensors`` (see :mod:`esd.export.ldm`).
+* ``diffusers``: a pipeline folder (``save_pretrained``) with the erased UNet.
+
+Each output says how it was made: the safetensors header (or ``esd_export.json`` in a folder) holds the base
+model, concept, method, the export's settings, the run's args.json and the environment.
+"""
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import SAVE_PRECISIONS
+from ..records import (
+    OutputError,
+    atomic_write,
+    check_free_space,
+    check_output_folder,
+    describe_os_error,
+    environment_record,
+)
+from ..weights import deterministic_safetensors
+from .ldm import checkpoint_to_ldm
+from .lora import LoraExport, lora_from_erasure, lora_metadata
+from .source import Erasure, LoadedErasure, find_erasure, load_erasure
+
+FORMATS = ("lora", "single-file", "diffusers")
+FILE_FORMATS = ("lora", "single-file")  # one .safetensors file; "diffusers" is a folder
+DEFAULT_DTYPE = "fp16"  # what A1111/ComfyUI checkpoints and LoRAs ship in: half the size of fp32
+DEFAULT_MAX_REL_ERROR = 0.01  # --rank auto: each layer's change kept to 1% (relative Frobenius error)
+RECORD_NAME = "esd_export.json"  # a diffusers folder's record
+
+
+@dataclass
+class ExportSettings:
+    format: str
+    out: Path
+    rank: int | str = "auto"  # lora only: a positive integer, 'full' or 'auto'
+    max_rel_error: float = DEFAULT_MAX_REL_ERROR  # lora with rank 'auto'
+    dtype: str = DEFAULT_DTYPE
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Refuse, before anything is loaded, a bad setting or an output that would replace something."""
+        if self.format not in FORMATS:
+            raise ValueError(f"--format {self.format!r} is not valid; choose from {', '.join(FORMATS)}")
+        if self.dtype not in SAVE_PRECISIONS:
+            raise ValueError(f"--dtype {self.dtype!r} is not valid; choose from {', '.join(SAVE_PRECISIONS)}")
+        if not 0 < self.max_rel_error < 1:
+            raise ValueError(f"--max_rel_error {self.max_rel_error} is not in (0, 1)")
+        out = self.out
+        if self.format in FILE_FORMATS and out.suffix != ".safetensors":
+            raise ValueError(f"--out {str(out)!r}: a {self.format} export is one file; its name must end "
+                             "in .safetensors")
+        if out.exists() or out.is_symlink():
+            if not self.overwrite:
+                raise ValueError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, or "
+                                 "choose another path")
+            if self.format in FILE_FORMATS and not out.is_file():
+                raise ValueError(f"--out {str(out)!r} is a folder, not a file; it is not replaced")
+            if self.format == "diffusers" and not (out / "model_index.json").is_file():
+                raise ValueError(f"--out {str(out)!r} is not a diffusers pipeline folder (no model_index.json); "
+                                 "only such a folder is replaced by --overwrite")
+        check_output_folder(out.parent, "--out")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAVE_PRECISIONS[self.dtype]
+
+
+def provenance(erasure: Erasure, settings: ExportSettings) -> dict:
+    """How an export was made: what it came from and with which settings and versions."""
+    return {"source": str(erasure.weights), "base_model": erasure.base, "concept": erasure.concept,
+            "train_method": erasure.train_method,
+            "export": {k: str(v) for k, v in vars(settings).items()},
+            "erasure": erasure.record, "environment": environment_record()}
+
+
+def _header(record: dict) -> dict[str, str]:
+    """The record as safetensors metadata (strings only); the main facts also as keys of their own."""
+    return {"esd_base_model": record["base_model"], "esd_concept": record["concept"],
+            "esd_train_method": record["train_method"], "esd_export": json.dumps(record, sort_keys=True)}
+
+
+def _write_safetensors(tensors: dict, metadata: dict, out: Path) -> None:
+    data = deterministic_safetensors(tensors, metadata)
+    check_free_space(out.parent, len(data), str(out))
+    atomic_write(out, lambda p: Path(p).write_bytes(data))
+
+
+def write_lora(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> LoraExport:
+    export = lora_from_erasure(loaded.models.unet, loaded.changed, loaded.models.family, settings.rank,
+                               settings.max_rel_error, settings.torch_dtype)
+    _write_safetensors(export.tensors, {**_header(record), **lora_metadata(export, settings.rank,
+                                                                          settings.max_rel_error)}, settings.out)
+    return export
+
+
+def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> None:
+    m = loaded.models
+    ckpt = checkpoint_to_ldm(loaded.erased_unet.state_dict(), m.unet.config, m.family, m.vae, m.text_encoders)
+    dtype = settings.torch_dtype
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
+    check_free_space(settings.out.parent, sum(v.nbytes for v in tensors.values()), str(settings.out))
+    # Written straight to disk (save_file), not through bytes in memory: an SDXL file is 7 GB in fp16.
+    atomic_write(settings.out, lambda p: save_file(tensors, p, metadata=_header(record)))
+
+
+def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, settings: ExportSettings) -> None:
+    """The base pipeline, every part of it (safety checker, feature extractor...), with the erased UNet."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..models import resolve_source
+
+    m = loaded.models
+    if erasure.ckpt_path is None:
+        pipe = DiffusionPipeline.from_pretrained(resolve_source(erasure.base_model), unet=loaded.erased_unet)
+    elif m.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(m.vae, *m.text_encoders, *m.tokenizers, loaded.erased_unet, m.scheduler)
+    else:
+        pipe = StableDiffusionPipeline(m.vae, m.text_encoders[0], m.tokenizers[0], loaded.erased_unet, m.scheduler,
+                                       None, None, requires_safety_checker=False)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            # torch's own .to: diffusers' warns of "modules to keep in float32" even when there are none
+            torch.nn.Module.to(component, settings.torch_dtype)
+    width = settings.torch_dtype.itemsize
+    need = sum(p.numel() * width for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+               for p in c.parameters())
+    check_free_space(settings.out.parent, need, str(settings.out))
+
+    def write(folder: Path):
+        pipe.save_pretrained(folder, safe_serialization=True)
+        (folder / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+    write_folder(settings.out, write)
+
+
+def write_folder(out: Path, write) -> None:
+    """``write(tmp_folder)`` then rename it to ``out``: ``out`` is never a half-written folder. A replaced
+    folder is renamed away just before (a directory cannot be renamed onto a full one) and removed after.
+    The temporary folder's suffix differs from atomic_write's, whose sweep of killed writes removes files."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(8)}.esd-tmpdir")
+    old = tmp.with_name(tmp.name + "-old")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(describe_os_error(e, out)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(source: str, settings: ExportSettings, base_model: str | None = None, ckpt_path: str | None = None,
+               ckpt_config: str | None = None, log=print) -> LoraExport | None:
+    """Check everything, load the base model and the erasure, write the export. Returns the LoRA's
+    factors and errors for ``lora``."""
+    settings.check()
+    erasure = find_erasure(source, base_model, ckpt_path, ckpt_config)
+    loaded = load_erasure(erasure, load_vae=settings.format != "lora")
+    record = provenance(erasure, settings)
+    settings.out.parent.mkdir(parents=True, exist_ok=True)  # checked to be makeable before loading
+    log(f"{erasure.weights} ({erasure.train_method or 'unknown method'}, concept {erasure.concept!r}): "
+        f"{len(loaded.changed)} changed tensors over {erasure.base}")
+    if settings.format == "lora":
+        export = write_lora(loaded, record, settings)
+        ranks = sorted({f.rank for f in export.layers.values()})
+        log(f"LoRA of {len(export.layers)} layers, rank {ranks[0]}..{ranks[-1]}, relative error "
+            f"{export.total_rel_error:.3g} (max per layer {max(f.rel_error for f in export.layers.values()):.3g})")
+        if export.dropped:
+            log(f"warning: a LoRA cannot hold biases and norm parameters: the change of {len(export.dropped)} "
+                f"tensors is left out (largest relative change {max(export.dropped.values()):.3g}, "
+                f"{max(export.dropped, key=export.dropped.get)}); --format single-file or diffusers keeps it")
+        log(f"wrote {settings.out}")
+        return export
+    if settings.format == "single-file":
+        write_single_file(loaded, record, settings)
+    else:
+        write_diffusers(loaded, erasure, record, settings)
+    log(f"wrote {settings.out}")
+    return None
