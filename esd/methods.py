@@ -38,7 +38,8 @@ everything but ``mmdit-x``, the conditioning embedding (``time_text_embed``: tim
 guidance and the pooled text embedding, as ``noxattn`` leaves out the time embedding and SDXL's
 ``add_embedding``) and the output layer (``norm_out``, ``proj_out``, as ``noxattn`` leaves out
 ``conv_norm_out`` / ``conv_out``). The patch embedding (``pos_embed`` / ``x_embedder``) trains, as
-``conv_in`` does in ``noxattn``.
+``conv_in`` does in ``noxattn``, and so does the rest of the text stream (``context_embedder``,
+``add_q_proj``, ``to_add_out``, ``ff_context``), as everything outside ``attn2`` does in ``noxattn``.
 """
 
 from collections.abc import Callable
