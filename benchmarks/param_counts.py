@@ -1,5 +1,5 @@
-"""Trainable parameters per train method on the real SD v1.4 UNet config, built on the meta device
-(no weights, no memory, no download).
+"""Trainable parameters per train method on the real SD v1.4 UNet, SD3.5-medium transformer and
+FLUX.1-dev transformer configs, built on the meta device (no weights, no memory, no download).
 
     python benchmarks/param_counts.py
 """
@@ -10,17 +10,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from tiny import sd14_unet  # noqa: E402
+from tiny import flux1_dev_transformer, sd14_unet, sd35_medium_transformer  # noqa: E402
 
-from esd.methods import TRAIN_METHODS, select_parameters  # noqa: E402
+from esd.methods import TRAIN_METHODS, model_family, select_parameters  # noqa: E402
+
+MODELS = {"SD v1.4 UNet": sd14_unet, "SD3.5-medium transformer": sd35_medium_transformer,
+          "FLUX.1-dev transformer": flux1_dev_transformer}
 
 if __name__ == "__main__":
-    unet = sd14_unet("meta")
-    params = dict(unet.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    print(f"{'method':<13} {'tensors':>8} {'parameters':>14} {'share':>7} {'fp16 MB':>8}  description")
-    for name, method in TRAIN_METHODS.items():
-        names = select_parameters(unet, name)
-        n = sum(params[k].numel() for k in names)
-        print(f"{name:<13} {len(names):>8} {n:>14,} {n / total:>7.1%} {2 * n / 1e6:>8.1f}  {method.description}")
-    print(f"{'(whole UNet)':<13} {len(params):>8} {total:>14,}")
+    for title, build in MODELS.items():
+        model = build("meta")
+        family = model_family(model)
+        params = dict(model.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        # 2 bytes per parameter: the trained weights saved in bf16 (or fp16, the same size).
+        print(f"\n{title} ({family})")
+        print(f"{'method':<15} {'tensors':>8} {'parameters':>15} {'share':>7} {'bf16 MB':>10}  description")
+        for name, method in TRAIN_METHODS.items():
+            if family not in method.families:
+                continue
+            names = select_parameters(model, name)
+            n = sum(params[k].numel() for k in names)
+            print(f"{name:<15} {len(names):>8} {n:>15,} {n / total:>7.1%} {2 * n / 1e6:>10.1f}  {method.description}")
+        print(f"{'(whole model)':<15} {len(params):>8} {total:>15,} {'':>7} {2 * total / 1e6:>10.1f}")
+        # Not trainable, but part of published totals: SD3's fixed sin-cos position table (226 M values,
+        # a parameter in the original checkpoint) is why SD3.5-medium is called a 2.5 B model.
+        buffers = dict(model.named_buffers())
+        if buffers:
+            n = sum(b.numel() for b in buffers.values())
+            print(f"{'(+ buffers)':<15} {len(buffers):>8} {n:>15,} {'':>7} {'':>10}  {', '.join(buffers)}: "
+                  f"{total + n:,} with the parameters")

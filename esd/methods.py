@@ -1,6 +1,9 @@
-"""Train methods: which UNet parameters ESD fine-tunes.
+"""Train methods: which UNet or transformer parameters ESD fine-tunes.
 
-One table, ``TRAIN_METHODS``, feeds the CLI choices, the README and the tests.
+One table, ``TRAIN_METHODS``, feeds the CLI choices, the README and the tests. Each method
+names the model families it applies to (``FAMILIES``): parameter names mean different things
+in different families (SD3.5's ``attn2`` is a second *image* self-attention, not the UNet's
+cross-attention), so a method applied to the wrong family is refused, naming the valid ones.
 
 Parameter names are diffusers ``UNet2DConditionModel`` names. The paper's code
 selected by CompVis ``ldm`` names; the correspondences are:
@@ -20,6 +23,23 @@ The current official code (``esd_sd.py``) selects modules, not parameter names: 
 ``attn2`` (time embedding, ``conv_in`` and ``conv_out`` included) and ``esd-all`` = all of
 them. These differ from the paper code's ``noxattn`` and ``full``, so they are methods of
 their own; ``esd-x`` and ``esd-x-strict`` select what ``xattn`` and ``xattn-strict`` do.
+
+Transformers (diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``) have no
+cross-attention. Their joint (MMDiT) blocks, ``transformer_blocks.N``, keep a text stream and an
+image stream with separate weights and run one attention over both: image tokens get keys and
+values from ``attn.to_k`` / ``attn.to_v``, text tokens from ``attn.add_k_proj`` /
+``attn.add_v_proj``, and the two are concatenated after projection. So the weights through which
+the text reaches the image, the analogue of ESD-x's ``attn2.to_k`` / ``attn2.to_v``, are
+``add_k_proj`` / ``add_v_proj`` (``mmdit-x``). FLUX's single-stream blocks,
+``single_transformer_blocks.N``, project text and image tokens with the same ``attn.to_k`` /
+``attn.to_v``: training them changes the image's keys and values too, so they are not in
+``mmdit-x`` but in a method of their own (``mmdit-x-single``). ``mmdit-u`` follows ``noxattn``:
+everything but ``mmdit-x``, the conditioning embedding (``time_text_embed``: timestep, FLUX's
+guidance and the pooled text embedding, as ``noxattn`` leaves out the time embedding and SDXL's
+``add_embedding``) and the output layer (``norm_out``, ``proj_out``, as ``noxattn`` leaves out
+``conv_norm_out`` / ``conv_out``). The patch embedding (``pos_embed`` / ``x_embedder``) trains, as
+``conv_in`` does in ``noxattn``, and so does the rest of the text stream (``context_embedder``,
+``add_q_proj``, ``to_add_out``, ``ff_context``), as everything outside ``attn2`` does in ``noxattn``.
 """
 
 from collections.abc import Callable
@@ -29,6 +49,17 @@ import torch
 
 _TIME_EMBEDDING = ("time_embedding.", "add_embedding.")
 _OUTPUT_LAYER = ("conv_norm_out.", "conv_out.")
+# Transformer counterparts: the conditioning embedding and the output layer.
+_TEXT_TIME_EMBEDDING = ("time_text_embed.",)
+_TRANSFORMER_OUTPUT_LAYER = ("norm_out.", "proj_out.")
+
+# Model family -> (diffusers class name, what to call it in messages).
+FAMILIES = {
+    "unet": ("UNet2DConditionModel", "UNet (SD 1.x, 2.x, XL)"),
+    "sd3": ("SD3Transformer2DModel", "SD3/SD3.5 transformer"),
+    "flux": ("FluxTransformer2DModel", "FLUX.1 transformer"),
+}
+_TRANSFORMERS = ("sd3", "flux")
 
 
 def compvis_block_to_diffusers(kind: str, index: int, layers_per_block: int = 2) -> str:
@@ -62,6 +93,7 @@ class TrainMethod:
     description: str
     # (parameter name, the module holding it, layers_per_block) -> trained?
     selects: Callable[[str, torch.nn.Module, int], bool]
+    families: tuple[str, ...] = ("unet",)  # the FAMILIES whose parameter names `selects` understands
 
 
 def _xlayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
@@ -74,6 +106,15 @@ def _selflayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
     # The paper's code: attn1 of input_blocks.4 and input_blocks.7.
     prefixes = tuple(compvis_block_to_diffusers("input", i, lpb) for i in (4, 7))
     return "attn1" in name and name.startswith(prefixes)
+
+
+def _joint_text_kv(name: str) -> bool:
+    # Text keys and values of the joint blocks; `add_` keeps FLUX's single-stream `attn.to_k` out.
+    return name.startswith("transformer_blocks.") and (".attn.add_k_proj." in name or ".attn.add_v_proj." in name)
+
+
+def _single_stream_kv(name: str) -> bool:
+    return name.startswith("single_transformer_blocks.") and (".attn.to_k." in name or ".attn.to_v." in name)
 
 
 def _linear_or_conv(module: torch.nn.Module) -> bool:
@@ -90,7 +131,8 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
                     "for nudity and objects",
                     lambda n, m, _: not ("attn2" in n or n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER))),
         TrainMethod("selfattn", "self-attention (attn1) only", lambda n, m, _: "attn1" in n),
-        TrainMethod("full", "every UNet parameter", lambda n, m, _: True),
+        TrainMethod("full", "every parameter of the UNet or transformer", lambda n, m, _: True,
+                    ("unet",) + _TRANSFORMERS),
         TrainMethod("notime", "everything but time embedding and output layer",
                     lambda n, m, _: not n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER)),
         TrainMethod("xlayer", "cross-attention of CompVis output_blocks.6 and .8 (up_blocks.2.attentions.0 "
@@ -104,6 +146,17 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
                     lambda n, m, _: _linear_or_conv(m) and "attn2" not in n),
         TrainMethod("esd-all", "the official code's ESD-all: every Linear/Conv2d layer (norm layers not)",
                     lambda n, m, _: _linear_or_conv(m)),
+        TrainMethod("mmdit-x", "SD3/FLUX transformer, the ESD-x analogue: text keys and values of the joint "
+                    "blocks (attn.add_k_proj, attn.add_v_proj); for styles and artists",
+                    lambda n, m, _: _joint_text_kv(n), _TRANSFORMERS),
+        TrainMethod("mmdit-u", "SD3/FLUX transformer, the ESD-u analogue: everything but mmdit-x, the "
+                    "timestep/guidance/pooled-text embedding and the output layer; for nudity and objects",
+                    lambda n, m, _: not (_joint_text_kv(n)
+                                         or n.startswith(_TEXT_TIME_EMBEDDING + _TRANSFORMER_OUTPUT_LAYER)),
+                    _TRANSFORMERS),
+        TrainMethod("mmdit-x-single", "FLUX transformer: mmdit-x plus the single-stream blocks' attn.to_k and "
+                    "attn.to_v, which project text and image tokens alike",
+                    lambda n, m, _: _joint_text_kv(n) or _single_stream_kv(n), ("flux",)),
     ]
 }
 
@@ -112,24 +165,41 @@ ALIASES = {"esd-x": "xattn", "esd-x-strict": "xattn-strict"}
 METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
 
 
-def resolve_method(name: str) -> TrainMethod:
-    """Return the train method called ``name`` (aliases accepted)."""
+def resolve_method(name: str, family: str = "unet") -> TrainMethod:
+    """Return the train method called ``name`` (aliases accepted) for a model of ``family``.
+
+    ``family`` defaults to the UNet because the training engine trains UNets only so far: a
+    transformer method is then refused at configuration time, before any model is loaded."""
     key = ALIASES.get(name, name)
     if key not in TRAIN_METHODS:
         raise ValueError(f"unknown train method {name!r}; valid: {', '.join(METHOD_CHOICES)}")
-    return TRAIN_METHODS[key]
+    method = TRAIN_METHODS[key]
+    if family not in method.families:
+        valid = [c for c in METHOD_CHOICES if family in TRAIN_METHODS[ALIASES.get(c, c)].families]
+        raise ValueError(f"train method {name!r} is for the {' or '.join(FAMILIES[f][1] for f in method.families)}, "
+                         f"not the {FAMILIES[family][1]}; valid for it: {', '.join(valid)}")
+    return method
 
 
-def select_parameters(unet: torch.nn.Module, method: str) -> list[str]:
-    """Names of the parameters of ``unet`` that ``method`` trains (never empty)."""
-    m = resolve_method(method)
-    lpb = getattr(getattr(unet, "config", None), "layers_per_block", 2)
+def model_family(model: torch.nn.Module) -> str:
+    """The FAMILIES key of ``model``, by its diffusers class."""
+    for family, (cls, _) in FAMILIES.items():
+        if any(c.__name__ == cls for c in type(model).__mro__):
+            return family
+    raise ValueError(f"no train methods for a {type(model).__name__}; valid models: "
+                     f"{', '.join(cls for cls, _ in FAMILIES.values())}")
+
+
+def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
+    """Names of the parameters of ``model`` (a UNet or transformer) that ``method`` trains (never empty)."""
+    m = resolve_method(method, model_family(model))
+    lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
     if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value
         lpb = lpb[0]
-    owner = {f"{prefix}.{p}" if prefix else p: module for prefix, module in unet.named_modules()
+    owner = {f"{prefix}.{p}" if prefix else p: module for prefix, module in model.named_modules()
              for p, _ in module.named_parameters(recurse=False)}
-    names = [n for n, _ in unet.named_parameters() if m.selects(n, owner[n], lpb)]
+    names = [n for n, _ in model.named_parameters() if m.selects(n, owner[n], lpb)]
     if not names:
-        raise ValueError(f"train method {m.name!r} selects no parameters in this UNet "
-                         f"(it has {len(list(unet.parameters()))} parameter tensors)")
+        raise ValueError(f"train method {m.name!r} selects no parameters in this {type(model).__name__} "
+                         f"(it has {len(list(model.parameters()))} parameter tensors)")
     return names

@@ -3,8 +3,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from ldm_format import to_ldm
+from tiny import tiny_flux_transformer, tiny_sd3_transformer
 
-from esd.methods import ALIASES, TRAIN_METHODS, compvis_block_to_diffusers, resolve_method, select_parameters
+from esd import ESDConfig
+from esd.methods import (
+    ALIASES,
+    TRAIN_METHODS,
+    compvis_block_to_diffusers,
+    model_family,
+    resolve_method,
+    select_parameters,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def test_every_method_selects_exactly_its_parameters(unet):
         "esd-u": [n for n in linear_or_conv if ".attn2." not in n],
         "esd-all": linear_or_conv,
     }
-    assert set(expected) == set(TRAIN_METHODS)
+    assert set(expected) == {name for name, m in TRAIN_METHODS.items() if "unet" in m.families}
     for method, want in expected.items():
         got = select_parameters(unet, method)
         assert got == want, method
@@ -70,3 +79,67 @@ def test_compvis_block_mapping_agrees_with_diffusers_conversion(unet):
         assert ours == theirs and ours
     with pytest.raises(ValueError, match="no attention"):
         compvis_block_to_diffusers("input", 3)
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return {"sd3": tiny_sd3_transformer(), "flux": tiny_flux_transformer()}
+
+
+def test_transformer_methods_select_exactly_their_parameters(transformers):
+    for family, model in transformers.items():
+        everything = names(model)
+        text_kv = [n for n in everything if n.startswith("transformer_blocks.")
+                   and n.split(".")[3] in ("add_k_proj", "add_v_proj")]
+        cond_or_out = ("time_text_embed.", "norm_out.", "proj_out.")
+        # Every joint block has both projections, weight and bias.
+        assert len(text_kv) == 4 * len(model.transformer_blocks), family
+        expected = {
+            "mmdit-x": text_kv,
+            "mmdit-u": [n for n in everything if n not in text_kv and not n.startswith(cond_or_out)],
+            "full": everything,
+        }
+        if family == "flux":
+            single_kv = [n for n in everything if n.startswith("single_transformer_blocks.")
+                         and n.split(".")[3] in ("to_k", "to_v")]
+            assert len(single_kv) == 4 * len(model.single_transformer_blocks)
+            expected["mmdit-x-single"] = text_kv + single_kv
+            # mmdit-u keeps the single-stream blocks (their keys and values too) and the patch embedding.
+            assert set(single_kv) | {"x_embedder.weight"} <= set(expected["mmdit-u"])
+        else:
+            # SD3.5's attn2 is image self-attention: ESD-u keeps it; the last block has no text output.
+            assert "transformer_blocks.0.attn2.to_k.weight" in expected["mmdit-u"]
+            assert "pos_embed.proj.weight" in expected["mmdit-u"]
+            assert not any(n.startswith("transformer_blocks.1.attn.to_add_out") for n in everything)
+        assert model_family(model) == family
+        assert set(expected) == {name for name, m in TRAIN_METHODS.items() if family in m.families}, family
+        for method, want in expected.items():
+            got = select_parameters(model, method)
+            assert got and sorted(got) == sorted(want), (family, method)
+        assert not set(expected["mmdit-x"]) & set(expected["mmdit-u"])
+        assert {n for n in everything if n.startswith(cond_or_out)} | set(expected["mmdit-x"]) | set(
+            expected["mmdit-u"]) == set(everything)
+
+
+def test_methods_refuse_the_wrong_family(unet, transformers):
+    for method in ("xattn", "noxattn", "esd-x", "esd-u"):
+        for model in transformers.values():
+            with pytest.raises(ValueError, match=rf"^train method '{method}' is for the UNet .*, not the "
+                               rf".*transformer; valid for it: full, mmdit-x, mmdit-u[^\n]*$"):
+                select_parameters(model, method)
+    for method in ("mmdit-x", "mmdit-u", "mmdit-x-single"):
+        with pytest.raises(ValueError, match=rf"^train method '{method}' is for .*transformer, not the UNet "
+                           r"\(SD 1.x, 2.x, XL\); valid for it: xattn, noxattn, .*esd-x, esd-x-strict$"):
+            select_parameters(unet, method)
+    with pytest.raises(ValueError, match=r"'mmdit-x-single' is for the FLUX.1 transformer, not the SD3/SD3.5 "
+                       r"transformer; valid for it: full, mmdit-x, mmdit-u$"):
+        select_parameters(transformers["sd3"], "mmdit-x-single")
+    with pytest.raises(ValueError, match=r"^no train methods for a Linear; valid models: UNet2DConditionModel, "
+                       r"SD3Transformer2DModel, FluxTransformer2DModel$"):
+        select_parameters(torch.nn.Linear(2, 2), "full")
+
+
+def test_transformer_method_refused_at_configuration_until_the_engine_trains_transformers():
+    """The engine trains UNets only: ESDConfig refuses a transformer method before any model loads."""
+    with pytest.raises(ValueError, match="'mmdit-x' is for .*, not the UNet"):
+        ESDConfig(prompt="Van Gogh", train_method="mmdit-x", base_model="/nonexistent")

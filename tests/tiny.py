@@ -7,6 +7,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -87,3 +89,43 @@ SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 def sd14_unet(device: str = "meta") -> UNet2DConditionModel:
     with torch.device(device):
         return UNet2DConditionModel(**SD14_UNET)
+
+
+# Transformer configs as published in the models' diffusers folders (transformer/config.json), for
+# parameter counts on the meta device. SD3.5-medium: MMDiT-X, dual (image) attention in blocks 0-12.
+SD35_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                               attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                               caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                               dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# FLUX.1-dev: 19 joint (double-stream) and 38 single-stream blocks, guidance-distilled.
+FLUX1_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def sd35_medium_transformer(device: str = "meta") -> SD3Transformer2DModel:
+    with torch.device(device):
+        return SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+
+
+def flux1_dev_transformer(device: str = "meta") -> FluxTransformer2DModel:
+    with torch.device(device):
+        return FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
+
+
+def tiny_sd3_transformer() -> SD3Transformer2DModel:
+    """Two joint blocks, the first with SD3.5's dual attention and the last context_pre_only (no text
+    output projection nor text feed-forward), as in the real models."""
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                 caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+                                 dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def tiny_flux_transformer() -> FluxTransformer2DModel:
+    """Two joint and two single-stream blocks, with FLUX.1-dev's guidance embedding."""
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
