@@ -76,8 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "size, 512 for SD1.x); a multiple of the VAE factor")
     p.add_argument("--batch_size", type=int, default=1, help="latents per iteration (sharing t and concept)")
     p.add_argument("--seed", type=int, help="random seed (default: drawn and recorded in args.json)")
-    p.add_argument("--devices", help="'0' (one GPU), '0,1' (frozen model on the second GPU, like the original "
-                   "code), or 'cpu'; default: the first GPU if any, else the CPU")
+    p.add_argument("--devices", "--device", dest="devices",
+                   help="'0' (one GPU), '0,1' (frozen model on the second GPU, like the original code), or 'cpu'; "
+                   "default: the first GPU if any, else the CPU")
     p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS),
                    help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32")
     p.add_argument("--sdxl_uncond", default=d["sdxl_uncond"].default, choices=SDXL_UNCONDS,
@@ -101,7 +102,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frozen_copy", action=argparse.BooleanOptionalAction,
                    help="keep a whole frozen UNet (the original code's layout; on the second of --devices when "
                    "given) rather than frozen copies of the trained tensors only " + _preset_default("frozen_copy"))
-    p.add_argument("--save_path", default=d["save_path"].default, help="outputs go to SAVE_PATH/NAME/")
+    p.add_argument("--save_path", "--out", dest="save_path", default=d["save_path"].default,
+                   help="outputs go to SAVE_PATH/NAME/")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint (weights, optimizer, RNG) every N "
                    "iterations; 0: never")
     p.add_argument("--save_format", default="both", choices=SAVE_FORMATS,

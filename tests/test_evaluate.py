@@ -370,6 +370,11 @@ def test_flags_are_generated_from_the_configs_and_aliases_are_accepted():
     assert {f.name for f in fields(ReportConfig)} <= set(vars(r)) and r.out == "o"
     g = parser.parse_args(["generate", "--prompts", "p.csv", "--out", "o", "--devices", "cpu"])
     assert (g.prompts_path, g.save_path, g.device) == ("p.csv", "o", "cpu")
+    t = parser.parse_args(["train", "--prompt", "x", "--train_method", "xattn", "--out", "o", "--device", "cpu"])
+    assert (t.save_path, t.devices) == ("o", "cpu")
+    k = parser.parse_args(["attack", "--weights", "w", "--prompts", "p.csv", "--attack", "prefix", "--concept", "red",
+                           "--out", "o", "--device", "cpu"])
+    assert (k.prompts, k.out, k.device) == ("p.csv", "o", "cpu")
 
 
 def test_nudenet_counts_an_image_only_for_the_classes_its_setting_names():
