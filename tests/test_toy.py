@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from esd.models import TOY_MODEL_DIR, load_models
 from esd.toy.demo import DemoConfig, run_demo
 from esd.toy.judge import NONE, judge
-from esd.toy.quality import judge_accuracy, load_toy_pipeline, sample, score
+from esd.toy.quality import judge_accuracy, load_toy_pipeline, sample, score, unconditional_shares
 from esd.toy.recipe import RecipeConfig, toy_train
 from esd.toy.world import (
     COLOURS,
@@ -106,6 +106,14 @@ def test_balanced_data_draws_every_colour_and_every_shape_equally_often():
     assert sum(s.colour == "red" for s in plain) / 3000 == pytest.approx(0.3, abs=0.03)
     assert sum(s.colour == "red" for s in balanced) / 3000 == pytest.approx(0.25, abs=0.03)
     assert all((s.colour, s.shape) in {(t.colour, t.shape) for t in scenes} for s in balanced)  # none held out
+
+
+def test_unconditional_shares_count_every_image_once():
+    shares = unconditional_shares(load_toy_pipeline(), n=16)
+    assert shares["n"] == 16 and shares["guidance"] == 1.0
+    for axis in ("colour", "shape"):
+        assert sum(shares[axis].values()) == pytest.approx(1.0)
+        assert set(shares[axis]) <= {*COLOURS, *SHAPES, NONE}
 
 
 def test_judge_survives_the_vae_round_trip():

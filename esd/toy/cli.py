@@ -63,11 +63,11 @@ def cmd_toy_train(args) -> int:
 
 
 def cmd_toy_eval(args) -> int:
-    from .quality import judge_accuracy, load_toy_pipeline, quality_table
+    from .quality import judge_accuracy, load_toy_pipeline, quality_table, unconditional_shares
 
     pipe = load_toy_pipeline(args.base_model)
     report = {"judge_clean": judge_accuracy(), "judge_vae": judge_accuracy(vae=pipe.vae),
-              "quality": quality_table(pipe, n=args.samples)}
+              "quality": quality_table(pipe, n=args.samples), "unconditional": unconditional_shares(pipe)}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)

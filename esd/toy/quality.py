@@ -61,6 +61,15 @@ def quality_table(pipe, n: int = 100, seed: int = 0) -> list[dict]:
     return rows
 
 
+def unconditional_shares(pipe, n: int = 400, seed: int = 0) -> dict:
+    """How often the model draws each colour and shape without a caption (guidance 1): the prior that
+    ESD's target, the unconditional prediction minus the concept's direction, leans toward."""
+    js = judge_batch(sample(pipe, "", n, seed, guidance=1.0))
+    return {"n": n, "guidance": 1.0,
+            "colour": {c: sum(j.colour == c for j in js) / n for c in sorted({j.colour for j in js})},
+            "shape": {s: sum(j.shape == s for j in js) / n for s in sorted({j.shape for j in js})}}
+
+
 def judge_accuracy(n_per_scene: int = 100, seed: int = 123, vae=None) -> dict:
     """Judge accuracy on fresh renders of every combination (optionally after a VAE round trip)."""
     import random
