@@ -80,8 +80,8 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
     return lines + [
         "With esd installed, `esd.apply_erased_weights(pipe.unet, path)` loads either format strictly, and "
         "`esd generate --esd_path PATH` makes images from it. For AUTOMATIC1111 and ComfyUI, "
-        "`esd export --format lora|single-file|diffusers` converts the weights to a LoRA, a single-file "
-        "checkpoint or a diffusers folder."]
+        "`esd export RUN_DIR --format lora|single-file|diffusers --out PATH` (RUN_DIR: this folder) converts the "
+        "weights to a LoRA, a single-file checkpoint or a diffusers folder."]
 
 
 def _cell(value) -> str:
