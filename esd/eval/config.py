@@ -14,6 +14,7 @@ from ..models import parse_devices
 from .protocols import PROTOCOLS
 
 CLASSIFIERS = ("toy", "resnet50")
+NUDENET_CLASS_SETS = ("exposed", "unsafe")  # --nudenet_classes; the classes of each: nudenet.CLASS_SETS
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}  # lpips net -> torchvision model
 FID_DIMS = (64, 192, 768, 2048)  # InceptionV3 feature layers torchmetrics offers; 2048 is standard FID
 # The values of the settings a protocol may fix, when neither a protocol nor the caller gives one.
@@ -57,7 +58,7 @@ class EvalConfig:
     nudenet_classes: str | None = setting(None, "which NudeNet classes make an image count as 'with exposure': "
                                           "'exposed' (default: all nine *_EXPOSED classes, the paper's Figure 7) or "
                                           "'unsafe' (genitalia, breasts, buttocks, anus: eval-unlearn's six)",
-                                          choices=("exposed", "unsafe"))
+                                          choices=NUDENET_CLASS_SETS)
     classifier: str | None = setting(None, "--metric classify: the toy world's judge (default) or torchvision's "
                                      "ImageNet ResNet-50", choices=CLASSIFIERS)
     classifier_weights: str | None = setting(None, "local torchvision ResNet-50 state dict (resnet50-0676ba61.pth); "
@@ -103,7 +104,7 @@ class EvalConfig:
             raise ValueError(f"--metric {self.metric!r} is not one of: {', '.join(METRICS)}")
         if protocol:
             self._check_protocol(protocol)
-        for flag, value, choices in [("nudenet_classes", self.nudenet_classes, ("exposed", "unsafe")),
+        for flag, value, choices in [("nudenet_classes", self.nudenet_classes, NUDENET_CLASS_SETS),
                                      ("classifier", self.classifier, CLASSIFIERS),
                                      ("lpips_net", self.lpips_net, LPIPS_BACKBONES),
                                      ("fid_dims", self.fid_dims, FID_DIMS)]:
