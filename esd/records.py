@@ -170,7 +170,8 @@ def check_free_space(folder: Path, need: int, what: str) -> None:
                           f"{free / 2**30:.2f} GiB free")
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (from its metadata), or None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -187,8 +188,8 @@ def environment_record() -> dict:
                              text=True, timeout=5).stdout.strip() or None
     except OSError:
         git = None
-    return {"esd": _version("esd"), "torch": torch.__version__, "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"), "python": platform.python_version(), "git_hash": git,
+    return {"esd": package_version("esd"), "torch": torch.__version__, "diffusers": package_version("diffusers"),
+            "transformers": package_version("transformers"), "python": platform.python_version(), "git_hash": git,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -6,11 +6,12 @@ aliases), so the library is called the same way with or without the command line
 Validation only checks: nothing is loaded or written.
 """
 
-import importlib.metadata
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from functools import cached_property
 
 from ..models import parse_devices
+from ..records import package_version
 from .protocols import PROTOCOLS
 
 CLASSIFIERS = ("toy", "resnet50")
@@ -92,7 +93,7 @@ class EvalConfig:
                  **(protocol.settings if protocol else {})}
         for name, default in DEFAULTS.items():
             given = getattr(self, name)
-            if name in fixed and given is not None and given != fixed[name] and name != "metric":
+            if name in fixed and given is not None and given != fixed[name]:
                 self.protocol_overrides[name] = {"protocol": fixed[name], "used": given}
             if given is None:
                 setattr(self, name, fixed.get(name, default))
@@ -133,7 +134,7 @@ class EvalConfig:
                                  f"the counts); installed: {installed or 'none'}. pip install {package}=={wanted}, "
                                  "or drop --protocol (the installed version is recorded)")
 
-    @property
+    @cached_property  # read once per image by the metrics; parse_devices asks CUDA each time
     def device(self) -> str:
         return str(parse_devices(self.devices)[0])
 
@@ -158,9 +159,3 @@ class ReportConfig:
     grid_images: int = setting(8, "images per model in the before/after grid (0: none); the files every model's "
                                "image folder holds, first cases first", type=int)
 
-
-def package_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
