@@ -17,7 +17,7 @@ Biases and norm parameters cannot be carried by a LoRA: their changes are droppe
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class LoraExport:
     dropped: dict[str, float]  # trained tensor a LoRA cannot hold -> its relative change ||delta|| / ||base||
     total_rel_error: float  # over every changed tensor, dropped ones included
     alpha: float  # every layer's; its scale is alpha / rank
-    skipped: list[str] = field(default_factory=list)  # trained layers whose weight did not change
 
 
 def parse_rank(value: str) -> int | str:
@@ -100,7 +99,7 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     changed ones need be given)."""
     modules = dict(base_unet.named_modules())
     base = base_unet.state_dict()
-    tensors, layers, dropped, skipped, factors = {}, {}, {}, [], {}
+    tensors, layers, dropped, factors = {}, {}, {}, {}
     error_sq = total_sq = 0.0
     for name in sorted(erased):
         delta = erased[name].double() - base[name].double()
@@ -112,25 +111,23 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
                 error_sq += norm_sq
                 total_sq += norm_sq
             continue
-        if norm_sq == 0:
-            skipped.append(module)
+        if norm_sq == 0:  # a trained layer that did not change: nothing to write
             continue
-        factors[module] = (delta, *factorize(delta, rank, max_rel_error))
+        factors[module] = (delta, norm_sq, *factorize(delta, rank, max_rel_error))
     if not factors:
         raise ValueError("the erasure changed no Linear or Conv2d weight, so there is no LoRA to write"
                          + (f" (changed only {', '.join(sorted(dropped)[:3])}...)" if dropped else ""))
-    alpha = float(max(down.shape[0] for _, _, down in factors.values()))
-    for module, (delta, up, down) in factors.items():
+    alpha = float(max(down.shape[0] for *_, down in factors.values()))
+    for module, (delta, norm_sq, up, down) in factors.items():
         f = _cast(delta, up, down, alpha, dtype)
         key = kohya_name(module, base_unet.config, family)
         tensors[f"{key}.lora_down.weight"] = f.down
         tensors[f"{key}.lora_up.weight"] = f.up
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
         layers[module] = f
-        norm_sq = float(delta.square().sum())
         error_sq += f.rel_error**2 * norm_sq
         total_sq += norm_sq
-    return LoraExport(tensors, layers, dropped, (error_sq / total_sq) ** 0.5, alpha, skipped)
+    return LoraExport(tensors, layers, dropped, (error_sq / total_sq) ** 0.5, alpha)
 
 
 def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float) -> dict[str, str]:
