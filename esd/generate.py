@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from .config import PRECISIONS
-from .models import DEFAULT_BASE_MODEL, resolve_source, vae_scale_factor_of
+from .models import DEFAULT_BASE_MODEL, load_pipeline, resolve_source, vae_scale_factor_of
 from .records import PLAIN_NAME, atomic_write, check_name, environment_record, read_json
 from .weights import apply_erased_weights
 
@@ -387,11 +387,7 @@ def write_record(out: Path, cfg: GenerationConfig, settings: dict, rows: dict, r
 def build_pipeline(cfg: GenerationConfig, device: torch.device):
     import diffusers
 
-    source = resolve_source(cfg.base_model)
-    index = diffusers.DiffusionPipeline.load_config(source)
-    extra = {"safety_checker": None, "requires_safety_checker": False} \
-        if "safety_checker" in index and not cfg.safety_checker else {}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(source, **extra)
+    pipe = load_pipeline(cfg.base_model, cfg.safety_checker)
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise ValueError(f"--safety_checker asked for, but {cfg.base_model!r} has no safety checker")
     if cfg.weights_path:

@@ -78,6 +78,16 @@ def resolve_source(base_model: str) -> str:
     return base_model
 
 
+def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=DiffusionPipeline):
+    """The base model's diffusers pipeline (as ``pipeline_class``; default: the class its
+    model_index.json names); without ``safety_checker`` a pipeline that has one is loaded without it
+    (the erasure is what is measured, not the filter)."""
+    source = resolve_source(base_model)
+    extra = {"safety_checker": None, "requires_safety_checker": False} \
+        if "safety_checker" in DiffusionPipeline.load_config(source) and not safety_checker else {}
+    return pipeline_class.from_pretrained(source, **extra)
+
+
 def load_scheduler(source: str) -> SchedulerMixin:
     """The model's own scheduler, of the class its config names (diffusers' scheduler classes only)."""
     config = DDIMScheduler.load_config(source, subfolder="scheduler")

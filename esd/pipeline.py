@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
 from .config import DEFAULT_PRESET, ESDConfig
 from .modelcard import write_model_card
-from .models import DEFAULT_BASE_MODEL, DiffusionModels, resolve_source
+from .models import DEFAULT_BASE_MODEL, DiffusionModels, load_pipeline
 from .records import check_name, check_output_folder
 from .train import ESDTrainer
 from .weights import apply_erased_weights
@@ -70,10 +69,7 @@ class ESDPipeline:
                                lr=learning_rate, mixed_precision="fp16" if self.dtype == torch.float16 else "no",
                                devices="cpu" if self.device.type == "cpu" else str(self.device.index or 0), **save)
             trainer = ESDTrainer(config) if save else _UnsavedTrainer(config)
-        source = resolve_source(model_id)
-        index = DiffusionPipeline.load_config(source)
-        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        self.pipe = DiffusionPipeline.from_pretrained(source, **extra)
+        self.pipe = load_pipeline(model_id)
         self.pipe.set_progress_bar_config(disable=True)
         if load_path is not None:
             apply_erased_weights(self.pipe.unet, load_path, base_model=model_id)

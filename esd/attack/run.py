@@ -28,6 +28,7 @@ import torch
 
 from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
 from ..models import DEFAULT_BASE_MODEL, resolve_source
+from ..models import load_pipeline as load_base_pipeline
 from ..records import atomic_write, check_output_folder, environment_record, error_summary
 from .inversion import TOKEN, inversion_attack, inversion_prompt
 from .prefix import prefix_attack, word_tokens
@@ -176,10 +177,7 @@ def load_pipeline(base_model: str, device: torch.device):
 
     from ..generate import SCHEDULERS
 
-    source = resolve_source(base_model)
-    extra = {"safety_checker": None, "requires_safety_checker": False} \
-        if "safety_checker" in diffusers.DiffusionPipeline.load_config(source) else {}
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, **extra)
+    pipe = load_base_pipeline(base_model, pipeline_class=diffusers.StableDiffusionPipeline)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[SCHEDULER]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
@@ -237,6 +235,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     std = target.embedding_table[:slot_ids[0]].std().item()  # of the vocabulary, placeholders excluded
     lr = cfg.lr * std
 
+    weights_sha256 = sha256(cfg.weights)  # once: token.safetensors and summary.json both name it
     log(f"***** esd attack: {cfg.attack} on {cfg.weights} ({len(rows)} prompts x {cfg.samples} images) *****")
     reference, files = {}, {}
     for case, row in rows.items():
@@ -273,7 +272,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
 
         data = deterministic_safetensors({TOKEN: result.embedding.cpu().contiguous()},
                                          {"format": "diffusers-textual-inversion", "concept": cfg.concept,
-                                          "base_model": cfg.base_model, "weights_sha256": sha256(cfg.weights)})
+                                          "base_model": cfg.base_model, "weights_sha256": weights_sha256})
         atomic_write(out / "token.safetensors", lambda p: Path(p).write_bytes(data))
     for case, row in rows.items():
         save_images(out / "images" / "after", case, draw(pipe, cfg, case, adversarial[case], row["seed"])[1])
@@ -284,7 +283,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
             results.append({"case_number": case, "sample": i, "evaluation_seed": row["seed"], "file": name,
                             "prompt": row["prompt"], "adversarial_prompt": adversarial[case],
                             **{f"{stage}_present": int(judge(out / "images" / stage / name)) for stage in STAGES}})
-    summary = summarise(cfg, rows, results, learned, lr, std, time.perf_counter() - begin)
+    summary = summarise(cfg, rows, results, learned, lr, std, weights_sha256, time.perf_counter() - begin)
     write_outputs(out, cfg, rows, adversarial, results, losses, summary)
     log(f"{cfg.concept!r} judged present: base {summary['presence']['reference']:.0%}, erased with the literal "
         f"prompt {summary['presence']['before']:.0%}, erased under the {cfg.attack} attack "
@@ -292,7 +291,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     return summary
 
 
-def summarise(cfg, rows, results, learned, lr, std, seconds) -> dict:
+def summarise(cfg, rows, results, learned, lr, std, weights_sha256, seconds) -> dict:
     """Presence: share of images judged to show the concept. Success rate: share of prompts with at least
     one such image (UnlearnDiffAtk's attack success rate counts prompts)."""
     def share(stage, per_prompt=False):
@@ -321,7 +320,7 @@ def summarise(cfg, rows, results, learned, lr, std, seconds) -> dict:
                             "with the row's evaluation_seed, in every stage (as esd generate)",
                   "attack": f"prefix of row k: torch.Generator seeded {cfg.seed} + k; inversion: seeded {cfg.seed}",
                   "rows": {case: row["seed"] for case, row in rows.items()}},
-        "weights_sha256": sha256(cfg.weights),
+        "weights_sha256": weights_sha256,
         "reproduce": usage,
         "seconds": round(seconds, 1),
         "environment": environment_record(),
