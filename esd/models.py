@@ -156,12 +156,15 @@ def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load checkpoint {ckpt_path!r} ({type(e).__name__}: {e}); offline, pass "
                              "--ckpt_config pointing at a local diffusers folder of the same model family") from e
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if hasattr(pipe, "tokenizer_2") else [])
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
-    scheduler = pipe.scheduler
+    return models_from_pipeline(pipe, ckpt_path, pipe.vae if load_vae else None)
+
+
+def models_from_pipeline(pipe, source: str, vae=None) -> DiffusionModels:
+    """The parts of a loaded pipeline that training uses (SDXL's second tokenizer and text encoder too)."""
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return DiffusionModels(pipe.unet, scheduler, tokenizers, text_encoders, pipe.vae if load_vae else None,
-                           factor, ckpt_path)
+    return DiffusionModels(pipe.unet, pipe.scheduler, tokenizers, text_encoders, vae, factor, source)
 
 
 def parse_devices(devices: str | None) -> list[torch.device]:

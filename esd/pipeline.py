@@ -10,7 +10,7 @@ import torch
 
 from .config import DEFAULT_PRESET, ESDConfig
 from .modelcard import write_model_card
-from .models import DEFAULT_BASE_MODEL, DiffusionModels, load_pipeline
+from .models import DEFAULT_BASE_MODEL, load_pipeline, models_from_pipeline
 from .records import check_name, check_output_folder
 from .train import ESDTrainer
 from .weights import apply_erased_weights
@@ -93,11 +93,7 @@ class ESDPipeline:
         return {"save_path": str(path.parent), "name": path.stem, "save_format": SAVE_SUFFIXES[path.suffix]}
 
     def _erase(self, trainer: ESDTrainer, save_path: Path | None) -> None:
-        p = self.pipe
-        encoders = [p.text_encoder] + ([p.text_encoder_2] if getattr(p, "text_encoder_2", None) else [])
-        tokenizers = [p.tokenizer] + ([p.tokenizer_2] if getattr(p, "tokenizer_2", None) else [])
-        trainer.models = DiffusionModels(p.unet, p.scheduler, tokenizers, encoders, None, p.vae_scale_factor,
-                                         trainer.config.base_model)
+        trainer.models = models_from_pipeline(self.pipe, trainer.config.base_model)
         trainer.setup()
         result = trainer.train()
         if save_path is not None:
