@@ -43,7 +43,7 @@ import torch
 from .config import PRECISIONS
 from .models import DEFAULT_BASE_MODEL, load_pipeline, resolve_source, vae_scale_factor_of
 from .records import PLAIN_NAME, atomic_write, check_name, environment_record, read_json
-from .weights import apply_erased_weights
+from .weights import apply_erased_weights, run_weight_files
 
 SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",  # the paper's evaluation
@@ -113,7 +113,7 @@ class GenerationConfig:
     @property
     def weights_path(self) -> str | None:
         if self.model_name:
-            return str(Path(self.models_dir) / self.model_name / f"diffusers-{self.model_name}.pt")
+            return str(run_weight_files(Path(self.models_dir) / self.model_name)["full"])
         return self.esd_path
 
 

@@ -20,8 +20,9 @@ NOT_IN_COMMAND = {"overwrite", "resume", "preset_overrides"}
 
 def run_weights(run_dir: Path) -> list[Path]:
     """The weights files ``esd train`` wrote in ``run_dir`` (see :mod:`esd.weights`)."""
-    name = run_dir.name
-    return [p for p in (run_dir / f"diffusers-{name}.pt", run_dir / f"{name}.safetensors") if p.is_file()]
+    from .weights import run_weight_files
+
+    return [p for p in run_weight_files(run_dir).values() if p.is_file()]
 
 
 def train_command(record: dict) -> str:

@@ -13,7 +13,7 @@ from .modelcard import write_model_card
 from .models import DEFAULT_BASE_MODEL, load_pipeline, models_from_pipeline
 from .records import check_name, check_output_folder
 from .train import ESDTrainer
-from .weights import apply_erased_weights
+from .weights import apply_erased_weights, run_weight_files
 
 # save_path's suffix -> the trainer's save_format: the whole UNet state dict (the published ESD weights,
 # what the official code writes) or only the trained parameters.
@@ -98,7 +98,7 @@ class ESDPipeline:
         result = trainer.train()
         if save_path is not None:
             out = trainer.save(result)
-            written = out / (f"diffusers-{out.name}.pt" if save_path.suffix == ".pt" else f"{out.name}.safetensors")
+            written = run_weight_files(out)[SAVE_SUFFIXES[save_path.suffix]]
             os.replace(written, save_path)  # the same file system: the file appears whole or not at all
             write_model_card(out, weights=[save_path])
             self.output_dir = out

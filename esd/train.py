@@ -22,7 +22,7 @@ from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
 from .sampling import encode_erasure_prompts, sampler_scheduler
 from .views import UNetViews
-from .weights import save_full_state_dict, save_trained_parameters
+from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
 from .xt_sources import make_source
 
 
@@ -94,8 +94,9 @@ class ESDTrainer:
     @staticmethod
     def _run_files(out: Path) -> list[Path]:
         """What a run writes in its folder (weights, records, checkpoints)."""
-        files = [out / n for n in ("args.json", "loss.csv", "loss.png", "README.md", f"{out.name}.safetensors",
-                                   f"diffusers-{out.name}.pt")]
+        weights = run_weight_files(out)
+        files = [out / n for n in ("args.json", "loss.csv", "loss.png", "README.md")]
+        files += [weights["trained"], weights["full"]]
         return files + sorted((out / "checkpoints").glob("checkpoint-*.pt"))
 
     # -- setup ---------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class ESDTrainer:
             raise ValueError(f"training diverged: {len(bad)} trained tensors hold NaN or Inf (first: {bad[0]}); "
                              "nothing was saved (lower --lr or --negative_guidance)")
         out.mkdir(parents=True, exist_ok=True)
-        name = out.name
+        weights = run_weight_files(out)
         save_dtype = SAVE_PRECISIONS[cfg.save_precision]
         if cfg.save_format in ("both", "full"):
             if self.dtype == torch.float32:
@@ -267,10 +268,10 @@ class ESDTrainer:
                 full = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet.state_dict()
             full.update(trained)
             save_full_state_dict({k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()},
-                                 out / f"diffusers-{name}.pt")
+                                 weights["full"])
         trained = {k: v.to(save_dtype) for k, v in trained.items()}
         if cfg.save_format in ("both", "trained"):
-            save_trained_parameters(trained, out / f"{name}.safetensors",
+            save_trained_parameters(trained, weights["trained"],
                                     {"base_model": cfg.ckpt_path or cfg.base_model,
                                      "train_method": resolve_method(cfg.train_method).name, "prompt": cfg.prompt})
         record = {**self.config.record(), "family": self.models.family,

@@ -27,6 +27,13 @@ COMPVIS_PREFIX = "model.diffusion_model."
 TRAINED_FORMAT = "esd-trained-parameters"
 
 
+def run_weight_files(run_dir) -> dict[str, Path]:
+    """Where ``esd train`` writes a run's weights: ``full``, the whole diffusers UNet state dict (the
+    published ESD weights' format), and ``trained``, the trained tensors alone."""
+    run_dir = Path(run_dir)
+    return {"full": run_dir / f"diffusers-{run_dir.name}.pt", "trained": run_dir / f"{run_dir.name}.safetensors"}
+
+
 def save_full_state_dict(state_dict: dict, path) -> None:
     torch_save(state_dict, path)
 

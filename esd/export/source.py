@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models import DiffusionModels, ModelLoadError, load_models, resolve_source
 from ..records import error_summary, read_json
-from ..weights import apply_erased_weights
+from ..weights import apply_erased_weights, run_weight_files
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Erasure:
 def _weights_in(folder: Path) -> Path:
     """A run folder's weights: the trained-parameters file (small, the trained values themselves), else the
     full diffusers UNet."""
-    for candidate in (folder / f"{folder.name}.safetensors", folder / f"diffusers-{folder.name}.pt"):
+    files = run_weight_files(folder)
+    for candidate in (files["trained"], files["full"]):
         if candidate.is_file():
             return candidate
     found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("diffusers-*.pt"))
