@@ -20,14 +20,22 @@ from .metric import FILE_PATTERN, existing_file, metric_class
 from .protocols import PROTOCOLS, check_counts
 
 
-def image_rows(images: Path, prompts: str | None, case_column: str) -> list[tuple[Path, dict | None]]:
-    """Pair every ``<case>_<i>.png`` with its prompt-CSV row (when a CSV is given)."""
+def read_prompts(prompts: str | None) -> pd.DataFrame | None:
+    """The prompt CSV, read once and as ``esd generate`` reads it (every cell the string written in it),
+    so that the pairing, the check against generation.json and the protocol's counts see the same rows."""
+    from ..generate import read_prompt_table
+
+    return None if prompts is None else read_prompt_table(existing_file(prompts, "--prompts"))
+
+
+def image_rows(images: Path, df: pd.DataFrame | None, prompts: str | None,
+               case_column: str) -> list[tuple[Path, dict | None]]:
+    """Pair every ``<case>_<i>.png`` with its row of the prompt CSV ``df`` (read from ``prompts``), if any."""
     files = sorted(p for p in Path(images).glob("*.png") if FILE_PATTERN.match(p.name))
     if not files:
         raise ValueError(f"no <case>_<i>.png images in {str(images)!r}")
     table = None
-    if prompts:
-        df = pd.read_csv(existing_file(prompts, "--prompts"), dtype={case_column: str})
+    if df is not None:
         if case_column not in df:
             raise ValueError(f"{prompts}: no column --case_column {case_column!r}; columns found: "
                              f"{', '.join(map(str, df.columns))}")
@@ -41,7 +49,7 @@ def image_rows(images: Path, prompts: str | None, case_column: str) -> list[tupl
     return pairs
 
 
-def provenance(images: Path, files: list[Path], cfg: EvalConfig) -> dict:
+def provenance(images: Path, files: list[Path], cfg: EvalConfig, df: pd.DataFrame | None) -> dict:
     """Where the images came from, for summary.json: their generation.json's fingerprint, or a note
     that there is none. Where the record lists its rows, every image must be one it accounts for and
     the prompt CSV must agree with it (see check_prompts_match)."""
@@ -57,18 +65,17 @@ def provenance(images: Path, files: list[Path], cfg: EvalConfig) -> dict:
         raise ValueError(f"{images}: {len(unknown)} image(s) are not among those its {RECORD} records "
                          f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); remove them or "
                          "regenerate the folder")
-    if cfg.prompts:
-        check_prompts_match(cfg.prompts, record["rows"], images, cfg)
+    if df is not None:
+        check_prompts_match(df, cfg.prompts, record["rows"], images, cfg)
     return {"provenance": RECORD, "fingerprint": record.get("fingerprint"),
             "settings_fingerprint": record.get("settings_fingerprint")}
 
 
-def check_prompts_match(prompts: str, recorded: dict, images: Path, cfg: EvalConfig) -> None:
-    """Refuse a prompt CSV that gives a case the generation recorded another prompt or seed for. The
-    CSV is read as ``esd generate`` reads it, so equal cells compare equal."""
-    from ..generate import parse_seed, read_prompt_table
+def check_prompts_match(table: pd.DataFrame, prompts: str, recorded: dict, images: Path, cfg: EvalConfig) -> None:
+    """Refuse a prompt CSV (``table``, read from ``prompts`` as ``esd generate`` reads it, so equal cells
+    compare equal) that gives a case the generation recorded another prompt or seed for."""
+    from ..generate import parse_seed
 
-    table = read_prompt_table(prompts)
     needed = {"--case_column": cfg.case_column, "--prompt_column": cfg.prompt_column,
               "--seed_column": cfg.seed_column}
     if missing := [f"{flag} {col!r}" for flag, col in needed.items() if col not in table]:
@@ -87,7 +94,7 @@ def check_prompts_match(prompts: str, recorded: dict, images: Path, cfg: EvalCon
                                  f"generation.json in {images} records; these images were not made from this CSV")
 
 
-def protocol_record(cfg: EvalConfig, pairs: list, origin: dict) -> dict:
+def protocol_record(cfg: EvalConfig, pairs: list, origin: dict, table_rows: int | None) -> dict:
     """summary.json's protocol block: its name, source, the values it fixed, the overrides given,
     whether the folder met its counts, and whether each image's seed was checked (against the
     folder's generation.json, with --prompts). A run without a protocol records ``"protocol": null``."""
@@ -96,7 +103,6 @@ def protocol_record(cfg: EvalConfig, pairs: list, origin: dict) -> dict:
     if cfg.protocol is None:
         return {"protocol": None}
     p = PROTOCOLS[cfg.protocol]
-    table_rows = len(pd.read_csv(cfg.prompts)) if cfg.prompts else None
     classes: dict[str, int] = {}
     for _, row in pairs:
         if row is not None and cfg.label_column in row:
@@ -115,10 +121,11 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     metric = metric_class(cfg.metric)(cfg)  # checks the metric's own settings
     check_output_folder(Path(cfg.out), "--out")
     images = Path(cfg.images)
-    pairs = image_rows(images, cfg.prompts, cfg.case_column)
-    origin = provenance(images, [path for path, _ in pairs], cfg)  # every image, --limit or not
+    df = read_prompts(cfg.prompts)
+    pairs = image_rows(images, df, cfg.prompts, cfg.case_column)
+    origin = provenance(images, [path for path, _ in pairs], cfg, df)  # every image, --limit or not
     pairs = pairs[:cfg.limit]
-    protocol = protocol_record(cfg, pairs, origin)
+    protocol = protocol_record(cfg, pairs, origin, None if df is None else len(df))
     if protocol.get("complete") is False:
         log(f"warning: --protocol {cfg.protocol} counts not met, summary.json records \"complete\": false "
             f"({json.dumps(protocol['protocol_counts'])})")
