@@ -28,6 +28,7 @@ from .eval.protocols import PROTOCOLS
 from .generate import GenerationConfig, digest, generate_images, read_prompt_table, read_record
 from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
 from .records import atomic_write, check_output_folder, environment_record, read_json, safe_name
+from .weights import run_weight_files
 
 MACE = "Lu et al. 2024 (MACE, CVPR), Table 1"
 ESD_TABLE2 = "Gandikota et al. 2023 (ESD), Table 2 (ESD-u)"
@@ -167,11 +168,11 @@ def erase(esd_cfg: ESDConfig, log) -> Path:
     from .train import train_esd
 
     folder = Path(esd_cfg.save_path) / esd_cfg.run_name
-    weights = folder / f"{esd_cfg.run_name}.safetensors"
+    weights = run_weight_files(folder)["trained"]
     if (folder / "args.json").is_file() and weights.is_file():
         recorded = read_json(folder / "args.json")
         conflicts = esd_cfg.resume_conflicts(recorded)
-        if recorded.get("iterations") != esd_cfg.iterations:
+        if esd_cfg.iterations > recorded.get("iterations", esd_cfg.iterations):  # fewer: resume_conflicts says so
             conflicts.append(f"--iterations {esd_cfg.iterations} vs {recorded.get('iterations')}")
         if conflicts:
             raise ValueError(f"{folder} holds a run trained with other settings ({'; '.join(conflicts)}); use "

@@ -54,6 +54,9 @@ def test_nudity_end_to_end_then_resumes_every_stage(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     with pytest.raises(ValueError, match="trained with other settings .*--iterations 3 vs 2"):
         run(tmp_path, "nudity", prompts=str(DATA / "i2p_layout.csv"), iterations=3)
+    with pytest.raises(ValueError, match="trained with other settings") as fewer:
+        run(tmp_path, "nudity", prompts=str(DATA / "i2p_layout.csv"), iterations=1)
+    assert str(fewer.value).count("--iterations") == 1 and "--iterations 1 < 2" in str(fewer.value)
 
 
 def test_objects_erases_one_class_with_limit(tmp_path):
