@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .methods import resolve_method
-from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
+from .models import DEFAULT_BASE_MODEL, FLOW_FAMILIES, parse_devices, pipeline_family, resolve_source
 from .records import check_name, safe_name
 
 # -- choice tables -----------------------------------------------------------------------------
@@ -113,7 +113,12 @@ class ESDConfig:
         """Raise ValueError on any bad setting before a model is loaded."""
         if not self.prompt or not all(self.words):
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
-        resolve_method(self.train_method)
+        family = pipeline_family(self.base_model) if self.ckpt_path is None else "unet"
+        resolve_method(self.train_method, family)  # family None (not readable yet): checked once loaded
+        if family in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
+            raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
+                             "loop, which has no flow-matching counterpart; for SD3/FLUX use --preset fast or "
+                             "official (--timestep_mode matched)")
         for name, value, low in [("iterations", self.iterations, 1), ("ddim_steps", self.ddim_steps, 1),
                                  ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0),
                                  ("pool_size", self.pool_size, 0)]:
