@@ -48,6 +48,9 @@ PRESETS: dict[str, dict] = {
                  iterations=1000),
 }
 DEFAULT_PRESET = "fast"
+# FLUX.1 (12 B parameters) defaults to the path that fits one 80 GB GPU with mmdit-x and mmdit-x-single
+# (README, "Memory"): frozen weights in bf16, gradient checkpointing. An explicit flag overrides them.
+FLUX_DEFAULTS = {"mixed_precision": "bf16", "gradient_checkpointing": True}
 PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
 
 
@@ -86,13 +89,14 @@ class ESDConfig:
     batch_size: int = 1  # latents per iteration (they share t and the concept)
     seed: int | None = None  # None: drawn at random and recorded
     devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
-    mixed_precision: str = "no"  # no | fp16 | bf16: dtype of the frozen parts
+    mixed_precision: str | None = None  # no | fp16 | bf16: dtype of the frozen parts; None: FLUX_DEFAULTS or "no"
     sdxl_uncond: str = "empty"  # SDXL's unconditional prompt: "empty" encodes "" (official), "zeros" zeroes it
     save_path: str = "models/"
     save_every: int = 0  # checkpoint every N iterations (0: never)
     save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
     save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
+    gradient_checkpointing: bool | None = None  # recompute activations in backward: less memory, more time per
+    # step; None: FLUX_DEFAULTS or off
     compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
     optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
     resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
@@ -105,6 +109,10 @@ class ESDConfig:
             raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
         self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
         for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        by_family = FLUX_DEFAULTS if self.ckpt_path is None and pipeline_family(self.base_model) == "flux" else {}
+        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.validate()

@@ -110,6 +110,8 @@ def test_every_method_trains_through_the_cli_and_changes_only_its_parameters(kin
     small = load_file(out / "run.safetensors")
     assert set(small) == trained and all(torch.equal(small[k], after[k]) for k in small)
     assert load_erased_unet(out / "run.safetensors", flow_models[kind]).state_dict().keys() == after.keys()
+    card = (out / "README.md").read_text()
+    assert "pipe.transformer.load_state_dict(" in card and "pipe.unet" not in card
 
 
 @pytest.mark.parametrize("kind, pool", [("sd3", "0"), ("flux-dev", "1"), ("flux-dev", "0")])
@@ -129,12 +131,25 @@ def test_seeded_runs_are_identical_and_resume_is_exact(kind, pool, flow_models, 
     assert timesteps.str.contains(r"\.").any()  # flow-matching timesteps s * 1000 are not rounded to integers
 
 
+def test_flux_defaults_to_bf16_with_checkpointing_and_flags_override(flow_models):
+    def cfg(kind, **kw):
+        c = ESDConfig(prompt="cat", train_method="mmdit-x", base_model=flow_models[kind], **kw)
+        return c.mixed_precision, c.gradient_checkpointing
+
+    assert cfg("flux-dev") == cfg("flux-schnell") == ("bf16", True)
+    assert cfg("sd3") == ("no", False)
+    assert cfg("flux-dev", mixed_precision="no", gradient_checkpointing=False) == ("no", False)
+
+
 def test_bf16_keeps_frozen_weights_in_bf16_and_trains_fp32(flow_models, tmp_path):
+    """FLUX's default path: the transformer loaded in bf16 once (theta* shares it), the trained tensors fp32,
+    gradient checkpointing on; the saved full weights keep the untrained tensors exact (read from the source)."""
     cfg = ESDConfig(prompt="cat", train_method="mmdit-x-single", base_model=flow_models["flux-dev"],
                     image_size=SIZE, ddim_steps=STEPS, iterations=2, lr=1e-2, seed=0, devices="cpu",
-                    mixed_precision="bf16", save_path=str(tmp_path), name="bf16")
+                    pool_size=1, save_path=str(tmp_path), name="bf16")
     trainer = ESDTrainer(cfg)
     trainer.setup()
+    assert trainer.unet.is_gradient_checkpointing
     trained = set(trainer.trained_names)
     dtypes = {n: p.dtype for n, p in trainer.unet.named_parameters()}
     assert {dtypes[n] for n in trained} == {torch.float32}
