@@ -29,6 +29,8 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 # Pipelines whose denoiser is a flow-matching transformer (model_index.json's class) -> family.
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 FLOW_FAMILIES = tuple(FLOW_PIPELINES.values())
+# from_pretrained's dtype argument: diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
+DTYPE_ARGUMENT = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # latent pixels; FluxPipeline's default_sample_size (its transformer config has none)
 
 
@@ -224,7 +226,7 @@ def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: boo
     """An SD3 or FLUX pipeline's parts, loaded through its own pipeline class (which knows its tokenizer and
     encoder classes). SD3's T5 is optional: a folder whose model_index.json has no ``text_encoder_3`` loads
     without it, and the prompts get zeros in its place, as the pipeline does."""
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
     kwargs.update(_without_t5(index))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
