@@ -186,7 +186,7 @@ def sampler_scheduler(scheduler, kind: str, steps: int, latent_size: tuple[int, 
     eta 0) from the model's schedule, or ``model``, the model's own class (PNDM for SD1.4, as the
     current official code samples). Schedulers that work on sigma-scaled latents (Euler, LMS) are
     refused: their x_t is not the x_t the UNet is trained on without input scaling. Flow-matching
-    models (a scheduler without ``alphas_cumprod``) sample with :func:`esd.flow.flow_scheduler` for
+    models (a ``FlowMatchEulerDiscreteScheduler``) sample with :func:`esd.flow.flow_scheduler` for
     either kind; ``latent_size`` (h, w) sets FLUX's resolution-dependent shift, ``flux`` its sigmas."""
     from diffusers import DDIMScheduler
 
