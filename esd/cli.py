@@ -79,8 +79,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", "--device", dest="devices",
                    help="'0' (one GPU), '0,1' (frozen model on the second GPU, like the original code), or 'cpu'; "
                    "default: the first GPU if any, else the CPU")
-    p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS),
-                   help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32")
+    p.add_argument("--mixed_precision", choices=list(PRECISIONS),
+                   help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32 "
+                   "(default: bf16 for FLUX.1, else no)")
     p.add_argument("--sdxl_uncond", default=d["sdxl_uncond"].default, choices=SDXL_UNCONDS,
                    help="SDXL's unconditional prompt: 'empty' encodes \"\" (the official esd_sdxl.py), 'zeros' uses "
                    "zero embeddings (diffusers' force_zeros_for_empty_prompt) (default: %(default)s)")
@@ -111,8 +112,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "trained parameters), 'both'")
     p.add_argument("--save_precision", default=d["save_precision"].default, choices=list(SAVE_PRECISIONS),
                    help="dtype of the saved weights; fp16 halves the files (checkpoints for --resume stay fp32)")
-    p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute UNet activations in the backward pass: less memory for full/noxattn")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute UNet/transformer activations in the backward pass: less memory for full/noxattn "
+                   "(default: on for FLUX.1, else off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on GPUs, long runs)")
     p.add_argument("--optimizer", default=d["optimizer"].default, choices=OPTIMIZERS,
                    help="'adam' (the paper's) or 'adam8bit' (bitsandbytes' 8-bit Adam: a quarter of Adam's state "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .methods import resolve_method
-from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
+from .models import DEFAULT_BASE_MODEL, FLOW_FAMILIES, parse_devices, pipeline_family, resolve_source
 from .records import check_name, safe_name
 
 # -- choice tables -----------------------------------------------------------------------------
@@ -48,6 +48,9 @@ PRESETS: dict[str, dict] = {
                  iterations=1000),
 }
 DEFAULT_PRESET = "fast"
+# FLUX.1 (12 B parameters) defaults to the path that fits one 80 GB GPU with mmdit-x and mmdit-x-single
+# (README, "Memory"): frozen weights in bf16, gradient checkpointing. An explicit flag overrides them.
+FLUX_DEFAULTS = {"mixed_precision": "bf16", "gradient_checkpointing": True}
 PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
 
 
@@ -86,13 +89,14 @@ class ESDConfig:
     batch_size: int = 1  # latents per iteration (they share t and the concept)
     seed: int | None = None  # None: drawn at random and recorded
     devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
-    mixed_precision: str = "no"  # no | fp16 | bf16: dtype of the frozen parts
+    mixed_precision: str | None = None  # no | fp16 | bf16: dtype of the frozen parts; None: FLUX_DEFAULTS or "no"
     sdxl_uncond: str = "empty"  # SDXL's unconditional prompt: "empty" encodes "" (official), "zeros" zeroes it
     save_path: str = "models/"
     save_every: int = 0  # checkpoint every N iterations (0: never)
     save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
     save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time per step
+    gradient_checkpointing: bool | None = None  # recompute activations in backward: less memory, more time per
+    # step; None: FLUX_DEFAULTS or off
     compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
     optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
     resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
@@ -107,13 +111,22 @@ class ESDConfig:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        by_family = FLUX_DEFAULTS if self.ckpt_path is None and pipeline_family(self.base_model) == "flux" else {}
+        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError on any bad setting before a model is loaded."""
         if not self.prompt or not all(self.words):
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
-        resolve_method(self.train_method)
+        family = pipeline_family(self.base_model) if self.ckpt_path is None else "unet"
+        resolve_method(self.train_method, family)  # family None (not readable yet): checked once loaded
+        if family in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
+            raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
+                             "loop, which has no flow-matching counterpart; for SD3/FLUX use --preset fast or "
+                             "official (--timestep_mode matched)")
         for name, value, low in [("iterations", self.iterations, 1), ("ddim_steps", self.ddim_steps, 1),
                                  ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0),
                                  ("pool_size", self.pool_size, 0)]:

@@ -41,7 +41,17 @@ import pandas as pd
 import torch
 
 from .config import PRECISIONS
-from .models import DEFAULT_BASE_MODEL, load_pipeline, resolve_source, vae_scale_factor_of
+from .flow import pack_latents
+from .models import (
+    DEFAULT_BASE_MODEL,
+    FLOW_FAMILIES,
+    FLOW_PIPELINES,
+    load_pipeline,
+    native_resolution_of,
+    pipeline_family,
+    resolve_source,
+    vae_scale_factor_of,
+)
 from .records import PLAIN_NAME, atomic_write, check_name, environment_record, read_json
 from .weights import apply_erased_weights, run_weight_files
 
@@ -52,6 +62,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # SD3/FLUX: flow matching (their pipelines' own sampler)
 }
 PIPELINES = ("sd", "sld")
 SLD_PRESETS = ("weak", "medium", "strong", "max")
@@ -230,14 +241,22 @@ def digest(obj) -> str:
 
 def resolved_image_size(cfg: GenerationConfig) -> int:
     """--image_size, or the model's native size, read from its configs alone: the size is part of the
-    fingerprint, which is checked before any model loads."""
-    from diffusers import UNet2DConditionModel
-
+    fingerprint, which is checked before any model loads. SD3/FLUX pipelines (flow matching) are checked
+    here too: they sample with --scheduler flow-euler only, which the UNet pipelines cannot, and have no SLD."""
     source = resolve_source(cfg.base_model)
+    flow = pipeline_family(cfg.base_model) in FLOW_FAMILIES
+    if flow != (cfg.scheduler == "flow-euler"):
+        raise ValueError(f"--scheduler {cfg.scheduler} does not fit {cfg.base_model!r}: SD3/FLUX pipelines sample "
+                         "with --scheduler flow-euler, the UNet pipelines with any other")
+    if flow and cfg.pipeline != "sd":
+        raise ValueError(f"--pipeline {cfg.pipeline} is for the SD 1.x UNet; SD3/FLUX take --pipeline sd")
     factor = vae_scale_factor_of(source)
-    size = cfg.image_size or UNet2DConditionModel.load_config(source, subfolder="unet")["sample_size"] * factor
+    size = cfg.image_size or native_resolution_of(cfg.base_model)
     if size % factor:
         raise ValueError(f"--image_size {size} is not a multiple of the VAE factor {factor}")
+    if flow and size % (2 * factor):
+        raise ValueError(f"--image_size {size} is not a multiple of {2 * factor} (the VAE factor times the "
+                         "transformer's 2x2 patches)")
     return size
 
 
@@ -252,7 +271,16 @@ def pixel_settings(cfg: GenerationConfig, weights_sha256: str | None, size: int)
             "guidance_scale": float(cfg.guidance_scale), "image_size": int(size),
             "mixed_precision": cfg.mixed_precision, "pipeline": cfg.pipeline,
             "sld_preset": cfg.sld_preset if cfg.pipeline == "sld" else None,  # the sd pipeline ignores it
-            "safety_checker": bool(cfg.safety_checker), "num_samples": int(cfg.num_samples)}
+            "safety_checker": bool(cfg.safety_checker), "num_samples": int(cfg.num_samples),
+            **flow_pipeline_class(cfg.base_model)}
+
+
+def flow_pipeline_class(base_model: str) -> dict:
+    """{"pipeline_class": StableDiffusion3Pipeline | FluxPipeline} for a flow-matching model, else {}: the
+    UNet pipelines' fingerprints predate the key and stay as they were."""
+    family = pipeline_family(base_model)
+    names = [name for name, f in FLOW_PIPELINES.items() if f == family]
+    return {"pipeline_class": names[0]} if names else {}
 
 
 def read_record(folder) -> dict | None:
@@ -391,7 +419,8 @@ def build_pipeline(cfg: GenerationConfig, device: torch.device):
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise ValueError(f"--safety_checker asked for, but {cfg.base_model!r} has no safety checker")
     if cfg.weights_path:
-        apply_erased_weights(pipe.unet, cfg.weights_path, base_model=cfg.base_model)
+        denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        apply_erased_weights(denoiser, cfg.weights_path, base_model=cfg.base_model)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.pipeline == "sld":
         from diffusers import StableDiffusionPipelineSafe
@@ -424,7 +453,10 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
         check_folder(out, settings, rows, cfg.num_samples)
     pipe = build_pipeline(cfg, device)  # before the folder is made: bad weights leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
-    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    flux = type(pipe).__name__ == "FluxPipeline"  # reads its latents packed 2x2 into tokens
+    channels = pipe.transformer.config.in_channels // (4 if flux else 1) if hasattr(pipe, "transformer") \
+        else pipe.unet.config.in_channels
+    shape = (channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     if state.is_main_process:
         run = {"settings": asdict(cfg), "resolved_image_size": size,
                "safety_checker": "on" if cfg.safety_checker else "off", "weights_sha256": weights_sha256,
@@ -441,6 +473,7 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
             skipped += len(batch)
             continue
         latents = torch.stack([initial_latents(j, cfg.num_samples, shape) for j in batch])
+        latents = pack_latents(latents) if flux else latents
         gens = [torch.Generator("cpu").manual_seed(j.seed * 1000 + j.index) for j in batch]  # ancestral noise
         images = pipe([j.prompt for j in batch], latents=latents.to(device, PRECISIONS[cfg.mixed_precision]),
                       num_inference_steps=cfg.ddim_steps, guidance_scale=cfg.guidance_scale, generator=gens,

@@ -165,16 +165,14 @@ ALIASES = {"esd-x": "xattn", "esd-x-strict": "xattn-strict"}
 METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
 
 
-def resolve_method(name: str, family: str = "unet") -> TrainMethod:
-    """Return the train method called ``name`` (aliases accepted) for a model of ``family``.
-
-    ``family`` defaults to the UNet because the training engine trains UNets only so far: a
-    transformer method is then refused at configuration time, before any model is loaded."""
+def resolve_method(name: str, family: str | None = None) -> TrainMethod:
+    """Return the train method called ``name`` (aliases accepted), checked against ``family`` (a FAMILIES
+    key) when it is known."""
     key = ALIASES.get(name, name)
     if key not in TRAIN_METHODS:
         raise ValueError(f"unknown train method {name!r}; valid: {', '.join(METHOD_CHOICES)}")
     method = TRAIN_METHODS[key]
-    if family not in method.families:
+    if family is not None and family not in method.families:
         valid = [c for c in METHOD_CHOICES if family in TRAIN_METHODS[ALIASES.get(c, c)].families]
         raise ValueError(f"train method {name!r} is for the {' or '.join(FAMILIES[f][1] for f in method.families)}, "
                          f"not the {FAMILIES[family][1]}; valid for it: {', '.join(valid)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PRESET_FIELDS, ESDConfig
 from .methods import resolve_method
+from .models import FLOW_FAMILIES
 from .records import atomic_write, read_json
 
 CARD = "README.md"
@@ -66,20 +67,22 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
     if not weights:
         return ["No weights file was saved with this run."]
     lines = []
+    denoiser = "transformer" if record.get("family") in FLOW_FAMILIES else "unet"  # SD3/FLUX: the transformer
     for w in weights:
         path = os.path.relpath(w, run_dir)
         if w.suffix == ".safetensors":
             what = "the trained tensors only; the others stay the base model's"
             load = ["from safetensors.torch import load_file", *_base_pipeline_lines(record),
-                    f"result = pipe.unet.load_state_dict(load_file({path!r}), strict=False)",
+                    f"result = pipe.{denoiser}.load_state_dict(load_file({path!r}), strict=False)",
                     "assert not result.unexpected_keys  # missing: the untrained tensors, kept from the base model"]
         else:
-            what = "the whole UNet state dict, the published ESD weights' format"
+            what = f"the whole {'UNet' if denoiser == 'unet' else 'transformer'} state dict, the published ESD " \
+                "weights' format"
             load = ["import torch", *_base_pipeline_lines(record),
-                    f"pipe.unet.load_state_dict(torch.load({path!r}, weights_only=True))"]
+                    f"pipe.{denoiser}.load_state_dict(torch.load({path!r}, weights_only=True))"]
         lines += [f"`{path}` ({what}), in diffusers:", "", "```python", *load, "```", ""]
     return lines + [
-        "With esd installed, `esd.apply_erased_weights(pipe.unet, path)` loads either format strictly, and "
+        f"With esd installed, `esd.apply_erased_weights(pipe.{denoiser}, path)` loads either format strictly, and "
         "`esd generate --esd_path PATH` makes images from it. For AUTOMATIC1111 and ComfyUI, "
         "`esd export RUN_DIR --format lora|single-file|diffusers --out PATH` (RUN_DIR: this folder) converts the "
         "weights to a LoRA, a single-file checkpoint or a diffusers folder."]

@@ -2,8 +2,8 @@
 model, and original single-file checkpoints.
 
 Everything downstream works on :class:`DiffusionModels`, whatever the source.
-The family (SD 1.x, SD 2.x, SDXL), the prediction type and the native
-resolution are read from the loaded configs, never assumed.
+The family (SD 1.x, SD 2.x, SDXL UNets; SD3/SD3.5 and FLUX.1 transformers), the
+prediction type and the native resolution are read from the loaded configs, never assumed.
 """
 
 import os
@@ -12,12 +12,26 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    SchedulerMixin,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+# Pipelines whose denoiser is a flow-matching transformer (model_index.json's class) -> family.
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLOW_FAMILIES = tuple(FLOW_PIPELINES.values())
+# from_pretrained's dtype argument: diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
+DTYPE_ARGUMENT = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # latent pixels; FluxPipeline's default_sample_size (its transformer config has none)
 
 
 class ModelLoadError(ValueError):
@@ -26,11 +40,12 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class DiffusionModels:
-    """The parts of a Stable Diffusion pipeline that ESD needs."""
+    """The parts of a Stable Diffusion pipeline that ESD needs. ``unet`` is the denoiser: a UNet, or for SD3
+    and FLUX the transformer (the field keeps its name so that every UNet path reads unchanged)."""
 
-    unet: UNet2DConditionModel
-    scheduler: SchedulerMixin  # the model's own class (PNDM for SD1.4); the trainer builds its sampler from it
-    tokenizers: list  # one per text encoder (two for SDXL)
+    unet: UNet2DConditionModel | SD3Transformer2DModel | FluxTransformer2DModel
+    scheduler: SchedulerMixin  # the model's own class (PNDM for SD1.4, flow-matching Euler for SD3/FLUX)
+    tokenizers: list  # one per text encoder (two for SDXL and FLUX, two or three for SD3: CLIP-L, CLIP-G, T5)
     text_encoders: list
     vae: AutoencoderKL | None
     vae_scale_factor: int
@@ -42,16 +57,33 @@ class DiffusionModels:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        """epsilon, v_prediction or sample (the scheduler's config); ``flow`` for the flow-matching
+        transformers, which predict the velocity v = eps - x0."""
+        return "flow" if self.family in FLOW_FAMILIES else self.scheduler.config.prediction_type
 
     @property
     def native_resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        sample_size = FLUX_DEFAULT_SAMPLE_SIZE if self.family == "flux" else self.unet.config.sample_size
+        return sample_size * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latents x_t lives in: FLUX's transformer reads them packed 2x2 (4x the channels)."""
+        return self.unet.config.in_channels // (4 if self.family == "flux" else 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE factor, times the transformers' 2x2 patches."""
+        return self.vae_scale_factor * (2 if self.family in FLOW_FAMILIES else 1)
 
 
-def detect_family(unet: UNet2DConditionModel) -> str:
-    """SDXL has the text-time added conditioning; SD 2.x uses linear projections in
-    its transformers (and head-dim lists); SD 1.x is the rest."""
+def detect_family(unet: torch.nn.Module) -> str:
+    """SD3 and FLUX by their transformer class. SDXL has the text-time added conditioning; SD 2.x uses
+    linear projections in its transformers (and head-dim lists); SD 1.x is the rest."""
+    if isinstance(unet, SD3Transformer2DModel):
+        return "sd3"
+    if isinstance(unet, FluxTransformer2DModel):
+        return "flux"
     if unet.config.addition_embed_type == "text_time":
         return "sdxl"
     if unet.config.use_linear_projection:
@@ -83,9 +115,10 @@ def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=
     model_index.json names); without ``safety_checker`` a pipeline that has one is loaded without it
     (the erasure is what is measured, not the filter)."""
     source = resolve_source(base_model)
+    index = DiffusionPipeline.load_config(source)
     extra = {"safety_checker": None, "requires_safety_checker": False} \
-        if "safety_checker" in DiffusionPipeline.load_config(source) and not safety_checker else {}
-    return pipeline_class.from_pretrained(source, **extra)
+        if "safety_checker" in index and not safety_checker else {}
+    return pipeline_class.from_pretrained(source, **extra, **_without_t5(index))
 
 
 def load_scheduler(source: str) -> SchedulerMixin:
@@ -109,8 +142,14 @@ def vae_scale_factor_of(source: str) -> int:
 
 
 def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = None,
-                ckpt_config: str | None = None, load_vae: bool = False) -> DiffusionModels:
+                ckpt_config: str | None = None, load_vae: bool = False,
+                torch_dtype: torch.dtype | None = None) -> DiffusionModels:
     """Load UNet, scheduler (its own class), tokenizers, text encoders and optionally the VAE.
+
+    An SD3/SD3.5 or FLUX.1 folder (model_index.json naming ``StableDiffusion3Pipeline`` or
+    ``FluxPipeline``) gives its transformer in the UNet's place; ``torch_dtype`` (transformers only)
+    loads it and its text encoders in that dtype, so that FLUX.1's 12 B parameters are never held
+    in fp32 (the trainer upcasts the parameters it trains).
 
     ``ckpt_path`` is an original single-file checkpoint (``sd-v1-4-full-ema.ckpt``
     or ``.safetensors``), read through diffusers' single-file loading;
@@ -126,6 +165,8 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
         raise ModelLoadError(f"could not load base model {base_model!r} ({type(e).__name__}): not a local diffusers "
                              "folder and not in the hub cache; offline, pass a local folder as --base_model, "
                              "'toy', or --ckpt_path with --ckpt_config") from e
+    if index.get("_class_name") in FLOW_PIPELINES:
+        return _load_flow_pipeline(source, base_model, index, load_vae, torch_dtype)
     is_xl = "text_encoder_2" in index
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
     scheduler = load_scheduler(source)
@@ -137,6 +178,62 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if load_vae else None
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else vae_scale_factor_of(source)
     return DiffusionModels(unet, scheduler, tokenizers, text_encoders, vae, factor, base_model)
+
+
+def pipeline_family(base_model: str) -> str | None:
+    """``sd3`` or ``flux`` for a flow-matching transformer pipeline, ``unet`` for another diffusers
+    pipeline, from model_index.json alone (nothing is loaded); None when it cannot be read (a hub id
+    not in the cache): the family is then checked once the model is loaded."""
+    try:
+        index = DiffusionPipeline.load_config(resolve_source(base_model))
+    except Exception:  # noqa: BLE001 - unreadable here; load_models says why
+        return None
+    return FLOW_PIPELINES.get(index.get("_class_name"), "unet")
+
+
+def native_resolution_of(base_model: str) -> int:
+    """The model's native image size from its configs alone (no weights): the UNet's or SD3
+    transformer's sample_size, FluxPipeline's default for FLUX, times the VAE factor."""
+    source = resolve_source(base_model)
+    family = pipeline_family(base_model)
+    if family == "flux":
+        sample_size = FLUX_DEFAULT_SAMPLE_SIZE
+    elif family == "sd3":
+        sample_size = SD3Transformer2DModel.load_config(source, subfolder="transformer")["sample_size"]
+    else:
+        sample_size = UNet2DConditionModel.load_config(source, subfolder="unet")["sample_size"]
+    return sample_size * vae_scale_factor_of(source)
+
+
+def load_denoiser(base_model: str) -> torch.nn.Module:
+    """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32)."""
+    source = resolve_source(base_model)
+    family = pipeline_family(base_model)
+    if family in FLOW_FAMILIES:
+        cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+        return cls.from_pretrained(source, subfolder="transformer")
+    return UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+
+
+def _without_t5(index: dict) -> dict:
+    """from_pretrained's arguments for an SD3 folder saved without its optional T5 (no ``text_encoder_3``)."""
+    if FLOW_PIPELINES.get(index.get("_class_name")) == "sd3" and (index.get("text_encoder_3") or [None])[0] is None:
+        return {"text_encoder_3": None, "tokenizer_3": None}
+    return {}
+
+
+def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: bool, torch_dtype) -> DiffusionModels:
+    """An SD3 or FLUX pipeline's parts, loaded through its own pipeline class (which knows its tokenizer and
+    encoder classes). SD3's T5 is optional: a folder whose model_index.json has no ``text_encoder_3`` loads
+    without it, and the prompts get zeros in its place, as the pipeline does."""
+    kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
+    kwargs.update(_without_t5(index))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the transformer pipeline {base_model!r} ({type(e).__name__}: "
+                             f"{e})") from e
+    return models_from_pipeline(pipe, base_model, pipe.vae if load_vae else None)
 
 
 def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -> DiffusionModels:
@@ -160,11 +257,14 @@ def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -
 
 
 def models_from_pipeline(pipe, source: str, vae=None) -> DiffusionModels:
-    """The parts of a loaded pipeline that training uses (SDXL's second tokenizer and text encoder too)."""
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    """The parts of a loaded pipeline that training uses: its UNet or transformer, and every tokenizer and
+    text encoder it has, in order (SDXL's second; SD3's CLIP-G and optional T5; FLUX's T5)."""
+    names = [n for n in ("", "_2", "_3") if getattr(pipe, f"text_encoder{n}", None) is not None]
+    tokenizers = [getattr(pipe, f"tokenizer{n}") for n in names]
+    text_encoders = [getattr(pipe, f"text_encoder{n}") for n in names]
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return DiffusionModels(pipe.unet, pipe.scheduler, tokenizers, text_encoders, vae, factor, source)
+    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    return DiffusionModels(denoiser, pipe.scheduler, tokenizers, text_encoders, vae, factor, source)
 
 
 def parse_devices(devices: str | None) -> list[torch.device]:

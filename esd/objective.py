@@ -10,7 +10,7 @@ import torch.nn.functional as F
 class FrozenPredictions:
     """theta*'s predictions at one batch of (x_t, t), each (B, C, h, w), named as in the paper: raw (the
     model's own prediction type, as the sampler steps with them) or, after ``UNetViews.eps_of``, epsilon
-    (the space :func:`esd_target` needs)."""
+    (the space :func:`esd_target` needs; the velocity itself for flow models)."""
 
     uncond: torch.Tensor  # e0 = eps_theta*(x_t, t): the empty prompt
     concept: torch.Tensor  # ep = eps_theta*(x_t, c, t): the concept to erase
@@ -41,7 +41,8 @@ def esd_target(noise_pred_uncond: torch.Tensor, noise_pred_concept: torch.Tensor
     is given: eta_off = eta + 1 in every case. The current esd_sd.py's default eta_off = 2
     is our (and the paper's) eta = 1; esd_sdxl.py's default eta_off = 1 is our eta = 0.
 
-    All inputs must be in epsilon space (see :func:`esd.sampling.to_epsilon`).
+    All inputs must be in epsilon space (see :func:`esd.sampling.to_epsilon`), or all velocities for the
+    flow-matching transformers (SD3, FLUX), where the same formula holds (see :func:`esd_loss`).
     """
     if noise_pred_erase_from is None:
         return noise_pred_uncond - negative_guidance * (noise_pred_concept - noise_pred_uncond)
@@ -62,5 +63,16 @@ def esd_loss(noise_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target mapped through v = (eps - s·x_t) / a; but the MSE there is scaled by
     1 / a² = 1 / alpha_bar_t, which over-weights noisy timesteps against the
     paper's epsilon-space loss. Converting first keeps the paper's weighting.
+
+    Flow-matching transformers (SD3/SD3.5, FLUX.1) predict the velocity v = eps - x0 at
+    x_t = (1 - s) x0 + s eps. At fixed (x_t, s) the model's x0 = x_t - s v, so v = (eps - x_t) / (1 - s):
+    an affine map of eps. An affine map commutes with an affine combination whose weights sum to 1,
+    and the target's do (1 + eta and -eta, or 1, -(eta + 1) and eta + 1 with --erase_from), so
+    v0 - eta (vp - v0) is exactly the velocity of the epsilon-space target: the same erasure, built in
+    the model's own space. The MSE is taken there too, as the issue asks and as these models are
+    trained (rectified-flow loss on v): in epsilon terms it weights each step by 1 / (1 - s)², so the
+    noisy end (s -> 1) counts more than under the paper's epsilon loss, as it does in the models'
+    own training. It is also the only informative choice at s = 1 (the schedule's first step), where
+    eps = x_t + (1 - s) v = x_t whatever v is, so an epsilon-space loss would be zero there.
     """
     return F.mse_loss(noise_pred.float(), target.float())

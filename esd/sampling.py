@@ -1,11 +1,15 @@
 """Prompt conditioning and the guided partial-denoising sampler, written from a
-diffusers ``unet`` and ``scheduler`` (no pipeline is patched)."""
+diffusers ``unet`` (or SD3/FLUX transformer, through :mod:`esd.flow`) and ``scheduler``
+(no pipeline is patched)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch.func import functional_call
 
+from .flow import call_transformer, encode_flux, encode_sd3, flow_scheduler, is_flow_model
 from .models import DiffusionModels
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, "Conditioning"], torch.Tensor]
@@ -13,8 +17,9 @@ UNetFn = Callable[[torch.Tensor, torch.Tensor, "Conditioning"], torch.Tensor]
 
 @dataclass
 class Conditioning:
-    """Text conditioning for a batch: ``prompt_embeds`` (B, 77, D) and, for SDXL,
-    ``added_cond_kwargs`` with ``text_embeds`` (B, P) and ``time_ids`` (B, 6)."""
+    """Text conditioning for a batch: ``prompt_embeds`` (B, L, D) and, for SDXL,
+    ``added_cond_kwargs`` with ``text_embeds`` (B, P) and ``time_ids`` (B, 6); for SD3 and FLUX
+    ``pooled_projections`` (B, P) and, for FLUX.1-dev, ``guidance`` (B,)."""
 
     prompt_embeds: torch.Tensor
     added_cond_kwargs: dict | None = None
@@ -66,10 +71,11 @@ def _rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
 
 
 def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from: str | None, image_size: int,
-                           sdxl_uncond: str = "empty") -> PromptConditioning:
-    """Encode "", the concept words and the erase-from prompt in one call."""
+                           sdxl_uncond: str = "empty", guidance: float | None = None) -> PromptConditioning:
+    """Encode "", the concept words and the erase-from prompt in one call (``guidance``: see
+    :func:`encode_prompts`)."""
     prompts = ["", *words] + ([erase_from] if erase_from else [])
-    cond = encode_prompts(models, prompts, image_size, zero_empty=sdxl_uncond == "zeros")
+    cond = encode_prompts(models, prompts, image_size, zero_empty=sdxl_uncond == "zeros", guidance=guidance)
     n = len(words)
     return PromptConditioning(_rows(cond, torch.tensor([0])), _rows(cond, torch.arange(1, n + 1)),
                               _rows(cond, torch.tensor([n + 1])) if erase_from else None)
@@ -77,14 +83,25 @@ def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from
 
 @torch.no_grad()
 def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
-                   zero_empty: bool = False) -> Conditioning:
+                   zero_empty: bool = False, guidance: float | None = None) -> Conditioning:
     """Encode prompts as the diffusers pipelines do. SD 1.x/2.x: the text
     encoder's last hidden state. SDXL: the penultimate hidden states of both
     encoders concatenated, the second encoder's projected pooled output, and
     time ids (original size, crop (0, 0), target size). ``zero_empty`` (SDXL only) gives
     the empty prompt zero embeddings, as SDXL's pipeline does for a missing negative
     prompt (``force_zeros_for_empty_prompt``); without it "" is encoded like any prompt,
-    as the official esd_sdxl.py does (``negative_prompt=""``)."""
+    as the official esd_sdxl.py does (``negative_prompt=""``). SD3 and FLUX: see
+    :func:`esd.flow.encode_sd3` and :func:`esd.flow.encode_flux`; FLUX.1-dev's guidance embedding gets
+    ``guidance`` with every prompt, the empty one too (its e0 is the empty prompt's prediction at that
+    guidance, computed explicitly, as the model has no unguided pass)."""
+    if models.family == "sd3":
+        return Conditioning(*encode_sd3(models.tokenizers, models.text_encoders, prompts,
+                                        models.unet.config.joint_attention_dim))
+    if models.family == "flux":
+        if models.unet.config.guidance_embeds and guidance is None:
+            raise ValueError("FLUX.1-dev's guidance embedding needs a guidance value (--start_guidance)")
+        return Conditioning(*encode_flux(models.tokenizers, models.text_encoders, prompts,
+                                         guidance if models.unet.config.guidance_embeds else None))
     device = models.text_encoders[0].device
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
@@ -109,10 +126,15 @@ def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
 
 
 def call_unet(unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-              cond: Conditioning) -> torch.Tensor:
-    """The model's raw prediction (epsilon, v or x0, per its prediction type)."""
-    return unet(latents, timesteps, encoder_hidden_states=cond.prompt_embeds,
-                added_cond_kwargs=cond.added_cond_kwargs).sample
+              cond: Conditioning, params: dict | None = None) -> torch.Tensor:
+    """The model's raw prediction (epsilon, v or x0, per its prediction type; the velocity for SD3 and
+    FLUX). With ``params``, those tensors replace the module's own (theta* through ``functional_call``)."""
+    if is_flow_model(unet):
+        return call_transformer(unet, latents, timesteps, cond.prompt_embeds, cond.added_cond_kwargs, params)
+    kwargs = {"encoder_hidden_states": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs}
+    if params is None:
+        return unet(latents, timesteps, **kwargs).sample
+    return functional_call(unet, params, (latents, timesteps), kwargs).sample
 
 
 def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -120,36 +142,56 @@ def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
     return pred_uncond + scale * (pred_cond - pred_uncond)
 
 
+def repeat_timestep(t: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """One of the scheduler's timesteps (int for DDPM schedules, float s * 1000 for flow matching), (n,)."""
+    return torch.full((n,), t.item(), dtype=t.dtype, device=device)
+
+
 def guided_prediction(unet_fn: UNetFn, latents, t, cond: Conditioning, uncond: Conditioning, guidance_scale):
     """Classifier-free guidance in one batched call.
     Returns (guided, prediction_uncond, prediction_cond), each (B, C, h, w)."""
     b = latents.shape[0]
-    timesteps = torch.full((2 * b,), int(t), device=latents.device)
+    timesteps = repeat_timestep(t, 2 * b, latents.device)
     pred = unet_fn(torch.cat([latents, latents]), timesteps, Conditioning.cat([uncond, cond]))
     pred_uncond, pred_cond = pred.float().chunk(2)
     return classifier_free_guidance(pred_uncond, pred_cond, guidance_scale), pred_uncond, pred_cond
 
 
+def initial_noise_sigma(scheduler) -> float:
+    """The scale of the sampler's starting noise; flow matching starts at x = eps (s = 1) and its scheduler
+    has no ``init_noise_sigma``."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
 @torch.no_grad()
 def denoise(unet_fn: UNetFn, scheduler, noise: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-            guidance_scale: float, timesteps: torch.Tensor) -> torch.Tensor:
+            guidance_scale: float | None, timesteps: torch.Tensor) -> torch.Tensor:
     """Run the guided sampler from ``noise`` over ``timesteps`` (a slice of ``scheduler.timesteps``,
     noise taken to be at the first): one scheduler step per timestep. ``scheduler.set_timesteps``
-    must have been called (it also resets multistep schedulers' state, so call it per trajectory)."""
-    x = noise * scheduler.init_noise_sigma
+    must have been called (it also resets multistep schedulers' state, so call it per trajectory).
+    ``guidance_scale`` None: the conditional prediction alone, one pass (FLUX: see :func:`esd.flow.uses_true_cfg`)."""
+    x = noise * initial_noise_sigma(scheduler)
     for t in timesteps:
-        guided, _, _ = guided_prediction(unet_fn, x, t, cond, uncond, guidance_scale)
+        if guidance_scale is None:
+            guided = unet_fn(x, repeat_timestep(t, x.shape[0], x.device), cond).float()
+        else:
+            guided, _, _ = guided_prediction(unet_fn, x, t, cond, uncond, guidance_scale)
         x = scheduler.step(guided, t, x).prev_sample
     return x
 
 
-def sampler_scheduler(scheduler, kind: str, steps: int):
+def sampler_scheduler(scheduler, kind: str, steps: int, latent_size: tuple[int, int] | None = None,
+                      flux: bool = False):
     """The scheduler that samples x_t, with ``steps`` timesteps set: ``ddim`` (the paper's sampler,
     eta 0) from the model's schedule, or ``model``, the model's own class (PNDM for SD1.4, as the
     current official code samples). Schedulers that work on sigma-scaled latents (Euler, LMS) are
-    refused: their x_t is not the x_t the UNet is trained on without input scaling."""
+    refused: their x_t is not the x_t the UNet is trained on without input scaling. Flow-matching
+    models (a ``FlowMatchEulerDiscreteScheduler``) sample with :func:`esd.flow.flow_scheduler` for
+    either kind; ``latent_size`` (h, w) sets FLUX's resolution-dependent shift, ``flux`` its sigmas."""
     from diffusers import DDIMScheduler
 
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return flow_scheduler(scheduler, steps, latent_size, flux)
     own = DDIMScheduler.from_config(scheduler.config) if kind == "ddim" else \
         type(scheduler).from_config(scheduler.config)
     own.set_timesteps(steps)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
 from .methods import resolve_method, select_parameters
 from .modelcard import write_model_card
-from .models import DiffusionModels, load_models, parse_devices, resolve_source, vae_scale_factor_of
+from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
 from .sampling import encode_erasure_prompts, sampler_scheduler
@@ -108,19 +108,21 @@ class ESDTrainer:
         if self.models is None:
             if cfg.image_size and cfg.ckpt_path is None:  # fail before loading weights
                 self._check_image_size(cfg.image_size, vae_scale_factor_of(resolve_source(cfg.base_model)))
-            self.models = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config)
+            self.models = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config, torch_dtype=self.dtype)
         m = self.models
         self.image_size = cfg.image_size or m.native_resolution
-        self._check_image_size(self.image_size, m.vae_scale_factor)
-        latent_shape = (cfg.batch_size, m.unet.config.in_channels,
+        self._check_image_size(self.image_size, m.size_multiple, "the VAE factor" if m.size_multiple ==
+                               m.vae_scale_factor else "the VAE factor times the 2x2 patch size,")
+        latent_shape = (cfg.batch_size, m.latent_channels,
                         self.image_size // m.vae_scale_factor, self.image_size // m.vae_scale_factor)
-        scheduler = sampler_scheduler(m.scheduler, cfg.sampler_scheduler, cfg.ddim_steps)
+        scheduler = sampler_scheduler(m.scheduler, cfg.sampler_scheduler, cfg.ddim_steps, latent_shape[2:],
+                                      m.family == "flux")
 
         # Text conditioning is fixed for the whole run: encode once, then drop the text encoders.
         for enc in m.text_encoders:
             enc.to(self.device, self.dtype)
         self.prompts = encode_erasure_prompts(m, cfg.words, cfg.erase_from, self.image_size,
-                                              cfg.sdxl_uncond).to(self.device)
+                                              cfg.sdxl_uncond, cfg.start_guidance).to(self.device)
         m.text_encoders.clear()
 
         self.unet = m.unet.to(self.device)
@@ -128,7 +130,7 @@ class ESDTrainer:
         self.trained_names = select_parameters(self.unet, cfg.train_method)
         frozen_device = devices[1] if len(devices) == 2 else (self.device if cfg.frozen_copy else None)
         self.views = UNetViews(self.unet, self.trained_names, self.dtype, self.device, frozen_device,
-                               scheduler.alphas_cumprod, m.prediction_type)
+                               getattr(scheduler, "alphas_cumprod", None), m.prediction_type)
         trained = set(self.trained_names)
         self.params = [p for n, p in self.unet.named_parameters() if n in trained]
         if cfg.gradient_checkpointing:
@@ -160,9 +162,9 @@ class ESDTrainer:
         check_free_space(self.output_dir, int(need * 1.05) + 2**20, "the weights and checkpoints")
 
     @staticmethod
-    def _check_image_size(image_size: int, factor: int) -> None:
+    def _check_image_size(image_size: int, factor: int, what: str = "the VAE factor") -> None:
         if image_size % factor:
-            raise ValueError(f"--image_size {image_size} is not a multiple of the VAE factor {factor} of this model")
+            raise ValueError(f"--image_size {image_size} is not a multiple of {what} {factor} of this model")
 
     @property
     def unet_evals(self) -> int:
@@ -181,8 +183,8 @@ class ESDTrainer:
         loss.backward()
         self.optimizer.step()
 
-        def column(values):
-            return ";".join(str(int(v)) for v in values)
+        def column(values):  # ints; flow matching's timesteps are floats (s * 1000)
+            return ";".join(f"{v.item():g}" for v in values)
 
         return {"loss": loss.item(), "word": ";".join(self.config.words[int(c)] for c in batch.concept.unique()),
                 "ddim_index": column(batch.ddim_index), "xt_level": column(batch.xt_level),
@@ -265,7 +267,8 @@ class ESDTrainer:
             if self.dtype == torch.float32:
                 full = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
             else:  # frozen weights were cast down; take them from the source again at full precision
-                full = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet.state_dict()
+                full = (load_denoiser(cfg.base_model) if cfg.ckpt_path is None else
+                        load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet).state_dict()
             full.update(trained)
             save_full_state_dict({k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()},
                                  weights["full"])

@@ -11,8 +11,8 @@ trained parameters, the target and the loss in fp32; forwards under autocast.
 from copy import deepcopy
 
 import torch
-from torch.func import functional_call
 
+from .flow import uses_true_cfg
 from .objective import FrozenPredictions
 from .sampling import Conditioning, PromptConditioning, call_unet, to_epsilon
 
@@ -36,9 +36,7 @@ class FrozenUNet:
             device = next(self.module.parameters()).device
             out = call_unet(self.module, latents.to(device), timesteps.to(device), cond.to(device))
             return out.to(latents.device)
-        return functional_call(self.module, self.params, (latents, timesteps),
-                               {"encoder_hidden_states": cond.prompt_embeds,
-                                "added_cond_kwargs": cond.added_cond_kwargs}).sample
+        return call_unet(self.module, latents, timesteps, cond, self.params)
 
 
 class UNetViews:
@@ -46,16 +44,18 @@ class UNetViews:
     conversion to epsilon, and a count of latent rows through the UNet (for benchmarks)."""
 
     def __init__(self, unet: torch.nn.Module, trained_names: list[str], dtype: torch.dtype, device: torch.device,
-                 frozen_device: torch.device | None, alphas_cumprod: torch.Tensor, prediction_type: str):
+                 frozen_device: torch.device | None, alphas_cumprod: torch.Tensor | None, prediction_type: str):
         self.unet, self.dtype, self.device = unet, dtype, device
         self.frozen_unet = FrozenUNet(unet, trained_names, dtype, frozen_device)
         trained = set(trained_names)
         for name, p in unet.named_parameters():
-            if name in trained:
+            if name in trained:  # fp32 even when the model was loaded in the low-precision dtype
+                p.data = p.data.float()
                 p.requires_grad_(True)
             else:
                 p.data = p.data.to(dtype)
         self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        self.true_cfg = uses_true_cfg(unet)  # FLUX samples x_t with one conditional pass
         self.evals = 0
 
     def autocast(self):
@@ -72,6 +72,10 @@ class UNetViews:
         return self.frozen_unet(latents, timesteps, cond)
 
     def to_eps(self, prediction, latents, timesteps) -> torch.Tensor:
+        """The prediction in the space the ESD target and loss are built in: epsilon for the UNets; for
+        flow models (``flow``) the velocity itself, the model's own space (see :func:`esd.objective.esd_loss`)."""
+        if self.prediction_type == "flow":
+            return prediction
         return to_epsilon(prediction, latents, timesteps, self.alphas_cumprod, self.prediction_type)
 
     def frozen_predictions(self, latents, timesteps, prompts: PromptConditioning,

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_models, resolve_source
+from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_denoiser, load_models
 from .records import atomic_write, torch_save
 
 COMPVIS_PREFIX = "model.diffusion_model."
@@ -135,16 +135,14 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
 
 def load_erased_unet(weights_path, base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = None,
                      ckpt_config: str | None = None, unet: torch.nn.Module | None = None):
-    """A diffusers ``UNet2DConditionModel`` of ``base_model`` (or ``ckpt_path``) with
-    erased weights from ``weights_path`` loaded strictly.
+    """A diffusers ``UNet2DConditionModel`` (for SD3/FLUX the transformer) of ``base_model`` (or
+    ``ckpt_path``) with erased weights from ``weights_path`` loaded strictly.
 
     Accepts a full diffusers UNet ``.pt`` (the published ESD weights), a
     trained-parameters ``.safetensors`` and a CompVis-format ``.pt``/``.ckpt``."""
     if unet is None:
         if ckpt_path is None:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(resolve_source(base_model), subfolder="unet")
+            unet = load_denoiser(base_model)
         else:
             unet = load_models(base_model, ckpt_path, ckpt_config).unet
     apply_erased_weights(unet, weights_path, base_model=ckpt_path or base_model)

@@ -14,7 +14,7 @@ import torch
 
 from .config import ESDConfig
 from .objective import target_of
-from .sampling import PromptConditioning, classifier_free_guidance, denoise
+from .sampling import PromptConditioning, classifier_free_guidance, denoise, initial_noise_sigma, repeat_timestep
 from .views import UNetViews
 
 
@@ -27,7 +27,7 @@ class Batch:
     xt_level: torch.Tensor  # the timestep whose noise level x_t has (the sampler's last reached), (B,); 0: clean
     ddim_index: torch.Tensor  # the stopping step drawn among the sampler's T steps (t_enc of the paper's code), (B,)
     concept: torch.Tensor  # index of the concept word, (B,)
-    target: torch.Tensor  # the ESD target in epsilon space, fp32, (B, C, h, w)
+    target: torch.Tensor  # the ESD target in epsilon space (flow models: velocity), fp32, (B, C, h, w)
 
 
 def original_pairing(timesteps: torch.Tensor, stop_index: int, num_train_timesteps: int):
@@ -50,8 +50,9 @@ def original_pairing(timesteps: torch.Tensor, stop_index: int, num_train_timeste
 
 def matched_pairing(timesteps: torch.Tensor, stop_index: int):
     """The sampler runs ``stop_index`` steps from noise; x_t is at ``timesteps[stop_index]`` and is
-    queried there (the current official code). Returns (the sampler's timesteps, x_t's level)."""
-    return timesteps[:stop_index], int(timesteps[stop_index])
+    queried there (the current official code; for flow models, x_t at s = timestep / 1000, queried at that
+    timestep). Returns (the sampler's timesteps, x_t's level: an int, or a float for flow matching)."""
+    return timesteps[:stop_index], timesteps[stop_index].item()
 
 
 class XtSource:
@@ -92,7 +93,7 @@ class FreshTrajectory(XtSource):
         sampler = views.frozen if cfg.sampler_model == "frozen" else views.trained
         with views.autocast():
             latents = denoise(sampler, self.scheduler, noise, self.prompts.source(concept),
-                              self.prompts.uncond_rows(b), cfg.start_guidance, run)
+                              self.prompts.uncond_rows(b), cfg.start_guidance if views.true_cfg else None, run)
         if cfg.timestep_mode == "original":
             timesteps = torch.randint(low, high, (b,), generator=g)
         else:
@@ -121,16 +122,18 @@ class TrajectoryPool(XtSource):
         concept = torch.randint(len(cfg.words), (k,), generator=g)
         noise = torch.randn((k, *self.latent_shape[1:]), generator=g).to(views.device)
         self.scheduler.set_timesteps(cfg.ddim_steps)
-        x = noise * self.scheduler.init_noise_sigma
+        x = noise * initial_noise_sigma(self.scheduler)
         xs, ts, targets = [], [], []
         for t in self.scheduler.timesteps:
-            timesteps = torch.full((k,), int(t), device=views.device)
+            timesteps = repeat_timestep(t, k, views.device)
             predictions = views.frozen_predictions(x, timesteps, self.prompts, concept)
             targets.append(target_of(views.eps_of(predictions, x, timesteps), cfg.negative_guidance))
             xs.append(x)
-            ts.append(torch.full((k,), int(t)))
-            # The sampler's own guided step: "" and the prompt x_t is sampled with.
-            guided = classifier_free_guidance(predictions.uncond, predictions.source, cfg.start_guidance)
+            ts.append(timesteps.cpu())
+            # The sampler's own guided step: "" and the prompt x_t is sampled with (FLUX: that prompt's
+            # prediction alone, its guidance being in the embedding or distilled away).
+            guided = classifier_free_guidance(predictions.uncond, predictions.source, cfg.start_guidance) \
+                if views.true_cfg else predictions.source
             x = self.scheduler.step(guided, t, x).prev_sample
         steps = len(xs)
         self.pool = {"latents": torch.cat(xs), "timesteps": torch.cat(ts), "targets": torch.cat(targets),

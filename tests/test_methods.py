@@ -139,7 +139,7 @@ def test_methods_refuse_the_wrong_family(unet, transformers):
         select_parameters(torch.nn.Linear(2, 2), "full")
 
 
-def test_transformer_method_refused_at_configuration_until_the_engine_trains_transformers():
-    """The engine trains UNets only: ESDConfig refuses a transformer method before any model loads."""
+def test_a_method_of_another_family_is_refused_at_configuration(tiny_models):
+    """ESDConfig reads the family from model_index.json and refuses before any model loads."""
     with pytest.raises(ValueError, match="'mmdit-x' is for .*, not the UNet"):
-        ESDConfig(prompt="Van Gogh", train_method="mmdit-x", base_model="/nonexistent")
+        ESDConfig(prompt="Van Gogh", train_method="mmdit-x", base_model=tiny_models["sd1"])

@@ -1,4 +1,4 @@
-"""Tiny models with the real SD 1.x, SD 2.x and SDXL architectures (block layout,
+"""Tiny models with the real SD 1.x, SD 2.x, SDXL, SD3 and FLUX.1 architectures (block layout,
 attention types, conditioning), built in-process and saved as diffusers folders."""
 
 from pathlib import Path
@@ -7,13 +7,16 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from esd.toy.tokenizer import build_clip_tokenizer
 
@@ -30,11 +33,22 @@ def _text_encoder(cls, hidden, vocab, seed, **kw):
     return cls(cfg)
 
 
-def _vae():
+def _vae(latent_channels=4, **kw):
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1)
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels,
+                         norm_num_groups=8, layers_per_block=1, **kw)
+
+
+def _flow_vae():
+    """16 latent channels with a shift factor, as SD3's and FLUX's VAEs (FLUX.1's factors)."""
+    return _vae(16, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def _t5(d_model, vocab, seed):
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(d_model=d_model, d_ff=2 * d_model, d_kv=4, num_layers=1, num_heads=2,
+                                   vocab_size=vocab, relative_attention_num_buckets=8))
 
 
 def _scheduler(prediction_type="epsilon"):
@@ -78,6 +92,43 @@ def build(family: str, folder: str | Path) -> Path:
     return folder
 
 
+FLOW_PIPELINES = ("sd3", "sd3-t5", "flux-dev", "flux-schnell")
+
+
+def build_flow(kind: str, folder: str | Path) -> Path:
+    """Save a tiny flow-matching pipeline to ``folder``: ``sd3`` (CLIP-L and CLIP-G, no T5: the
+    pipeline's zeros take its place), ``sd3-t5``, ``flux-dev`` (guidance embedding, dynamic shifting)
+    or ``flux-schnell`` (neither). 16 latent channels as the real VAEs; the T5 tokenizer is the tiny CLIP
+    one (any tokenizer the pipeline can call serves the tests)."""
+    folder = Path(folder)
+    vocab = len(build_clip_tokenizer(WORDS))
+    if kind.startswith("sd3"):
+        t5 = kind == "sd3-t5"
+        pipe = StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(in_channels=16),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
+            text_encoder=_text_encoder(CLIPTextModelWithProjection, 8, vocab, 1, projection_dim=4),
+            tokenizer=build_clip_tokenizer(WORDS),
+            text_encoder_2=_text_encoder(CLIPTextModelWithProjection, 8, vocab, 2, projection_dim=4),
+            tokenizer_2=build_clip_tokenizer(WORDS),
+            text_encoder_3=_t5(16, vocab, 3) if t5 else None,
+            tokenizer_3=build_clip_tokenizer(WORDS, model_max_length=256) if t5 else None)
+    elif kind in ("flux-dev", "flux-schnell"):
+        dev = kind == "flux-dev"
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15) if dev else FlowMatchEulerDiscreteScheduler()
+        pipe = FluxPipeline(transformer=tiny_flux_transformer(in_channels=64, guidance_embeds=dev),
+                            scheduler=scheduler, vae=_flow_vae(),
+                            text_encoder=_text_encoder(CLIPTextModel, 8, vocab, 1),
+                            tokenizer=build_clip_tokenizer(WORDS),
+                            text_encoder_2=_t5(16, vocab, 2),
+                            tokenizer_2=build_clip_tokenizer(WORDS, model_max_length=512))
+    else:
+        raise ValueError(f"{kind!r}; valid: {', '.join(FLOW_PIPELINES)}")
+    pipe.save_pretrained(folder)
+    return folder
+
+
 # SD v1.4's UNet config, as published in its diffusers folder: for parameter counts (on the meta
 # device, no memory) and the SD-scale benchmarks (random weights).
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -113,19 +164,21 @@ def flux1_dev_transformer(device: str = "meta") -> FluxTransformer2DModel:
         return FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
 
 
-def tiny_sd3_transformer() -> SD3Transformer2DModel:
+def tiny_sd3_transformer(in_channels: int = 4) -> SD3Transformer2DModel:
     """Two joint blocks, the first with SD3.5's dual attention and the last context_pre_only (no text
     output projection nor text feed-forward), as in the real models."""
     torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=in_channels, out_channels=in_channels,
+                                 num_layers=2,
                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                  caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
                                  dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
-def tiny_flux_transformer() -> FluxTransformer2DModel:
-    """Two joint and two single-stream blocks, with FLUX.1-dev's guidance embedding."""
+def tiny_flux_transformer(in_channels: int = 4, guidance_embeds: bool = True) -> FluxTransformer2DModel:
+    """Two joint and two single-stream blocks, with FLUX.1-dev's guidance embedding (schnell: without)."""
     torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=2, num_single_layers=2,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                  pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+                                  pooled_projection_dim=8, guidance_embeds=guidance_embeds,
+                                  axes_dims_rope=(2, 2, 4))

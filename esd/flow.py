@@ -1,0 +1,144 @@
+"""SD3/SD3.5 and FLUX.1: prompt encoding, the transformer call and the sampler's schedule, as diffusers'
+``StableDiffusion3Pipeline`` and ``FluxPipeline`` do them (read from diffusers 0.42's source).
+
+Both are flow-matching models: x_t = (1 - s) x0 + s eps at noise level s = sigma in [0, 1], and the
+transformer predicts the velocity v = eps - x0 (the ODE dx/ds = v carries noise, s = 1, to data, s = 0).
+The scheduler's timesteps are s * 1000. x_t keeps the VAE latents' layout (B, C, h, w) everywhere in
+the engine; FLUX's 2x2 packing into tokens happens only inside :func:`call_transformer`.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from torch.func import functional_call
+
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default
+FLUX_T5_TOKENS = 512  # FluxPipeline's
+
+
+def is_flow_model(model: torch.nn.Module) -> bool:
+    return isinstance(model, (SD3Transformer2DModel, FluxTransformer2DModel))
+
+
+def uses_true_cfg(model: torch.nn.Module) -> bool:
+    """SD3 samples with classifier-free guidance (two passes); FLUX.1 does not: dev takes the guidance
+    scale as an input embedding (one conditional pass), schnell is distilled to sample without guidance."""
+    return not isinstance(model, FluxTransformer2DModel)
+
+
+def _tokens(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_sd3(tokenizers: list, text_encoders: list, prompts: list[str], joint_attention_dim: int):
+    """``StableDiffusion3Pipeline.encode_prompt`` (no clip_skip): the penultimate hidden states of CLIP-L
+    and CLIP-G concatenated on features (B, 77, 768 + 1280), zero-padded to the T5 width and concatenated
+    on tokens with T5's last hidden state (B, 256, 4096), or with zeros of that shape when the pipeline has
+    no T5; the pooled embedding is both CLIPs' projected pooled outputs concatenated (B, 768 + 1280).
+    Returns (prompt_embeds (B, 77 + 256, D), {"pooled_projections": (B, P)})."""
+    device = text_encoders[0].device
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2]):
+        out = encoder(_tokens(tokenizer, prompts, tokenizer.model_max_length, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    clip = torch.cat(hidden, dim=-1)
+    if len(text_encoders) == 3:
+        t5 = text_encoders[2](_tokens(tokenizers[2], prompts, SD3_T5_TOKENS, device))[0]
+    else:
+        t5 = torch.zeros(len(prompts), SD3_T5_TOKENS, joint_attention_dim, device=device, dtype=clip.dtype)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5.to(clip.dtype)], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
+
+
+@torch.no_grad()
+def encode_flux(tokenizers: list, text_encoders: list, prompts: list[str], guidance: float | None):
+    """``FluxPipeline.encode_prompt``: CLIP's pooled output (B, 768) and T5's last hidden state (B, 512, 4096).
+    FLUX.1-dev's guidance embedding takes ``guidance`` (B,) with every prompt, as the pipeline passes
+    its guidance_scale; schnell has none. Returns (prompt_embeds, {"pooled_projections", ["guidance"]})."""
+    device = text_encoders[0].device
+    clip_tok, t5_tok = tokenizers
+    clip, t5 = text_encoders
+    pooled = clip(_tokens(clip_tok, prompts, clip_tok.model_max_length, device)).pooler_output
+    embeds = t5(_tokens(t5_tok, prompts, FLUX_T5_TOKENS, device))[0]
+    extra = {"pooled_projections": pooled}
+    if guidance is not None:
+        extra["guidance"] = torch.full((len(prompts),), float(guidance), device=device)
+    return embeds, extra
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline._pack_latents: (B, C, h, w) -> (B, h/2 * w/2, 4C), each token a 2x2 patch."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * w // 2, c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device) -> torch.Tensor:
+    """FluxPipeline._prepare_latent_image_ids for packed latents of h x w tokens: (h * w, 3) holding
+    (0, row, column), the positions its rotary embedding reads."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(device)
+
+
+def call_transformer(model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                     prompt_embeds: torch.Tensor, extra: dict, params: dict | None = None) -> torch.Tensor:
+    """The velocity the transformer predicts at x_t = ``latents`` (B, C, h, w), in that layout.
+    ``timesteps`` (B,) are the scheduler's (s * 1000): SD3 takes them so; FLUX takes s (timestep / 1000,
+    as FluxPipeline passes it; the model multiplies by 1000 again), its guidance as given, and the
+    token positions (txt_ids zeros, img_ids the packed grid). With ``params``, those tensors replace the
+    module's own (theta* through ``functional_call``)."""
+    kwargs = {"encoder_hidden_states": prompt_embeds, "pooled_projections": extra["pooled_projections"],
+              "return_dict": False}
+    h, w = latents.shape[-2:]
+    if isinstance(model, FluxTransformer2DModel):
+        hidden = pack_latents(latents)
+        kwargs.update(timestep=timesteps / 1000, guidance=extra.get("guidance"),
+                      txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device),
+                      img_ids=image_ids(h // 2, w // 2, latents.device))
+    else:
+        hidden = latents
+        kwargs.update(timestep=timesteps)
+    out = model(hidden, **kwargs)[0] if params is None else functional_call(model, params, (hidden,), kwargs)[0]
+    return unpack_latents(out, h, w) if isinstance(model, FluxTransformer2DModel) else out
+
+
+class PipelineFlowSchedule(FlowMatchEulerDiscreteScheduler):
+    """The flow-matching Euler scheduler whose ``set_timesteps(N)`` sets the schedule the model's own
+    pipeline samples with at this image size: FluxPipeline passes sigmas linspace(1, 1/N, N); both
+    pipelines pass the resolution-dependent shift mu when the scheduler shifts dynamically (FLUX.1-dev),
+    from the image's token count. So the sources can reset it per trajectory with the steps alone."""
+
+    flux_sigmas: bool = False
+    mu: float | None = None
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
+        n = num_inference_steps
+        sigmas = np.linspace(1.0, 1 / n, n) if self.flux_sigmas else None
+        super().set_timesteps(n, device, sigmas=sigmas, mu=self.mu)
+
+
+def flow_scheduler(scheduler, steps: int, latent_size: tuple[int, int], flux: bool) -> PipelineFlowSchedule:
+    """The sampler of x_t for a flow model: its own flow-matching Euler scheduler on its pipeline's
+    schedule (see :class:`PipelineFlowSchedule`), ``steps`` timesteps set. Euler on dx/ds = v is DDIM
+    (eta 0) in the flow parameterisation (x0 and eps predicted from v, x_t rebuilt at the next s), so
+    ``--sampler_scheduler ddim`` and ``model`` both mean this sampler."""
+    own = PipelineFlowSchedule.from_config(scheduler.config)
+    own.flux_sigmas = flux
+    if own.config.use_dynamic_shifting:
+        tokens = (latent_size[0] // 2) * (latent_size[1] // 2)  # the pipelines' image_seq_len (2x2 patches)
+        c = own.config
+        low, high = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        own.mu = c.base_shift + (c.max_shift - c.base_shift) * (tokens - low) / (high - low)  # calculate_shift
+    own.set_timesteps(steps)
+    return own
