@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from esd.models import ModelLoadError, resolve_source
+from esd.toy.card import write_model_card
 from esd.toy.dit import (
     T5_SLOT_TOKENS,
     DitRecipeConfig,
@@ -17,7 +18,7 @@ from esd.toy.dit import (
     toy_dit_train,
     use_repeated_token_attention,
 )
-from esd.toy.quality import load_toy_pipeline, sample
+from esd.toy.quality import judge_accuracy, load_toy_pipeline, quality_table, sample
 
 TINY = dict(heads=2, head_dim=8, layers=2, text_width=16, n_images=48, steps=2, batch=8)
 
@@ -78,6 +79,11 @@ def test_tiny_rebuild_loads_as_an_sd3_pipeline_and_draws(tmp_path):
     assert images.shape == (2, 32, 32, 3)
     assert not any(type(b.attn.processor).__name__ == "RepeatedTokenAttention"
                    for b in pipe.transformer.transformer_blocks)
+    evaluation = {"judge_clean": judge_accuracy(n_per_scene=1), "judge_vae": judge_accuracy(1, vae=pipe.vae),
+                  "quality": quality_table(pipe, n=1)}
+    card = write_model_card(out, evaluation).read_text()
+    assert "StableDiffusion3Pipeline" in card and "esd toy-train-dit --out DIR" in card
+    assert "25 flow-matching Euler steps" in card and "| a photo of a red circle |" in card
 
 
 def test_toy_dit_name_resolves_or_says_how_to_build_it(monkeypatch, tmp_path):
