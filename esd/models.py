@@ -25,6 +25,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
+TOY_DIT_DIR = Path(__file__).parent / "toy" / "model-dit"
+# The shipped toy models by name, and the command that rebuilds each.
+TOY_MODELS = {"toy": (TOY_MODEL_DIR, "esd toy-train"), "toy-dit": (TOY_DIT_DIR, "esd toy-train-dit")}
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 # Pipelines whose denoiser is a flow-matching transformer (model_index.json's class) -> family.
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -92,11 +95,12 @@ def detect_family(unet: torch.nn.Module) -> str:
 
 
 def resolve_source(base_model: str) -> str:
-    """``toy`` -> the shipped toy model folder; a path that looks local must exist."""
-    if base_model == "toy":
-        if not (TOY_MODEL_DIR / "model_index.json").exists():
-            raise ModelLoadError(f"the toy model is not built at {TOY_MODEL_DIR}; run `esd toy-train`")
-        return str(TOY_MODEL_DIR)
+    """``toy`` / ``toy-dit`` -> the shipped toy model's folder; a path that looks local must exist."""
+    if base_model in TOY_MODELS:
+        folder, command = TOY_MODELS[base_model]
+        if not (folder / "model_index.json").exists():
+            raise ModelLoadError(f"the {base_model} model is not built at {folder}; run `{command}`")
+        return str(folder)
     looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") != 1 or os.path.exists(base_model)
     if looks_local:
         path = Path(base_model).expanduser()

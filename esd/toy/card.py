@@ -31,24 +31,40 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
 
     def quoted(templates):
         return ", ".join(f'"{t}"' for t in templates)
+    dit = json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    r = recipe["recipe"]
+    if dit:
+        title, command, sampler = "esd flow-matching toy model (toy-dit)", "esd toy-train-dit", "flow-matching Euler"
+        about = (f"A tiny but real `StableDiffusion3Pipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} px), the transformer "
+                 "counterpart of the UNet toy model (`--base_model toy-dit`): two random frozen "
+                 f"`CLIPTextModelWithProjection` encoders (width {r['text_width']}, token embeddings drawn with std "
+                 f"{r['token_embedding_std']}, {r['caption_tokens']} tokens per caption), no T5 (the pipeline "
+                 f"conditions on zeros in its place), `SD3Transformer2DModel` ({r['layers']} joint blocks, "
+                 f"{r['heads']} heads of {r['head_dim']}, patch {r['patch_size']}, RMS qk-norm) trained by rectified "
+                 "flow, the UNet toy's `AutoencoderKL` unchanged, `FlowMatchEulerDiscreteScheduler` (shift 1). "
+                 "Why SD3 and how the zero tokens are trained: `esd/toy/dit.py`.")
+        built = f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads " \
+                f"({recipe.get('machine', 'machine not recorded')}, torch {recipe['torch']})."
+    else:
+        title, command, sampler = "esd toy model: coloured shapes", "esd toy-train", "DDIM"
+        about = (f"A tiny but real `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} px) for trying and measuring "
+                 "ESD without a GPU: CLIP byte-level BPE tokenizer, random frozen `CLIPTextModel` (width 64, token "
+                 f"embeddings drawn with std {r.get('token_embedding_std', 0.02)}), "
+                 "`UNet2DConditionModel` (channels 32/64/64, cross-attention width 64), `AutoencoderKL` "
+                 "(channels 16/32/64, 4x8x8 latents), DDIM scheduler with SD's scaled-linear betas.")
+        built = f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads " \
+                f"({recipe.get('machine', 'machine not recorded')}, torch {recipe['torch']}); VAE reconstruction " \
+                f"PSNR {recipe['vae_psnr_db']} dB."
     lines = [
-        "# esd toy model: coloured shapes", "",
-        f"A tiny but real `StableDiffusionPipeline` ({IMAGE_SIZE}x{IMAGE_SIZE} px) for trying and measuring ESD "
-        "without a GPU: CLIP byte-level BPE tokenizer, random frozen `CLIPTextModel` (width 64, token embeddings "
-        f"drawn with std {recipe['recipe'].get('token_embedding_std', 0.02)}), "
-        "`UNet2DConditionModel` (channels 32/64/64, cross-attention width 64), `AutoencoderKL` "
-        "(channels 16/32/64, 4x8x8 latents), DDIM scheduler with SD's scaled-linear betas.", "",
+        f"# {title}", "", about, "",
         "## World", "",
         f"Shapes {', '.join(SHAPES)} in colours {', '.join(COLOURS)} on a plain background {BACKGROUND}; "
         f"captions drawn from the templates {quoted(TRAINED_TEMPLATES)}, 10% dropped for classifier-free "
         f"guidance. Held out of training: the combinations {', '.join(f'{c} {s}' for c, s in HELD_OUT)} and the "
         f"templates {quoted(HELD_OUT_TEMPLATES)}.", "",
         "## Recipe", "",
-        "`esd toy-train --out DIR` (defaults below) rebuilds it; everything is seeded.", "",
-        "```json", json.dumps(recipe["recipe"], indent=2), "```", "",
-        f"Built in {recipe['seconds'] / 60:.1f} min with {recipe['threads']} threads "
-        f"({recipe.get('machine', 'machine not recorded')}, torch {recipe['torch']}); VAE reconstruction PSNR "
-        f"{recipe['vae_psnr_db']} dB.", *_rebuild_lines(recipe), "",
+        f"`{command} --out DIR` (defaults below) rebuilds it; everything is seeded.", "",
+        "```json", json.dumps(r, indent=2), "```", "", built, *_rebuild_lines(recipe), "",
         "## Judge", "",
         "Colour: mean foreground RGB matched to the palette. Shape: area / (max distance from the centroid)^2, "
         f"thresholds {', '.join(f'{s} [{lo}, {hi})' for s, lo, hi in SHAPE_BOUNDS)}. Accuracy on fresh renders "
@@ -59,7 +75,7 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
         f"| VAE round trip | {evaluation['judge_vae']['n']} | {evaluation['judge_vae']['colour']:.1%} | "
         f"{evaluation['judge_vae']['shape']:.1%} |", "",
         "## Quality", "",
-        f"Judged over {q[0]['n']} samples per prompt, guidance 7.5, 25 DDIM steps (`esd toy-eval`); a phrasing "
+        f"Judged over {q[0]['n']} samples per prompt, guidance 7.5, 25 {sampler} steps (`esd toy-eval`); a phrasing "
         "is scored on what it names.", "",
         f"Trained phrasings ({len(trained)}): right colour, lowest {low(trained, 'colour')}; right shape, lowest "
         f"{low(trained, 'shape')}. Held-out phrasings and combinations ({len(held_out)}): right colour, lowest "

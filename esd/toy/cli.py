@@ -23,6 +23,7 @@ def _add_dataclass_flags(p, cls, skip=()):
 
 def register(sub) -> None:
     from .demo import DemoConfig
+    from .dit import DitRecipeConfig
     from .recipe import RecipeConfig
 
     p = sub.add_parser("demo", help="erase a concept from the toy model and report before/after")
@@ -34,8 +35,14 @@ def register(sub) -> None:
     _add_dataclass_flags(p, RecipeConfig)
     p.set_defaults(func=cmd_toy_train)
 
+    p = sub.add_parser("toy-train-dit", help="rebuild the flow-matching toy model (toy-dit, an SD3-style MMDiT) "
+                       "from scratch")
+    p.add_argument("--out", required=True, help="folder for the new model")
+    _add_dataclass_flags(p, DitRecipeConfig)
+    p.set_defaults(func=cmd_toy_train_dit)
+
     p = sub.add_parser("toy-eval", help="measure a toy model (quality table and judge accuracy) as JSON")
-    p.add_argument("--base_model", default="toy", help="'toy' or a toy model folder")
+    p.add_argument("--base_model", default="toy", help="'toy', 'toy-dit' or a toy model folder")
     p.add_argument("--samples", type=int, default=100, help="images per prompt")
     p.add_argument("--out", help="write the JSON here as well as printing it")
     p.add_argument("--card", action="store_true", help="also write the model card (README.md) into the model folder")
@@ -55,11 +62,22 @@ def cmd_demo(args) -> int:
 def cmd_toy_train(args) -> int:
     from .recipe import RecipeConfig, toy_train
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {str(out)!r} is not empty; choose a new folder")
-    toy_train(out, RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig)}))
+    _check_empty(args.out)
+    toy_train(Path(args.out), RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig)}))
     return 0
+
+
+def cmd_toy_train_dit(args) -> int:
+    from .dit import DitRecipeConfig, toy_dit_train
+
+    _check_empty(args.out)
+    toy_dit_train(args.out, DitRecipeConfig(**{f.name: getattr(args, f.name) for f in fields(DitRecipeConfig)}))
+    return 0
+
+
+def _check_empty(out: str) -> None:
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise ValueError(f"--out {out!r} is not empty; choose a new folder")
 
 
 def cmd_toy_eval(args) -> int:

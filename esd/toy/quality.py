@@ -1,9 +1,12 @@
 """Measure a toy pipeline with the judge: per prompt, how often the generated
 image has the prompt's colour and shape."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from ..models import resolve_source
 from .judge import NONE, judge_batch
@@ -13,9 +16,18 @@ QUALITY_STEPS = 25  # DDIM steps, as the quality bar is defined
 QUALITY_GUIDANCE = 7.5
 
 
-def load_toy_pipeline(base_model: str = "toy", unet=None) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_source(base_model), safety_checker=None,
-                                                   requires_safety_checker=False)
+def load_toy_pipeline(base_model: str = "toy", unet=None):
+    """The toy model's pipeline, sampling as the quality bar is defined: a UNet toy with DDIM, the
+    flow-matching toy (``toy-dit``, an SD3 pipeline) with its own flow-matching Euler scheduler.
+    ``unet`` replaces the UNet or transformer."""
+    folder = resolve_source(base_model)
+    if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline":
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+        if unet is not None:
+            pipe.transformer = unet
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if unet is not None:
         pipe.unet = unet
