@@ -100,7 +100,7 @@ class ESDConfig:
     name: str | None = None  # output folder name; default encodes the hyperparameters
     # -- LoRA training and exports (esd.lora_train, esd.export) --
     lora_rank: int | None = None  # train the erasure as a LoRA of this rank on the method's Linear/Conv2d layers
-    lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank, as diffusers'
+    lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank (diffusers' way)
     export: list[str] = field(default_factory=list)  # esd export formats written to RUN/export/ after training
     export_options: dict = field(default_factory=dict)  # their ExportSettings fields (rank, max_rel_error, dtype)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
