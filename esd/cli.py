@@ -17,6 +17,7 @@ from .config import (
     TIMESTEP_MODES,
     ESDConfig,
 )
+from .export.cli import add_train_export_arguments, train_export_config
 from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
 from .models import DEFAULT_BASE_MODEL
 
@@ -124,11 +125,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name "
                    "(refused without it, so that no run is lost)")
     p.add_argument("--name", help="output folder name (default encodes the hyperparameters)")
+    # -- LoRA training and exports (esd.lora_train, esd.export) --
+    p.add_argument("--lora_rank", type=int, help="train the erasure as a LoRA of this rank (peft) on the Linear/"
+                   "Conv2d layers the train method selects; the biases and norms it selects stay the base model's. "
+                   "Writes lora-NAME.safetensors (kohya layout) beside the merged weights")
+    p.add_argument("--lora_alpha", type=float, help="the LoRA's alpha; its update is (alpha / rank) B A (default: "
+                   "the rank, as diffusers' LoRA examples)")
+    add_train_export_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> ESDConfig:
     fields = ESDConfig.__dataclass_fields__
-    return ESDConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return ESDConfig(**{**values, **train_export_config(args)})
 
 
 def cmd_train(args) -> int:

@@ -56,7 +56,7 @@ PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
 
 # Settings a resumed run may change: where outputs go and how fast, never what is computed.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "save_path", "save_every", "save_format", "save_precision",
-                     "devices", "gradient_checkpointing", "compile", "preset_overrides"}
+                     "devices", "gradient_checkpointing", "compile", "preset_overrides", "export", "export_options"}
 
 
 @dataclass
@@ -102,6 +102,11 @@ class ESDConfig:
     resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
     overwrite: bool = False  # replace an existing run folder of the same name (refused without it)
     name: str | None = None  # output folder name; default encodes the hyperparameters
+    # -- LoRA training and exports (esd.lora_train, esd.export) --
+    lora_rank: int | None = None  # train the erasure as a LoRA of this rank on the method's Linear/Conv2d layers
+    lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank (diffusers' way)
+    export: list[str] = field(default_factory=list)  # esd export formats written to RUN/export/ after training
+    export_options: dict = field(default_factory=dict)  # their ExportSettings fields (rank, max_rel_error, dtype)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):
@@ -115,6 +120,8 @@ class ESDConfig:
         for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.lora_rank and self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
         self.validate()
 
     def validate(self) -> None:
@@ -171,6 +178,23 @@ class ESDConfig:
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)
+        self._validate_lora_and_exports()
+
+    def _validate_lora_and_exports(self) -> None:
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
+            raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha is not None:
+            if self.lora_rank is None:
+                raise ValueError("--lora_alpha is the scale of a LoRA: it needs --lora_rank")
+            if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                    and self.lora_alpha > 0):
+                raise ValueError(f"--lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.export or self.export_options:
+            from .export import train_exports
+
+            train_exports(os.path.join(self.save_path, self.run_name), self.export, self.export_options,
+                          self.overwrite)
 
     @property
     def words(self) -> list[str]:
@@ -187,8 +211,9 @@ class ESDConfig:
             return self.name
         word = self.prompt.replace(" ", "").replace(self.separator or " ", "-")
         method = resolve_method(self.train_method).name
+        lora = f"-lora_{self.lora_rank}" if self.lora_rank else ""
         return safe_name(f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
-                         f"-iter_{self.iterations}-lr_{self.lr}")
+                         f"-iter_{self.iterations}-lr_{self.lr}{lora}")
 
     def resume_conflicts(self, recorded: dict) -> list[str]:
         """The settings that differ from a checkpoint's ``recorded`` ones, as "--flag new vs old". Only

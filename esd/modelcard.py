@@ -4,11 +4,13 @@ written from the run's args.json so that it never says more than the record does
 
 import json
 import os
+import re
 import shlex
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import PRESET_FIELDS, ESDConfig
+from .export import train_export_path
 from .methods import resolve_method
 from .models import FLOW_FAMILIES
 from .records import atomic_write, read_json
@@ -44,6 +46,10 @@ def train_command(record: dict) -> str:
             continue
         if isinstance(value, bool):
             words.append(f"--{name}" if value else f"--no-{name}")
+        elif name == "export":  # esd train --export FORMAT,FORMAT
+            words += [f"--{name}", ",".join(value)] if value else []
+        elif name == "export_options":  # esd train --export_<option> VALUE
+            words += [w for k, v in value.items() for w in (f"--export_{k}", shlex.quote(str(v)))]
         else:
             words += [f"--{name}", shlex.quote(str(value))]
     return " ".join(words)
@@ -64,13 +70,21 @@ def _base_pipeline_lines(record: dict) -> list[str]:
 
 def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[str]:
     """How to load each weights file into a diffusers pipeline (paths relative to the card's folder)."""
+    from .weights import run_weight_files
+
     if not weights:
         return ["No weights file was saved with this run."]
     lines = []
     denoiser = "transformer" if record.get("family") in FLOW_FAMILIES else "unet"  # SD3/FLUX: the transformer
     for w in weights:
         path = os.path.relpath(w, run_dir)
-        if w.suffix == ".safetensors":
+        if w == run_weight_files(run_dir)["lora"]:
+            what = (f"the trained LoRA, rank {record.get('lora_rank')}, alpha {record.get('lora_alpha')}, in the "
+                    "kohya layout that AUTOMATIC1111 and ComfyUI also load; the files above hold the same erasure "
+                    "merged into the weights")
+            load = [*_base_pipeline_lines(record), f"pipe.load_lora_weights({path!r})  # needs peft",
+                    "pipe.fuse_lora()  # optional: merge it into the weights"]
+        elif w.suffix == ".safetensors":
             what = "the trained tensors only; the others stay the base model's"
             load = ["from safetensors.torch import load_file", *_base_pipeline_lines(record),
                     f"result = pipe.{denoiser}.load_state_dict(load_file({path!r}), strict=False)",
@@ -81,11 +95,26 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
             load = ["import torch", *_base_pipeline_lines(record),
                     f"pipe.{denoiser}.load_state_dict(torch.load({path!r}, weights_only=True))"]
         lines += [f"`{path}` ({what}), in diffusers:", "", "```python", *load, "```", ""]
+    exports = [f"`{os.path.relpath(train_export_path(run_dir, f), run_dir)}` (`esd export --format {f}`)"
+               for f in record.get("export") or ()]
+    if exports:
+        lines += ["Written by `esd train --export` at the end of training: " + ", ".join(exports) + ".", ""]
     return lines + [
         f"With esd installed, `esd.apply_erased_weights(pipe.{denoiser}, path)` loads either format strictly, and "
         "`esd generate --esd_path PATH` makes images from it. For AUTOMATIC1111 and ComfyUI, "
         "`esd export RUN_DIR --format lora|single-file|diffusers --out PATH` (RUN_DIR: this folder) converts the "
         "weights to a LoRA, a single-file checkpoint or a diffusers folder."]
+
+
+def lora_rows(record: dict) -> list[tuple[str, str]]:
+    """The settings table's row about a LoRA-trained run (none for full fine-tuning)."""
+    if not record.get("lora_rank"):
+        return []
+    excluded = record.get("lora_excluded") or []
+    kept = (f"; the {len(excluded)} biases/norm parameters the method selects stay the base model's (a LoRA cannot "
+            "hold them)") if excluded else ""
+    return [("trained as", f"a LoRA (peft): rank {record['lora_rank']}, alpha {record.get('lora_alpha')}, on "
+                           f"{record.get('lora_layers')} Linear/Conv2d layers{kept}")]
 
 
 def _cell(value) -> str:
@@ -150,6 +179,7 @@ def write_model_card(run_dir: str | os.PathLike, weights: list[Path] | None = No
                 ("frozen weights' precision", record.get("mixed_precision")),
                 ("trained parameters", f"{record.get('trained_parameters', 0):,} in "
                                        f"{record.get('trained_tensors')} tensors"),
+                *lora_rows(record),
                 ("training time", f"{record['seconds']:.1f} s" if "seconds" in record else "not recorded"),
                 ("made with", f"esd {env.get('esd')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
                               f"git {env.get('git_hash')}, {env.get('date')}")]
@@ -166,6 +196,38 @@ def write_model_card(run_dir: str | os.PathLike, weights: list[Path] | None = No
         body += ["## Evaluations", "", "`esd evaluate` summaries found in this folder:", "",
                  "| folder | metric | result |", "|---|---|---|", *evaluations, ""]
     path = run_dir / CARD
-    text = "\n".join(header + body)
+    kept = "".join(m[0] for m in REPORT_SECTION.finditer(path.read_text())) if path.is_file() else ""
+    text = "\n".join(header + body) + kept
+    atomic_write(path, lambda p: Path(p).write_text(text))
+    return path
+
+
+# A section `esd report --card` put in a card, one per metric; a rewritten card keeps it.
+REPORT_SECTION = re.compile(r"<!-- esd report: (?P<metric>[\w-]+) -->\n.*?<!-- end esd report: (?P=metric) -->\n",
+                            re.S)
+
+
+def check_card(run_dir) -> Path:
+    """The model card of ``run_dir``, which ``esd report --card`` will rewrite: it must exist and be writable."""
+    path = Path(run_dir) / CARD
+    if not path.is_file():
+        raise ValueError(f"--card {str(run_dir)!r} holds no model card ({CARD}); pass a run folder of `esd train`")
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--card: {path} is not writable")
+    return path
+
+
+def put_report_section(run_dir, metric: str, lines: list[str]) -> Path:
+    """Put ``lines`` (an ``esd report`` table) in the card's section for ``metric``: replaced if there is one
+    (a second report does not add a second table), else appended."""
+    path = check_card(run_dir)
+    section = "\n".join([f"<!-- esd report: {metric} -->", f"## esd report: {metric}", "", *lines,
+                         f"<!-- end esd report: {metric} -->"]) + "\n"
+    text = path.read_text()
+    old = next((m for m in REPORT_SECTION.finditer(text) if m["metric"] == metric), None)
+    if old:
+        text = text[:old.start()] + section + text[old.end():]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
     atomic_write(path, lambda p: Path(p).write_text(text))
     return path

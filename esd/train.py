@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
+from .export import run_export, train_export_path, train_exports
+from .lora_train import LoraTraining, check_lora_method, plain_state_dict
 from .methods import resolve_method, select_parameters
 from .modelcard import write_model_card
 from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
@@ -59,6 +61,8 @@ class ESDTrainer:
             config.seed = secrets.randbelow(2**31)
         self.output_dir = Path(config.save_path) / config.run_name
         self._check_output_dir()
+        if config.lora_rank:
+            check_lora_method(config, models)
 
     # -- checks before any model loads ---------------------------------------------------------
     @staticmethod
@@ -93,10 +97,10 @@ class ESDTrainer:
 
     @staticmethod
     def _run_files(out: Path) -> list[Path]:
-        """What a run writes in its folder (weights, records, checkpoints)."""
-        weights = run_weight_files(out)
+        """What a run writes in its folder (weights, records, exported files, checkpoints)."""
         files = [out / n for n in ("args.json", "loss.csv", "loss.png", "README.md")]
-        files += [weights["trained"], weights["full"]]
+        files += list(run_weight_files(out).values())
+        files += [train_export_path(out, f) for f in ("lora", "single-file")]
         return files + sorted((out / "checkpoints").glob("checkpoint-*.pt"))
 
     # -- setup ---------------------------------------------------------------------------------
@@ -127,10 +131,16 @@ class ESDTrainer:
 
         self.unet = m.unet.to(self.device)
         self.unet.requires_grad_(False)
-        self.trained_names = select_parameters(self.unet, cfg.train_method)
         frozen_device = devices[1] if len(devices) == 2 else (self.device if cfg.frozen_copy else None)
+        self.lora, frozen = None, None
+        if cfg.lora_rank:  # only the adapters' factors train; theta* is the UNet with them off (esd.lora_train)
+            self.lora = LoraTraining.attach(self.unet, cfg.train_method, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+            self.trained_names = self.lora.factor_names(self.unet)
+            frozen = self.lora.frozen(self.unet) if frozen_device is None else None
+        else:
+            self.trained_names = select_parameters(self.unet, cfg.train_method)
         self.views = UNetViews(self.unet, self.trained_names, self.dtype, self.device, frozen_device,
-                               getattr(scheduler, "alphas_cumprod", None), m.prediction_type)
+                               getattr(scheduler, "alphas_cumprod", None), m.prediction_type, frozen)
         trained = set(self.trained_names)
         self.params = [p for n, p in self.unet.named_parameters() if n in trained]
         if cfg.gradient_checkpointing:
@@ -154,7 +164,9 @@ class ESDTrainer:
         cfg = self.config
         width = SAVE_PRECISIONS[cfg.save_precision].itemsize
         trained = sum(p.numel() for p in self.params)
-        need = trained * width if cfg.save_format in ("both", "trained") else 0
+        saved = trained if self.lora is None else self.lora.merged_numel(self.unet)
+        need = saved * width if cfg.save_format in ("both", "trained") else 0
+        need += trained * width if self.lora else 0
         if cfg.save_format in ("both", "full"):
             need += sum(v.numel() for v in self.unet.state_dict().values()) * width
         if cfg.save_every:
@@ -197,6 +209,8 @@ class ESDTrainer:
         print("***** Running ESD training *****")
         print(f"  concept(s) = {cfg.words}  method = {resolve_method(cfg.train_method).name}  "
               f"trained parameters = {n_params:,} in {len(self.params)} tensors")
+        if self.lora:
+            print(self.lora.describe())
         print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
               f"{self.models.prediction_type})  image size = {self.image_size}  device = {self.device}  "
               f"precision = {cfg.mixed_precision}  seed = {cfg.seed}")
@@ -263,24 +277,31 @@ class ESDTrainer:
         out.mkdir(parents=True, exist_ok=True)
         weights = run_weight_files(out)
         save_dtype = SAVE_PRECISIONS[cfg.save_precision]
-        if cfg.save_format in ("both", "full"):
+        if cfg.save_format in ("both", "full") or self.lora:
             if self.dtype == torch.float32:
-                full = {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
+                full = plain_state_dict(self.unet)
             else:  # frozen weights were cast down; take them from the source again at full precision
                 full = (load_denoiser(cfg.base_model) if cfg.ckpt_path is None else
                         load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet).state_dict()
-            full.update(trained)
+        if self.lora:  # the factors go to their own file; the run's usual files hold the merged weights
+            self.lora.write(trained, weights["lora"], cfg, self.unet.config, self.models.family, save_dtype)
+            erased = self.lora.merged(self.unet, full)
+        else:
+            erased = trained
+        if cfg.save_format in ("both", "full"):
+            full.update(erased)
             save_full_state_dict({k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()},
                                  weights["full"])
-        trained = {k: v.to(save_dtype) for k, v in trained.items()}
+        erased = {k: v.to(save_dtype) for k, v in erased.items()}
         if cfg.save_format in ("both", "trained"):
-            save_trained_parameters(trained, weights["trained"],
+            save_trained_parameters(erased, weights["trained"],
                                     {"base_model": cfg.ckpt_path or cfg.base_model,
                                      "train_method": resolve_method(cfg.train_method).name, "prompt": cfg.prompt})
         record = {**self.config.record(), "family": self.models.family,
                   "prediction_type": self.models.prediction_type, "resolved_image_size": self.image_size,
                   "trained_parameters": sum(v.numel() for v in trained.values()),
-                  "trained_tensors": len(trained), "environment": environment_record()}
+                  "trained_tensors": len(trained), **(self.lora.record() if self.lora else {}),
+                  "environment": environment_record()}
         if result is not None:
             record.update(seconds=result.seconds, unet_evals=result.unet_evals)
         write_run_record(out, record, self.history)
@@ -294,5 +315,7 @@ def train_esd(config: ESDConfig, models: DiffusionModels | None = None) -> ESDRe
     trainer.setup()
     result = trainer.train()
     trainer.save(result)
+    for settings in train_exports(result.output_dir, config.export, config.export_options, config.overwrite):
+        run_export(str(result.output_dir), settings)
     return result
 

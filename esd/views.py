@@ -44,9 +44,11 @@ class UNetViews:
     conversion to epsilon, and a count of latent rows through the UNet (for benchmarks)."""
 
     def __init__(self, unet: torch.nn.Module, trained_names: list[str], dtype: torch.dtype, device: torch.device,
-                 frozen_device: torch.device | None, alphas_cumprod: torch.Tensor | None, prediction_type: str):
+                 frozen_device: torch.device | None, alphas_cumprod: torch.Tensor | None, prediction_type: str,
+                 frozen_unet=None):
+        """``frozen_unet``: theta* when the caller has a cheaper exact one (a LoRA's adapters switched off)."""
         self.unet, self.dtype, self.device = unet, dtype, device
-        self.frozen_unet = FrozenUNet(unet, trained_names, dtype, frozen_device)
+        self.frozen_unet = frozen_unet or FrozenUNet(unet, trained_names, dtype, frozen_device)
         trained = set(trained_names)
         for name, p in unet.named_parameters():
             if name in trained:  # fp32 even when the model was loaded in the low-precision dtype

@@ -29,9 +29,11 @@ TRAINED_FORMAT = "esd-trained-parameters"
 
 def run_weight_files(run_dir) -> dict[str, Path]:
     """Where ``esd train`` writes a run's weights: ``full``, the whole diffusers UNet state dict (the
-    published ESD weights' format), and ``trained``, the trained tensors alone."""
+    published ESD weights' format), ``trained``, the trained tensors alone (with --lora_rank: the merged
+    weights of the adapted layers), and ``lora``, the trained LoRA's factors (with --lora_rank only)."""
     run_dir = Path(run_dir)
-    return {"full": run_dir / f"diffusers-{run_dir.name}.pt", "trained": run_dir / f"{run_dir.name}.safetensors"}
+    return {"full": run_dir / f"diffusers-{run_dir.name}.pt", "trained": run_dir / f"{run_dir.name}.safetensors",
+            "lora": run_dir / f"lora-{run_dir.name}.safetensors"}
 
 
 def save_full_state_dict(state_dict: dict, path) -> None:

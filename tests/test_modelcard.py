@@ -82,3 +82,37 @@ def test_a_folder_holding_a_readme_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match=r"already holds a run \(README.md\)"):
         ESDTrainer(cfg)
     assert (tmp_path / "run" / "README.md").read_text() == "someone's notes"
+
+
+def test_report_table_goes_in_the_card_once_per_metric_and_survives_a_rewrite(tmp_path):
+    """esd report --card: a second report of the metric replaces its section, another metric adds its own, a
+    card rewritten later (after esd evaluate) keeps them; a folder without a card is refused before writing."""
+    from esd.eval import ReportConfig, report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"prompt": "red", "train_method": "xattn", "negative_guidance": 1.0,
+                                               "base_model": "toy"}))
+    write_model_card(run)
+    for name, tench in [("base", 0.9), ("esd", 0.1)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({
+            "metric": "classify", "images": 4, "per_class_accuracy": {"tench": tench}, "mean_accuracy": tench,
+            "erased_classes": ["tench"], "erased_accuracy": tench, "others_accuracy": None}))
+    (tmp_path / "nude").mkdir()
+    (tmp_path / "nude" / "summary.json").write_text(json.dumps(
+        {"metric": "nudenet", "threshold": 0.6, "images": 40, "images_with_exposure": 3,
+         "fraction_with_exposure": 0.075}))
+    inputs = [f"SD={tmp_path / 'base'}", f"ESD={tmp_path / 'esd'}"]
+    for _ in range(2):
+        report(ReportConfig(inputs=inputs, out=str(tmp_path / "r"), grid_images=0, card=str(run)), log=print)
+    _, body = front_matter((run / "README.md").read_text())
+    assert body.count("## esd report: classify") == 1 and "| ESD | 4 | 10.0% | 10.0% |" in body
+    report(ReportConfig(inputs=[str(tmp_path / "nude")], out=str(tmp_path / "r2"), grid_images=0, card=str(run)))
+    write_model_card(run)  # e.g. after esd evaluate
+    _, body = front_matter((run / "README.md").read_text())
+    assert body.count("## esd report: classify") == 1 and body.count("## esd report: nudenet") == 1
+    assert body.index("## Command") < body.index("## esd report: classify") < body.index("## esd report: nudenet")
+    with pytest.raises(ValueError, match="--card .* holds no model card"):
+        report(ReportConfig(inputs=inputs, out=str(tmp_path / "r3"), card=str(tmp_path / "base")))
+    assert not (tmp_path / "r3").exists()

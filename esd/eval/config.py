@@ -158,4 +158,6 @@ class ReportConfig:
                                 "NudeNet thresholds 0.0 and 0.6); refused without it, naming the settings")
     grid_images: int = setting(8, "images per model in the before/after grid (0: none); the files every model's "
                                "image folder holds, first cases first", type=int)
+    card: str | None = setting(None, "also put the table in the model card (README.md) of this `esd train` run "
+                               "folder, in a marked section per metric: a later report of the metric replaces it")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..modelcard import check_card, put_report_section
 from ..records import atomic_write
 from .config import ReportConfig
 from .core import read_summary
@@ -38,9 +39,12 @@ def report(cfg: ReportConfig, log=print) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = {}
+    if cfg.card:
+        check_card(cfg.card)
+    summaries, folders = {}, {}
     for item in cfg.inputs:
         name, _, folder = item.rpartition("=")
+        folders[name or Path(folder).name] = folder
         summaries[name or Path(folder).name] = read_summary(folder)
     metrics = {s.get("metric") for s in summaries.values()}
     if len(metrics) != 1:
@@ -54,13 +58,13 @@ def report(cfg: ReportConfig, log=print) -> Path:
         log(f"warning: mixed counting ({'; '.join(differences)})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Comparison: {metric}", "", "| model | " + " | ".join(cls.columns) + " |",
-             "|---" * (1 + len(cls.columns)) + "|"]
-    lines += [f"| {n} | " + " | ".join(cls.cells(s)) + " |" for n, s in summaries.items()]
+    table = ["| model | " + " | ".join(cls.columns) + " |", "|---" * (1 + len(cls.columns)) + "|"]
+    table += [f"| {n} | " + " | ".join(cls.cells(s)) + " |" for n, s in summaries.items()]
     h = cls.headline(next(iter(summaries.values())))
-    lines += ["", f"Headline: {h.name}; {h.better} is better ({h.why})."]
+    table += ["", f"Headline: {h.name}; {h.better} is better ({h.why})."]
     if protocols := {s.get("protocol") for s in summaries.values()} - {None}:
-        lines += [f"Protocol: {', '.join(sorted(protocols))}."]
+        table += [f"Protocol: {', '.join(sorted(protocols))}."]
+    lines = [f"# Comparison: {metric}", "", *table]
     lines += cls.report_section(summaries, out, plt)
     grid = image_grid({n: s.get("images_dir") for n, s in summaries.items()}, out / "grid.png", cfg.grid_images)
     if grid:
@@ -69,6 +73,9 @@ def report(cfg: ReportConfig, log=print) -> Path:
     text = "\n".join(lines) + "\n"
     atomic_write(out / "report.md", lambda p: Path(p).write_text(text))
     log(f"report: {out / 'report.md'}")
+    if cfg.card:
+        made = f"Made by `esd report` from {', '.join(f'{n}={f}' for n, f in folders.items())}; charts in {out}."
+        log(f"model card: {put_report_section(cfg.card, metric, [*table, '', made])}")
     return out / "report.md"
 
 

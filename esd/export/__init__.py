@@ -30,7 +30,7 @@ from ..records import (
 )
 from ..weights import deterministic_safetensors
 from .ldm import checkpoint_to_ldm
-from .lora import LoraExport, lora_from_erasure, lora_metadata
+from .lora import RANK_CHOICES, LoraExport, lora_from_erasure, lora_metadata
 from .source import Erasure, LoadedErasure, find_erasure, load_erasure
 
 FORMATS = ("lora", "single-file", "diffusers")
@@ -53,6 +53,8 @@ class ExportSettings:
         """Refuse, before anything is loaded, a bad setting or an output that would replace something."""
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r} is not valid; choose from {', '.join(FORMATS)}")
+        if self.rank not in RANK_CHOICES and not (type(self.rank) is int and self.rank > 0):
+            raise ValueError(f"--rank {self.rank!r} is not valid; use a positive integer, 'full' or 'auto'")
         if self.dtype not in SAVE_PRECISIONS:
             raise ValueError(f"--dtype {self.dtype!r} is not valid; choose from {', '.join(SAVE_PRECISIONS)}")
         if not 0 < self.max_rel_error < 1:
@@ -77,6 +79,32 @@ class ExportSettings:
         return SAVE_PRECISIONS[self.dtype]
 
 
+# The ExportSettings fields `esd train --export` takes (as --export_<field>); format, out and overwrite come from
+# the run: the files go to RUN/export/ (train_export_path) and are replaced only with the run's --overwrite.
+TRAIN_EXPORT_OPTIONS = ("rank", "max_rel_error", "dtype")
+
+
+def train_export_path(run_dir: str | os.PathLike, fmt: str) -> Path:
+    """Where ``esd train --export FORMAT`` writes: RUN/export/lora.safetensors, single-file.safetensors, diffusers/."""
+    return Path(run_dir) / "export" / (fmt if fmt not in FILE_FORMATS else f"{fmt}.safetensors")
+
+
+def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
+                  overwrite: bool) -> list[ExportSettings]:
+    """The exports of ``esd train --export``, each checked now (before any training) as ``esd export`` checks."""
+    unknown = sorted(set(options) - set(TRAIN_EXPORT_OPTIONS))
+    if unknown:
+        raise ValueError(f"export option(s) {', '.join(unknown)} not valid; choose from "
+                         f"{', '.join(TRAIN_EXPORT_OPTIONS)}")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or len(set(formats)) != len(formats):
+        raise ValueError(f"--export {','.join(formats)!r} is not valid: give each of {', '.join(FORMATS)} at most once")
+    settings = [ExportSettings(f, train_export_path(run_dir, f), overwrite=overwrite, **options) for f in formats]
+    for s in settings:
+        s.check()
+    return settings
+
+
 def provenance(erasure: Erasure, settings: ExportSettings) -> dict:
     """How an export was made: what it came from and with which settings and versions."""
     return {"source": str(erasure.weights), "base_model": erasure.base, "concept": erasure.concept,
@@ -85,13 +113,13 @@ def provenance(erasure: Erasure, settings: ExportSettings) -> dict:
             "erasure": erasure.record, "environment": environment_record()}
 
 
-def _header(record: dict) -> dict[str, str]:
+def header_metadata(record: dict) -> dict[str, str]:
     """The record as safetensors metadata (strings only); the main facts also as keys of their own."""
     return {"esd_base_model": record["base_model"], "esd_concept": record["concept"],
             "esd_train_method": record["train_method"], "esd_export": json.dumps(record, sort_keys=True)}
 
 
-def _write_safetensors(tensors: dict, metadata: dict, out: Path) -> None:
+def write_safetensors(tensors: dict, metadata: dict, out: Path) -> None:
     data = deterministic_safetensors(tensors, metadata)
     check_free_space(out.parent, len(data), str(out))
     atomic_write(out, lambda p: Path(p).write_bytes(data))
@@ -100,8 +128,8 @@ def _write_safetensors(tensors: dict, metadata: dict, out: Path) -> None:
 def write_lora(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> LoraExport:
     export = lora_from_erasure(loaded.models.unet, loaded.changed, loaded.models.family, settings.rank,
                                settings.max_rel_error, settings.torch_dtype)
-    _write_safetensors(export.tensors, {**_header(record), **lora_metadata(export, settings.rank,
-                                                                          settings.max_rel_error)}, settings.out)
+    metadata = {**header_metadata(record), **lora_metadata(export, settings.rank, settings.max_rel_error)}
+    write_safetensors(export.tensors, metadata, settings.out)
     return export
 
 
@@ -112,7 +140,7 @@ def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSetti
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
     check_free_space(settings.out.parent, sum(v.nbytes for v in tensors.values()), str(settings.out))
     # Written straight to disk (save_file), not through bytes in memory: an SDXL file is 7 GB in fp16.
-    atomic_write(settings.out, lambda p: save_file(tensors, p, metadata=_header(record)))
+    atomic_write(settings.out, lambda p: save_file(tensors, p, metadata=header_metadata(record)))
 
 
 def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, settings: ExportSettings) -> None:

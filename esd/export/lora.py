@@ -43,13 +43,13 @@ class LoraExport:
     alpha: float  # every layer's; its scale is alpha / rank
 
 
-def parse_rank(value: str) -> int | str:
+def parse_rank(value: str, flag: str = "--rank") -> int | str:
     """'full', 'auto' or a positive integer; anything else is a ValueError naming the choices."""
     if value in RANK_CHOICES:
         return value
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise ValueError(f"--rank {value!r} is not valid; use a positive integer, 'full' or 'auto'")
+    raise ValueError(f"{flag} {value!r} is not valid; use a positive integer, 'full' or 'auto'")
 
 
 def factorize(delta: torch.Tensor, rank: int | str, max_rel_error: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +99,7 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     changed ones need be given)."""
     modules = dict(base_unet.named_modules())
     base = base_unet.state_dict()
-    tensors, layers, dropped, factors = {}, {}, {}, {}
+    layers, dropped, factors = {}, {}, {}
     error_sq = total_sq = 0.0
     for name in sorted(erased):
         delta = erased[name].double() - base[name].double()
@@ -120,14 +120,24 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     alpha = float(max(down.shape[0] for *_, down in factors.values()))
     for module, (delta, norm_sq, up, down) in factors.items():
         f = _cast(delta, up, down, alpha, dtype)
-        key = kohya_name(module, base_unet.config, family)
-        tensors[f"{key}.lora_down.weight"] = f.down
-        tensors[f"{key}.lora_up.weight"] = f.up
-        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
         layers[module] = f
         error_sq += f.rel_error**2 * norm_sq
         total_sq += norm_sq
+    tensors = kohya_tensors(layers, alpha, base_unet.config, family, dtype)
     return LoraExport(tensors, layers, dropped, (error_sq / total_sq) ** 0.5, alpha)
+
+
+def kohya_tensors(layers: dict[str, LayerFactors], alpha: float, unet_config, family: str,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors: per layer ``lora_down.weight``, ``lora_up.weight`` and ``alpha``, kohya-named.
+    Also what ``esd train --lora_rank`` writes, so that a trained LoRA and an exported one read alike."""
+    tensors = {}
+    for module, f in layers.items():
+        key = kohya_name(module, unet_config, family)
+        tensors[f"{key}.lora_down.weight"] = f.down
+        tensors[f"{key}.lora_up.weight"] = f.up
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
 
 
 def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float) -> dict[str, str]:

@@ -1,0 +1,101 @@
+"""Full fine-tuning against training the erasure directly as a LoRA (esd train --lora_rank), on the toy model:
+trained parameters, erasure file size, peak memory, seconds, and the erased concept's presence and the other
+prompts' accuracy in images judged by the toy judge (as benchmarks/lora_ranks.py --judge and esd demo measure).
+
+    python benchmarks/lora_train.py --save_path RUNS [--ranks 1,4,16] [--iterations 1000] [--samples 30]
+
+Each training runs in a process of its own, so that its peak RSS is its own; prints a table and one JSON line.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.lora_ranks import judge  # noqa: E402
+from esd.records import environment_record  # noqa: E402
+
+CONCEPT, METHOD = "red", "xattn"  # ESD-x of red: the erasure lora_ranks.py and esd attack measured
+BATCH_SIZE = 8  # esd demo's and those runs' batch
+FULL_LR = 1e-3  # what that erasure used
+# LoRA usually needs ~10x full fine-tuning's rate: diffusers' text-to-image examples train the whole UNet at 1e-5
+# and a LoRA at 1e-4. B starts at 0, so the update's size grows only as B does.
+LORA_LR = 1e-2
+SEED = 0
+
+
+def train_one(save_path: str, rank: int, lr: float, iterations: int, samples: int) -> dict:
+    """One erasure (rank 0: full fine-tuning) and its figures; run in a process of its own."""
+    from esd import ESDConfig, train_esd
+    from esd.export.source import find_erasure, load_erasure
+    from esd.weights import run_weight_files
+
+    cfg = ESDConfig(prompt=CONCEPT, train_method=METHOD, base_model="toy", iterations=iterations,
+                    batch_size=BATCH_SIZE, lr=lr, seed=SEED, devices="cpu", save_path=save_path,
+                    name=f"rank{rank}" if rank else "full", lora_rank=rank or None, overwrite=True)
+    result = train_esd(cfg)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; before judging
+    record = json.loads((result.output_dir / "args.json").read_text())
+    files = run_weight_files(result.output_dir)
+    erasure_file = files["lora"] if rank else files["trained"]
+    trained = record["trained_parameters"]
+    row = {"model": f"LoRA rank {rank}" if rank else "full fine-tuning", "rank": rank, "lr": lr,
+            "trained_parameters": trained, "erasure_file": erasure_file.name,
+            "file_kb": erasure_file.stat().st_size / 1024,
+            # fp32 parameter, gradient and Adam's two moments: the training state that grows with what trains
+            "training_state_kb": trained * 4 * 4 / 1024, "peak_rss_mb": peak_rss_mb, "seconds": result.seconds,
+            "final_loss": result.losses[-1]}
+    if samples:
+        row.update(judge("toy", load_erasure(find_erasure(str(result.output_dir))).erased_unet, CONCEPT, samples, SEED))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--save_path", required=True, help="folder for the runs (one subfolder each) and results.json")
+    p.add_argument("--ranks", default="1,4,16", help="comma-separated LoRA ranks, beside full fine-tuning")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=30, help="images per prompt for the judge (image i: seed + i); "
+                   "0: no judging (costs only)")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: train this rank (0: full) and print JSON
+    args = p.parse_args()
+    if args.one is not None:
+        row = train_one(args.save_path, args.one, LORA_LR if args.one else FULL_LR, args.iterations, args.samples)
+        print("ROW " + json.dumps(row))
+        return
+    Path(args.save_path).mkdir(parents=True, exist_ok=True)
+    rows, start = [], time.time()
+    for rank in [0] + [int(r) for r in args.ranks.split(",")]:
+        out = subprocess.run([sys.executable, __file__, "--save_path", args.save_path, "--one", str(rank),
+                              "--iterations", str(args.iterations), "--samples", str(args.samples)],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
+        print(f"done: {json.dumps(rows[-1])} ({time.time() - start:.0f} s)", file=sys.stderr)
+    if args.samples:
+        from esd.models import load_models
+
+        rows.insert(0, {"model": "base (no erasure)", **judge("toy", load_models("toy").unet, CONCEPT, args.samples,
+                                                               SEED)})
+    print(f"toy model, ESD-x of {CONCEPT!r}, {args.iterations} iterations x batch {BATCH_SIZE}, fast preset, seed "
+          f"{SEED}; full lr {FULL_LR}, LoRA lr {LORA_LR} (alpha = rank); {args.samples} images per prompt; seconds "
+          "(sampling x_t included) and memory on this machine's CPU")
+    columns = ["model", "trained_parameters", "file_kb", "training_state_kb", "peak_rss_mb", "seconds",
+               "final_loss", "presence", "others_accuracy"]
+    print(" | ".join(columns))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns))
+    record = {"rows": rows, "arguments": vars(args), "concept": CONCEPT, "train_method": METHOD,
+              "batch_size": BATCH_SIZE, "full_lr": FULL_LR, "lora_lr": LORA_LR, "seed": SEED,
+              "environment": environment_record()}
+    (Path(args.save_path) / "results.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
