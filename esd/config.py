@@ -98,6 +98,14 @@ class ESDConfig:
     resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
     overwrite: bool = False  # replace an existing run folder of the same name (refused without it)
     name: str | None = None  # output folder name; default encodes the hyperparameters
+    # -- robust training (esd/robust.py) --
+    adversarial: str | None = None  # prefix | inversion: also erase the conditioning this attack finds; None: off
+    adv_every: int = 10  # an attack round before every N-th iteration
+    adv_steps: int = 10  # attack steps per round (each round continues from the last)
+    adv_tokens: int = 5  # prefix: tokens k (UnlearnDiffAtk's default)
+    adv_references: int = 8  # the frozen model's images of the concept that the attack explains
+    retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
+    retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):
@@ -158,6 +166,9 @@ class ESDConfig:
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)
+        from .robust import check_robust_settings  # here: esd.robust imports esd.attack, which imports this module
+
+        check_robust_settings(self)
 
     @property
     def words(self) -> list[str]:
