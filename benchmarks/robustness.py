@@ -9,7 +9,7 @@ given to robust ESD are other phrasings of the other colours ("{colour} {shape}"
 "a photo of a {colour} {shape}"), none of them a measured prompt. Rates are shares of judged images:
 presence (literal prompt), ASR (attack success: the attacked prompt's images judged to show the concept) and
 preserved (other prompts' images right in colour and shape). Prints a table and ONE JSON line; writes
-results.json (per prompt, settings, versions) and both runs' folders under --out.
+results.json (per prompt, settings, versions) and both runs' folders under --out (partial.json while running).
 """
 
 import argparse
@@ -177,6 +177,12 @@ def run(s: Settings, log=print) -> dict:
                                            retain_prompts=str(retain_file), retain_weight=s.retain_weight)
     log(f"  {seconds_robust:.0f} s")
 
+    def progress(**done):  # a killed run keeps what it measured
+        atomic_write(out / "partial.json", lambda p: Path(p).write_text(json.dumps(
+            {"seconds_esd": seconds_esd, "seconds_robust": seconds_robust, "settings": asdict(s), **done})))
+
+    progress()
+
     erased = prompts_for(s.concept)[0]
     base = load_toy_pipeline("toy")
     references = {p.text: reference_latents(base, p.text, s.references) for p in erased}
@@ -186,6 +192,7 @@ def run(s: Settings, log=print) -> dict:
         log(f"measuring {name}")
         unet = None if weights is None else load_erased_unet(weights, base_model="toy")
         per_model[name] = measure(s, unet, references, attacks, log)
+        progress(per_prompt=per_model, elapsed=round(time.perf_counter() - begin, 1))
 
     m = per_model
     figures = {"asr_prefix_base": mean(m["base"]["prefix"]), "asr_prefix_esd": mean(m["esd"]["prefix"]),
@@ -208,6 +215,7 @@ def run(s: Settings, log=print) -> dict:
     results = {**figures, "provenance": provenance, "per_prompt": per_model,
                "runs": {n: json.loads((out / "runs" / n / "args.json").read_text()) for n in ("esd", "robust")}}
     atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+    (out / "partial.json").unlink()
     log(table(figures, provenance))
     print(json.dumps({**figures, "provenance": {k: v for k, v in provenance.items() if k != "environment"}
                       | {"git": provenance["environment"].get("git"), "results": str(out / "results.json")}}))
