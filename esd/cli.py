@@ -132,6 +132,26 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora_alpha", type=float, help="the LoRA's alpha; its update is (alpha / rank) B A (default: "
                    "the rank, as diffusers' LoRA examples)")
     add_train_export_arguments(p)
+    # Robust training (esd/robust.py): AdvUnlearn-style adversarial rounds and a preservation term.
+    from .robust import adversarial_choices
+
+    p.add_argument("--adversarial", choices=adversarial_choices(),
+                   help="robust ESD: every --adv_every iterations, attack the model being trained ('prefix': "
+                   "UnlearnDiffAtk's real-token prefix; 'inversion': one learned token) and train on the conditioning "
+                   "found as well as on the concept, with the concept's ESD target (default: off)")
+    p.add_argument("--adv_every", type=int, default=d["adv_every"].default,
+                   help="an attack round before every N-th iteration (default: %(default)s)")
+    p.add_argument("--adv_steps", type=int, default=d["adv_steps"].default,
+                   help="attack steps per round; each round continues from the last (default: %(default)s)")
+    p.add_argument("--adv_tokens", type=int, default=d["adv_tokens"].default,
+                   help="prefix: adversarial tokens k (default: %(default)s)")
+    p.add_argument("--adv_references", type=int, default=d["adv_references"].default,
+                   help="the frozen model's images of the concept the attack explains, drawn once (default: "
+                   "%(default)s)")
+    p.add_argument("--retain_prompts", help="prompts whose predictions must not change: a text file, one prompt a "
+                   "line, or a prompt CSV with a 'prompt' column; adds weight x MSE(trained, frozen) on them")
+    p.add_argument("--retain_weight", type=float, default=d["retain_weight"].default,
+                   help="weight of the --retain_prompts term (AdvUnlearn's gamma) (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> ESDConfig:

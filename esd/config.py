@@ -107,6 +107,14 @@ class ESDConfig:
     lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank (diffusers' way)
     export: list[str] = field(default_factory=list)  # esd export formats written to RUN/export/ after training
     export_options: dict = field(default_factory=dict)  # their ExportSettings fields (rank, max_rel_error, dtype)
+    # -- robust training (esd/robust.py) --
+    adversarial: str | None = None  # prefix | inversion: also erase the conditioning this attack finds; None: off
+    adv_every: int = 10  # an attack round before every N-th iteration
+    adv_steps: int = 10  # attack steps per round (each round continues from the last)
+    adv_tokens: int = 5  # prefix: tokens k (UnlearnDiffAtk's default)
+    adv_references: int = 8  # the frozen model's images of the concept that the attack explains
+    retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
+    retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):
@@ -179,6 +187,9 @@ class ESDConfig:
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)
         self._validate_lora_and_exports()
+        from .robust import check_robust_settings  # here: esd.robust imports esd.attack, which imports this module
+
+        check_robust_settings(self)
 
     def _validate_lora_and_exports(self) -> None:
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)

@@ -199,7 +199,8 @@ def write_run_record(out: Path, record: dict, history: list[dict]) -> None:
 
     def write_csv(p):
         with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+            extra = [k for k in (history[0] if history else {}) if k not in LOSS_COLUMNS]  # e.g. robust terms
+            w = csv.DictWriter(f, fieldnames=LOSS_COLUMNS + extra)
             w.writeheader()
             w.writerows(history)
 

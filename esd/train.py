@@ -22,6 +22,7 @@ from .modelcard import write_model_card
 from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
+from .robust import RobustESD, is_robust
 from .sampling import encode_erasure_prompts, sampler_scheduler
 from .views import UNetViews
 from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
@@ -127,6 +128,8 @@ class ESDTrainer:
             enc.to(self.device, self.dtype)
         self.prompts = encode_erasure_prompts(m, cfg.words, cfg.erase_from, self.image_size,
                                               cfg.sdxl_uncond, cfg.start_guidance).to(self.device)
+        # Robust training (esd/robust.py) keeps what it needs: its retain prompts, encoded, and its own encoder.
+        self.robust = RobustESD(cfg, m, self.prompts, latent_shape, self.image_size) if is_robust(cfg) else None
         m.text_encoders.clear()
 
         self.unet = m.unet.to(self.device)
@@ -191,6 +194,8 @@ class ESDTrainer:
         with self.views.autocast():
             noise_pred = self.views.trained(batch.latents, batch.timesteps, self.prompts.source(batch.concept))
         loss = esd_loss(self.views.to_eps(noise_pred.float(), batch.latents, batch.timesteps), batch.target)
+        terms = {} if self.robust is None else self.robust.terms(self.views, batch, self.generator)
+        loss = loss + sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -200,7 +205,7 @@ class ESDTrainer:
 
         return {"loss": loss.item(), "word": ";".join(self.config.words[int(c)] for c in batch.concept.unique()),
                 "ddim_index": column(batch.ddim_index), "xt_level": column(batch.xt_level),
-                "timestep": column(batch.timesteps)}
+                "timestep": column(batch.timesteps), **{k: v.item() for k, v in terms.items()}}
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self) -> ESDResult:
@@ -248,6 +253,8 @@ class ESDTrainer:
         state = {"iteration": iteration, "trained": self.trained_state(),
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "history": self.history, "config": self.config.record(), "pool": self.source.state_dict()}
+        if self.robust is not None:
+            state["robust"] = self.robust.state_dict()
         torch_save(state, path)
         return path
 
@@ -264,6 +271,8 @@ class ESDTrainer:
         self.start_iteration = state["iteration"]
         self.history = list(state["history"])
         self.source.load_state_dict(state.get("pool"))
+        if self.robust is not None:
+            self.robust.load_state_dict(state.get("robust"))
 
     # -- outputs -------------------------------------------------------------------------------
     def save(self, result: ESDResult | None = None) -> Path:
@@ -304,6 +313,8 @@ class ESDTrainer:
                   "environment": environment_record()}
         if result is not None:
             record.update(seconds=result.seconds, unet_evals=result.unet_evals)
+        if self.robust is not None:
+            record["robust"] = self.robust.record()
         write_run_record(out, record, self.history)
         write_model_card(out)
         return out

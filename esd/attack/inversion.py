@@ -26,18 +26,19 @@ def inversion_prompt(prompt: str, concept: str, token: str = TOKEN) -> str:
 
 
 def inversion_attack(target: Target, slot_id: int, prompts: list[str], latents: torch.Tensor, steps: int, lr: float,
-                     batch_size: int, generator: torch.Generator) -> InversionResult:
+                     batch_size: int, generator: torch.Generator, start: torch.Tensor | None = None) -> InversionResult:
     """Concept inversion (Pham et al. 2023, "Circumventing Concept Erasure Methods For Text-to-Image
     Generative Models"): textual inversion (Gal et al. 2023) of one new token v* on images of the concept,
     against the erased model: v* = argmin_v E ||eps - eps_theta(x_t, t, c(prompt with v))||^2, with the
     UNet and text encoder frozen. Pham et al. show it recovers the concept from every erasure method they
     test, ESD included: the upper bound of what a white-box attacker recovers with one word.
 
-    v* starts at the mean of the vocabulary's embeddings (no hint of the concept) and is trained with
+    v* starts at ``start`` (D,) when given (robust training resumes its last attack), else at the mean of
+    the vocabulary's embeddings (no hint of the concept), and is trained with
     Adam on ``batch_size`` references per step, drawn from ``generator``. ``prompts[i]`` (the prompt of
     ``latents[i]``, (n, C, h, w), with :data:`TOKEN` in it) is what each reference is explained by."""
     vocabulary = target.embedding_table.detach()[:slot_id]  # placeholders are added after the vocabulary
-    v = vocabulary.mean(0, keepdim=True).clone().requires_grad_(True)  # (1, D)
+    v = (vocabulary.mean(0) if start is None else start.detach()).reshape(1, -1).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=lr)
     ids = token_ids(target, prompts)  # (n, L)
     losses = []

@@ -1,6 +1,6 @@
 """The ``prefix`` attack: k real vocabulary tokens put before a prompt bring the erased concept back."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +12,7 @@ class PrefixResult:
     token_ids: list[int]  # k vocabulary ids, in prompt order
     prefix: str  # their text, which tokenizes back to token_ids
     losses: list[float]  # the denoising loss at the projected tokens, one per step
+    soft: torch.Tensor = field(compare=False)  # (k, D) P at the end, where a later attack may resume
 
 
 def word_tokens(target: Target) -> torch.Tensor:
@@ -35,7 +36,7 @@ def nearest(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_attack(target: Target, slot_ids: list[int], prompt: str, latents: torch.Tensor, candidates: torch.Tensor,
-                  steps: int, lr: float, generator: torch.Generator) -> PrefixResult:
+                  steps: int, lr: float, generator: torch.Generator, start: torch.Tensor | None = None) -> PrefixResult:
     """UnlearnDiffAtk's prefix attack (Zhang et al. 2023, "To Generate or Not? Safety-Driven Unlearned
     Diffusion Models Are Still Easy To Generate Unsafe Images ... For Now"): k tokens prepended to the
     prompt minimise the erased model's denoising loss on reference latents of the concept (their defaults:
@@ -50,10 +51,12 @@ def prefix_attack(target: Target, slot_ids: list[int], prompt: str, latents: tor
 
     ``slot_ids``: k placeholder tokens (see :func:`~esd.attack.target.add_placeholders`); ``latents``:
     (n, C, h, w) the base model's images of this prompt; ``candidates``: :func:`word_tokens`; ``lr`` is
-    absolute (in embedding units)."""
+    absolute (in embedding units); ``start``: P to resume from (robust training's last attack) instead of
+    random tokens."""
     table = target.embedding_table.detach()[candidates]  # (V, D)
-    start = torch.randint(len(candidates), (len(slot_ids),), generator=generator).to(target.device)
-    soft = table[start].clone().requires_grad_(True)  # P: (k, D)
+    if start is None:
+        start = table[torch.randint(len(candidates), (len(slot_ids),), generator=generator).to(target.device)]
+    soft = start.detach().clone().requires_grad_(True)  # P: (k, D)
     optimizer = torch.optim.Adam([soft], lr=lr)
     ids = token_ids(target, [" ".join(target.tokenizer.convert_ids_to_tokens(slot_ids)) + " " + prompt])
     ids = ids.expand(len(latents), -1)
@@ -68,4 +71,4 @@ def prefix_attack(target: Target, slot_ids: list[int], prompt: str, latents: tor
         losses.append(loss.item())
     chosen = candidates[nearest(soft.detach(), table)].tolist()
     prefix = " ".join(target.tokenizer.decode([i]) for i in chosen)  # each word tokenizes back alone
-    return PrefixResult(chosen, prefix, losses)
+    return PrefixResult(chosen, prefix, losses, soft.detach())

@@ -1,0 +1,252 @@
+"""Robust ESD on the toy world (issue 15): erase one colour with plain ESD and with robust ESD (same seed and
+base settings), attack the base model, the plain and the robust erasure with both attacks, judge every image.
+
+    python benchmarks/robustness.py --out robustness-out [--samples 100] [--concept red]
+
+Prompts: the erased ones are every phrasing that names the concept (esd demo's list, held-out ones included);
+the other prompts are esd demo's "a {colour} {shape}" and bare colours without the concept. The retain prompts
+given to robust ESD are other phrasings of the other colours ("{colour} {shape}", "a {colour} shape",
+"a photo of a {colour} {shape}"), none of them a measured prompt. Rates are shares of judged images:
+presence (literal prompt), ASR (attack success: the attacked prompt's images judged to show the concept) and
+preserved (other prompts' images right in colour and shape). Prints a table and ONE JSON line; writes
+results.json (per prompt, settings, versions) and both runs' folders under --out (partial.json while running).
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from esd import ESDConfig, train_esd  # noqa: E402
+from esd.records import atomic_write, check_output_folder, environment_record  # noqa: E402
+
+KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
+        "presence_esd", "presence_robust", "preserved_esd", "preserved_robust", "seconds_esd", "seconds_robust")
+RETAIN_TEMPLATES = ("{colour} {shape}", "a {colour} shape", "a photo of a {colour} {shape}")
+REFERENCE_SEED = 10_000  # attack references use seeds 10000 + i, apart from the judged images' seeds + i
+
+
+@dataclass
+class Settings:
+    """Every setting, once. The erasure's base settings are last session's attack figures' (esd demo's)."""
+
+    out: str
+    concept: str = "red"
+    iterations: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    negative_guidance: float = 1.0
+    ddim_steps: int = 25
+    seed: int = 0  # training seed, the attacks' seed, and judged image i of every prompt uses seed + i
+    adversarial: str = "prefix"  # robust ESD's attack
+    adv_every: int = 10
+    adv_steps: int = 10
+    adv_references: int = 8
+    retain_weight: float = 1.0
+    samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
+    references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
+    prefix_steps: int = 40  # UnlearnDiffAtk's default
+    inversion_steps: int = 300  # esd attack's default
+    overwrite: bool = False
+
+
+def retain_prompts(concept: str) -> list[str]:
+    from esd.toy.world import COLOURS, SHAPES
+
+    return [t.format(colour=c, shape=s) for t in RETAIN_TEMPLATES for c in COLOURS if c != concept
+            for s in SHAPES]
+
+
+def train(s: Settings, name: str, **robust) -> tuple[float, Path]:
+    """One erasure into OUT/runs/NAME; (training seconds, weights file)."""
+    result = train_esd(ESDConfig(prompt=s.concept, train_method="xattn", base_model="toy", iterations=s.iterations,
+                                 batch_size=s.batch_size, lr=s.lr, negative_guidance=s.negative_guidance,
+                                 ddim_steps=s.ddim_steps, seed=s.seed, devices="cpu", save_format="trained",
+                                 save_path=str(Path(s.out) / "runs"), name=name, overwrite=s.overwrite, **robust))
+    return result.seconds, result.output_dir / f"{name}.safetensors"
+
+
+@torch.no_grad()
+def draw(pipe, texts: list[str], n: int, seed: int, rows: int = 200) -> dict:
+    """text -> ``n`` images (n, H, W, 3) in [0, 1], image i of every prompt from seed + i (as
+    esd.toy.quality.sample draws them), many prompts per sampler call: the toy UNet is cheap per row."""
+    from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS
+
+    jobs = [(t, i) for t in texts for i in range(n)]
+    images = []
+    for start in range(0, len(jobs), rows):
+        chunk = jobs[start:start + rows]
+        images.append(pipe([t for t, _ in chunk], num_inference_steps=QUALITY_STEPS, guidance_scale=QUALITY_GUIDANCE,
+                           generator=[torch.Generator().manual_seed(seed + i) for _, i in chunk],
+                           output_type="np").images)
+    images = np.concatenate(images)
+    return {t: images[k * n:(k + 1) * n] for k, t in enumerate(texts)}
+
+
+@torch.no_grad()
+def reference_latents(pipe, prompt: str, n: int) -> torch.Tensor:
+    """The base model's final latents x_0 of ``prompt`` (n, C, h, w), image i from seed REFERENCE_SEED + i."""
+    from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS
+
+    gens = [torch.Generator().manual_seed(REFERENCE_SEED + i) for i in range(n)]
+    return pipe([prompt] * n, num_inference_steps=QUALITY_STEPS, guidance_scale=QUALITY_GUIDANCE, generator=gens,
+                output_type="latent").images
+
+
+def measure(s: Settings, unet, references: dict, attacks: tuple[str, ...], log) -> dict:
+    """Per prompt: literal presence, other prompts' accuracy, and presence under each attack in ``attacks``."""
+    from diffusers import DDPMScheduler
+
+    from esd.attack.inversion import TOKEN, inversion_attack, inversion_prompt
+    from esd.attack.prefix import prefix_attack, word_tokens
+    from esd.attack.run import ATTACKS
+    from esd.attack.target import Target, add_placeholders
+    from esd.toy.demo import accuracy, concept_presence, prompts_for
+    from esd.toy.quality import load_toy_pipeline
+
+    erased, others, axis = prompts_for(s.concept)
+    pipe = load_toy_pipeline("toy", unet=unet)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+    target = Target(pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config),
+                    torch.device("cpu"))
+    prefix_slots = add_placeholders(target, [f"<adv{i}>" for i in range(5)])
+    (token_slot,) = add_placeholders(target, [TOKEN])
+    std = target.embedding_table[:prefix_slots[0]].std().item()
+
+    def presence(texts: dict) -> dict:
+        """name -> prompt to draw, judged for the concept."""
+        images = draw(pipe, list(texts.values()), s.samples, s.seed)
+        return {name: concept_presence(images[text], axis, s.concept) for name, text in texts.items()}
+
+    out = {"literal": presence({p.text: p.text for p in erased})}
+    images = draw(pipe, [p.text for p in others], s.samples, s.seed)
+    out["others"] = {p.text: accuracy(images[p.text], p) for p in others}
+    if "prefix" in attacks:
+        candidates, found = word_tokens(target), {}
+        for k, p in enumerate(erased):
+            r = prefix_attack(target, prefix_slots, p.text, references[p.text], candidates, s.prefix_steps,
+                              ATTACKS["prefix"].lr * std, torch.Generator().manual_seed(s.seed + k))
+            found[p.text] = f"{r.prefix} {p.text}"
+        out["prefix"] = presence(found)
+        out["prefix_prompts"] = found
+        log(f"  prefix attack done ({len(found)} prompts)")
+    if "inversion" in attacks:
+        prompts = [inversion_prompt(p.text, s.concept) for p in erased for _ in range(s.references)]
+        r = inversion_attack(target, token_slot, prompts, torch.cat([references[p.text] for p in erased]),
+                             s.inversion_steps, ATTACKS["inversion"].lr * std, 8,
+                             torch.Generator().manual_seed(s.seed))
+        with torch.no_grad():  # the token's row holds v*, as diffusers' load_textual_inversion puts it
+            target.embedding_table[token_slot] = r.embedding
+        out["inversion"] = presence({p.text: inversion_prompt(p.text, s.concept) for p in erased})
+        log("  inversion attack done")
+    return out
+
+
+def mean(values: dict) -> float:
+    return sum(values.values()) / len(values)
+
+
+def run(s: Settings, log=print) -> dict:
+    from esd.toy.demo import prompts_for
+    from esd.toy.quality import load_toy_pipeline
+    from esd.weights import load_erased_unet
+
+    begin = time.perf_counter()
+    out = Path(s.out)
+    check_output_folder(out, "--out")
+    if (out / "results.json").exists() and not s.overwrite:
+        raise SystemExit(f"--out {s.out!r} already holds results.json; choose a new folder or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    retain_file = out / "retain_prompts.txt"
+    atomic_write(retain_file, lambda p: Path(p).write_text("\n".join(retain_prompts(s.concept)) + "\n"))
+
+    log("training plain ESD")
+    seconds_esd, esd_weights = train(s, "esd")
+    log(f"  {seconds_esd:.0f} s; training robust ESD")
+    seconds_robust, robust_weights = train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every,
+                                           adv_steps=s.adv_steps, adv_references=s.adv_references,
+                                           retain_prompts=str(retain_file), retain_weight=s.retain_weight)
+    log(f"  {seconds_robust:.0f} s")
+
+    def progress(**done):  # a killed run keeps what it measured
+        atomic_write(out / "partial.json", lambda p: Path(p).write_text(json.dumps(
+            {"seconds_esd": seconds_esd, "seconds_robust": seconds_robust, "settings": asdict(s), **done})))
+
+    progress()
+
+    erased = prompts_for(s.concept)[0]
+    base = load_toy_pipeline("toy")
+    references = {p.text: reference_latents(base, p.text, s.references) for p in erased}
+    per_model = {}
+    for name, weights, attacks in [("base", None, ("prefix",)), ("esd", esd_weights, ("prefix", "inversion")),
+                                   ("robust", robust_weights, ("prefix", "inversion"))]:
+        log(f"measuring {name}")
+        unet = None if weights is None else load_erased_unet(weights, base_model="toy")
+        per_model[name] = measure(s, unet, references, attacks, log)
+        progress(per_prompt=per_model, elapsed=round(time.perf_counter() - begin, 1))
+
+    m = per_model
+    figures = {"asr_prefix_base": mean(m["base"]["prefix"]), "asr_prefix_esd": mean(m["esd"]["prefix"]),
+               "asr_prefix_robust": mean(m["robust"]["prefix"]), "asr_inversion_esd": mean(m["esd"]["inversion"]),
+               "asr_inversion_robust": mean(m["robust"]["inversion"]), "presence_esd": mean(m["esd"]["literal"]),
+               "presence_robust": mean(m["robust"]["literal"]), "preserved_esd": mean(m["esd"]["others"]),
+               "preserved_robust": mean(m["robust"]["others"]), "seconds_esd": round(seconds_esd, 1),
+               "seconds_robust": round(seconds_robust, 1)}
+    provenance = {
+        "rates": "shares of judged images (toy judge): presence = literal prompt; asr = attacked prompt; "
+                 "preserved = other prompts right in colour and shape",
+        "presence_base": mean(m["base"]["literal"]), "preserved_base": mean(m["base"]["others"]),
+        "erased_prompts": len(erased), "other_prompts": len(m["base"]["others"]), "samples_per_prompt": s.samples,
+        "seeds": f"judged image i of every prompt: seed {s.seed} + i; attack references: {REFERENCE_SEED} + i; "
+                 f"prefix of erased prompt k: generator seeded {s.seed} + k; inversion: {s.seed}",
+        "seconds_note": "training seconds of each run, measured one after the other in this process",
+        "settings": asdict(s), "environment": environment_record(),
+        "total_seconds": round(time.perf_counter() - begin, 1),
+    }
+    results = {**figures, "provenance": provenance, "per_prompt": per_model,
+               "runs": {n: json.loads((out / "runs" / n / "args.json").read_text()) for n in ("esd", "robust")}}
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+    (out / "partial.json").unlink()
+    log(table(figures, provenance))
+    print(json.dumps({**figures, "provenance": {k: v for k, v in provenance.items() if k != "environment"}
+                      | {"git": provenance["environment"].get("git"), "results": str(out / "results.json")}}))
+    return results
+
+
+def table(f: dict, prov: dict) -> str:
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    rows = [("base", pct(prov["presence_base"]), pct(f["asr_prefix_base"]), "-", pct(prov["preserved_base"]), "-"),
+            ("ESD", pct(f["presence_esd"]), pct(f["asr_prefix_esd"]), pct(f["asr_inversion_esd"]),
+             pct(f["preserved_esd"]), f"{f['seconds_esd']:.0f}"),
+            ("robust ESD", pct(f["presence_robust"]), pct(f["asr_prefix_robust"]), pct(f["asr_inversion_robust"]),
+             pct(f["preserved_robust"]), f"{f['seconds_robust']:.0f}")]
+    lines = ["| model | literal presence | prefix ASR | inversion ASR | other prompts right | training s |",
+             "|---|---|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(Settings):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action="store_true")
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default) if f.name != "out" else str,
+                           required=f.name == "out", default=None if f.name == "out" else f.default,
+                           help=f"(default: {f.default})" if f.name != "out" else "output folder")
+    run(Settings(**vars(p.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

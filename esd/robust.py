@@ -1,0 +1,288 @@
+"""Robust ESD: erase the concept from the conditioning an attacker would find, not only from the literal word.
+
+Every ``adv_every`` iterations an attack of :mod:`esd.attack` finds conditioning that brings the concept back
+from the model being trained; each ESD step then trains on it beside the literal concept. A preservation term
+keeps the predictions for prompts that must not change where the frozen model had them. What is borrowed:
+
+* AdvUnlearn (Zhang et al. 2024, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure
+  in Diffusion Models"): the bi-level loop. Its lower level is UnlearnDiffAtk's prefix attack on the current
+  model (our ``prefix``); its upper level is the ESD loss with the adversarial prompt as the trained model's
+  input and the literal concept's target, plus a retain loss ||eps_theta(x_t, c~) - eps_theta*(x_t, c~)||^2
+  on prompts c~ that must not change, weighted by gamma (our ``retain_weight``).
+* Receler (Huang et al. 2023, "Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via
+  Lightweight Erasers"): adversarial prompt learning alternated with erasure, each attack continuing from the
+  last adversarial embedding rather than starting over, so a few attack steps per round suffice.
+* RECE (Gong et al. 2024, "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models"): a
+  continuous embedding that regenerates the concept under the current model is derived and erased in turn,
+  round after round (our ``inversion``: one learned token, concept inversion).
+
+Design: the adversarial row uses the batch's own x_t (sampled with the literal concept) and the literal
+concept's ESD target e0 - eta (ep - e0) there. The attacker's conditioning is made to stand for the concept,
+so the model must answer it as the erased model answers the concept; targeting theta*'s prediction for the
+adversarial conditioning instead would teach nothing where theta* never drew the concept from it. The literal
+row's loss is kept as in plain ESD and the adversarial and retain terms are added to it (not averaged), so
+the literal erasure proceeds as in plain ESD. Costs per iteration, beyond plain ESD: batch_size trained rows
+for the adversarial term; batch_size frozen and trained rows for the retain term; adv_steps x adv_references
+forward and backward rows every adv_every iterations for the attack.
+"""
+
+import csv
+import io
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .objective import esd_loss
+from .records import error_summary
+from .sampling import Conditioning, PromptConditioning, denoise, encode_prompts, sampler_scheduler
+
+
+def adversarial_choices() -> tuple[str, ...]:
+    """The attacks robust training can run: those of esd attack."""
+    from .attack.run import ATTACKS
+
+    return tuple(ATTACKS)
+
+
+def is_robust(cfg) -> bool:
+    return bool(cfg.adversarial or cfg.retain_prompts)
+
+
+def read_retain_prompts(path: str, concepts: list[str]) -> list[str]:
+    """The prompts of ``path``: a plain text file, one prompt a line (blank lines skipped), or a prompt CSV
+    (``.csv``, a ``prompt`` column, as esd generate reads). A prompt that names an erased concept is refused:
+    it would ask the model both to forget and to keep the concept."""
+    where = f"--retain_prompts {path!r}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} does not exist (a text file, one prompt a line, or a prompt CSV)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if path.lower().endswith(".csv"):
+            rows = list(csv.DictReader(io.StringIO(text)))
+            if not rows or "prompt" not in rows[0]:
+                raise ValueError(f"{where} has no 'prompt' column (columns: {', '.join(rows[0]) if rows else 'none'})")
+            prompts = [(r["prompt"] or "").strip() for r in rows]
+        else:
+            prompts = [line.strip() for line in text.splitlines()]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{where} is not readable UTF-8 text ({error_summary(e)})") from e
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{where} holds no prompt")
+    for concept in concepts:
+        pattern = re.compile(rf"(?<!\w){re.escape(concept)}(?!\w)", re.IGNORECASE)
+        named = [p for p in prompts if pattern.search(p)]
+        if named:
+            raise ValueError(f"{where}: {len(named)} prompt(s) name the erased concept {concept!r} (first: "
+                             f"{named[0]!r}); retain prompts must be ones whose images should not change")
+    return prompts
+
+
+def check_robust_settings(cfg) -> None:
+    """One line per bad robust setting, before any model loads (called by ESDConfig.validate)."""
+    choices = adversarial_choices()
+    if cfg.adversarial is not None and cfg.adversarial not in choices:
+        raise ValueError(f"--adversarial {cfg.adversarial!r} is not one of: {', '.join(choices)}")
+    for name in ("adv_every", "adv_steps", "adv_tokens", "adv_references"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+    w = cfg.retain_weight
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+        raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
+    if cfg.adversarial is not None:
+        if cfg.separator is not None or cfg.erase_from is not None:
+            raise ValueError("--adversarial attacks one concept erased from itself; it cannot be combined with "
+                             "--separator or --erase_from")
+        if cfg.ckpt_path is None:
+            check_one_text_encoder(cfg.base_model)
+    if cfg.retain_prompts is not None:
+        read_retain_prompts(cfg.retain_prompts, cfg.words)
+
+
+def check_one_text_encoder(base_model: str) -> None:
+    """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) is refused. A local
+    folder is checked now from its UNet config; other sources once loaded (see RobustESD)."""
+    from .models import resolve_source
+
+    source = resolve_source(base_model)
+    config = Path(source) / "unet" / "config.json"
+    if config.is_file() and '"text_time"' in config.read_text():
+        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
+                         f"{base_model!r} is SDXL")
+
+
+class RobustESD:
+    """The adversarial and preservation terms of one robust run, and their state (checkpointed)."""
+
+    def __init__(self, cfg, models, prompts: PromptConditioning, latent_shape: tuple, image_size: int):
+        """Takes what it needs from ``models`` before the trainer drops the text encoders: the retain prompts
+        encoded once, and, for ``--adversarial``, the first text encoder and tokenizer, kept frozen.
+        ``prompts``: the trainer's encoded prompts; ``latent_shape``: (B, C, h, w)."""
+        from diffusers import DDPMScheduler
+
+        self.cfg, self.prompts, self.latent_shape = cfg, prompts, latent_shape
+        self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps)  # its own copy
+        self.noise_scheduler = DDPMScheduler.from_config(models.scheduler.config)  # forward noising q(x_t | x_0)
+        self.retain = None
+        if cfg.retain_prompts is not None:
+            prompts = read_retain_prompts(cfg.retain_prompts, cfg.words)
+            self.retain = encode_prompts(models, prompts, image_size)  # (R, 77, D)
+            self.retain_count = len(prompts)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
+        self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
+        self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
+        self.start = self.vectors = None  # the attack's continuous state; the slot rows it conditions with
+        self.adversarial = None  # the adversarial conditioning (1 row), from ``vectors``
+        self.last = None  # the last attack round's result, for args.json
+        self.target = None
+        if cfg.adversarial is not None:
+            self._hold_text_encoder(models)
+
+    def _hold_text_encoder(self, models) -> None:
+        from .attack.inversion import TOKEN, inversion_prompt
+        from .attack.prefix import word_tokens
+        from .attack.run import ATTACKS
+        from .attack.target import Target, add_placeholders, token_ids
+
+        if models.family == "sdxl":
+            raise ValueError("--adversarial supports SD 1.x and 2.x models (one text encoder); this model is SDXL")
+        cfg, encoder = self.cfg, models.text_encoders[0]
+        self.target = Target(models.unet, encoder, models.tokenizers[0], self.noise_scheduler, encoder.device)
+        word = cfg.words[0]
+        if cfg.adversarial == "prefix":
+            names = [f"<adv{i}>" for i in range(cfg.adv_tokens)]
+            self.slot_ids = add_placeholders(self.target, names)
+            self.prompt = " ".join(names) + " " + word  # UnlearnDiffAtk: k tokens before the prompt
+            self.candidates = word_tokens(self.target)
+        else:
+            self.slot_ids = add_placeholders(self.target, [TOKEN])
+            self.prompt = inversion_prompt(word, word)  # the token stands where the word stood
+        std = self.target.embedding_table[:self.slot_ids[0]].float().std().item()  # of the vocabulary
+        self.attack_lr = ATTACKS[cfg.adversarial].lr * std  # esd attack's default step, in embedding units
+        self.ids = token_ids(self.target, [self.prompt])  # (1, L)
+
+    # -- the two terms -------------------------------------------------------------------------
+    def terms(self, views, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """This iteration's extra losses at ``batch`` (the literal concept's x_t, t and target):
+        ``adversarial_loss`` (after an attack round when one is due) and ``retain_loss`` (weighted)."""
+        cfg, out = self.cfg, {}
+        if self.references is None:
+            self._sample_latents(views, generator)
+        if cfg.adversarial is not None:
+            if self.iteration % cfg.adv_every == 0:
+                self._attack(views)
+            cond = Conditioning(self.adversarial.prompt_embeds.expand(len(batch.latents), -1, -1))
+            with views.autocast():
+                pred = views.trained(batch.latents, batch.timesteps, cond)
+            out["adversarial_loss"] = esd_loss(views.to_eps(pred.float(), batch.latents, batch.timesteps),
+                                               batch.target)
+        if self.retain is not None:
+            out["retain_loss"] = cfg.retain_weight * self._retain_loss(views, batch, generator)
+        self.iteration += 1
+        return out
+
+    def _retain_loss(self, views, batch, generator) -> torch.Tensor:
+        """AdvUnlearn's retain loss: at x_t = q(x_t | x_0) of the frozen model's own image of a retain prompt
+        (one prompt drawn per row, fresh noise, the batch's timesteps), the trained prediction for that prompt
+        should stay the frozen one (epsilon space, MSE)."""
+        b = len(batch.latents)
+        rows = torch.randint(len(self.retain_latents), (b,), generator=generator)
+        noise = torch.randn(batch.latents.shape, generator=generator).to(views.device)
+        x0 = self.retain_latents[rows].to(views.device)
+        latents = self.noise_scheduler.add_noise(x0, noise, batch.timesteps)
+        cond = Conditioning(self.retain.prompt_embeds[rows.to(self.retain.prompt_embeds.device)])
+        with views.autocast():
+            frozen = views.frozen(latents, batch.timesteps, cond).float()
+            trained = views.trained(latents, batch.timesteps, cond).float()
+        return F.mse_loss(views.to_eps(trained, latents, batch.timesteps),
+                          views.to_eps(frozen, latents, batch.timesteps))
+
+    @torch.no_grad()
+    def _sample_latents(self, views, generator) -> None:
+        """x_0 of the frozen model (theta*, the trainer's guided sampler and start_guidance): adv_references
+        images of the concept (the attack's references, as UnlearnDiffAtk takes them from the base model) and
+        one image per retain prompt. Drawn from the trainer's generator at the first iteration, kept for the run
+        (and in checkpoints)."""
+        cfg, prompts, shape = self.cfg, self.prompts, self.latent_shape
+
+        def sample(cond: Conditioning) -> torch.Tensor:
+            n = cond.prompt_embeds.shape[0]
+            noise = torch.randn((n, *shape[1:]), generator=generator).to(views.device)
+            self.sampler.set_timesteps(cfg.ddim_steps)
+            with views.autocast():
+                return denoise(views.frozen, self.sampler, noise, cond, prompts.uncond_rows(n),
+                               cfg.start_guidance, self.sampler.timesteps).float()
+
+        if cfg.adversarial is not None:
+            self.references = sample(prompts.concept(torch.zeros(cfg.adv_references, dtype=torch.long)))
+        else:
+            self.references = torch.empty(0)
+        if self.retain is not None:
+            self.retain_latents = torch.cat([sample(Conditioning(self.retain.prompt_embeds[i:i + cfg.batch_size]))
+                                             for i in range(0, self.retain_count, cfg.batch_size)])
+
+    def _attack(self, views) -> None:
+        """One attack round against the current trained model, continuing from the last round's state, with
+        the trained parameters held still (the attack's gradient goes to the embeddings alone)."""
+        from .attack.inversion import inversion_attack
+        from .attack.prefix import prefix_attack
+
+        cfg, target = self.cfg, self.target
+        trained = [p for p in views.unet.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            with views.autocast():
+                if cfg.adversarial == "prefix":
+                    found = prefix_attack(target, self.slot_ids, cfg.words[0], self.references, self.candidates,
+                                          cfg.adv_steps, self.attack_lr, self.generator, self.start)
+                    self.start = found.soft
+                    self.vectors = target.embedding_table.detach()[found.token_ids]  # the real tokens' rows
+                    self.last = {"prefix": found.prefix, "loss": found.losses[-1]}
+                else:
+                    n = len(self.references)
+                    found = inversion_attack(target, self.slot_ids[0], [self.prompt] * n, self.references,
+                                             cfg.adv_steps, self.attack_lr, n, self.generator, self.start)
+                    self.start = self.vectors = found.embedding[None]
+                    self.last = {"token_norm": found.embedding.norm().item(), "loss": found.losses[-1]}
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+        views.evals += cfg.adv_steps * len(self.references)
+        self._encode_adversarial()
+
+    @torch.no_grad()
+    def _encode_adversarial(self) -> None:
+        from .attack.target import slot_embeddings
+
+        with slot_embeddings(self.target, self.slot_ids, self.vectors):
+            self.adversarial = Conditioning(self.target.text_encoder(self.ids)[0])  # (1, L, D)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "generator": self.generator.get_state(), "references": self.references,
+                "retain_latents": self.retain_latents, "start": self.start, "vectors": self.vectors,
+                "last": self.last}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            raise ValueError(f"--resume {self.cfg.resume!r} holds no robust-training state")
+        self.iteration = state["iteration"]
+        self.generator.set_state(state["generator"])
+        self.references, self.retain_latents = state["references"], state["retain_latents"]
+        self.start, self.vectors, self.last = state["start"], state["vectors"], state["last"]
+        if self.vectors is not None:
+            self._encode_adversarial()
+
+    def record(self) -> dict:
+        """What args.json adds about the robust terms beyond the flags."""
+        out = {"attack_lr_absolute": getattr(self, "attack_lr", None), "attack_seed": self.cfg.seed + 1,
+               "retain_prompt_count": getattr(self, "retain_count", 0), "last_attack": self.last}
+        if self.target is not None:
+            out["adversarial_prompt"] = self.prompt
+        return out

@@ -1,0 +1,111 @@
+"""Robust ESD (esd train --adversarial/--retain_prompts): seeded runs repeat bit for bit, a resumed run ends
+exactly where a straight one does (the adversarial state is in the checkpoint), the terms are recorded,
+and bad settings are refused in one line before any model loads."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esd import ESDConfig, train_esd
+from esd.cli import main
+from esd.robust import read_retain_prompts
+
+ROBUST = {"adv_every": 3, "adv_steps": 2, "adv_tokens": 2, "adv_references": 2}  # plumbing, not strength
+
+
+def train(tiny_models, tmp_path, name, **kw):
+    settings = {"prompt": "cat", "train_method": "xattn", "iterations": 4, "lr": 1e-3, "ddim_steps": 4, "seed": 0,
+                **ROBUST, **kw}
+    return train_esd(ESDConfig(base_model=tiny_models["sd1"], save_path=str(tmp_path), name=name,
+                               save_format="trained", **settings))
+
+
+def weights(result):
+    return load_file(result.output_dir / f"{result.output_dir.name}.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def retain(tmp_path):
+    path = tmp_path / "retain.txt"
+    path.write_text("a photo of a dog\n\nchurch\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("attack", ["prefix", "inversion"])
+def test_seeded_robust_runs_repeat_and_resume_exactly(attack, tiny_models, tmp_path, retain):
+    """Rounds before iterations 1 and 4: the resumed half starts mid-round (the conditioning comes from the
+    checkpoint) and runs a round of its own (the attack's generator and start come from it too). Two seeded
+    runs made apart (straight, and 2 + 2) ending bit-identical also shows that seeded runs repeat."""
+    kw = {"adversarial": attack, "retain_prompts": retain}
+    full = train(tiny_models, tmp_path, "full", **kw)
+    part = train(tiny_models, tmp_path, "part", save_every=2, **kw)
+    resumed = train(tiny_models, tmp_path, "resumed", resume=str(part.output_dir / "checkpoints" /
+                                                                  "checkpoint-2.pt"), **kw)
+    assert same(weights(full), weights(resumed)) and resumed.losses == full.losses
+    if attack == "prefix":
+        plain = train(tiny_models, tmp_path, "plain")
+        assert not same(weights(plain), weights(full))  # the extra terms change the erasure
+
+    losses = pd.read_csv(full.output_dir / "loss.csv")
+    assert {"adversarial_loss", "retain_loss"} <= set(losses.columns)
+    assert losses["adversarial_loss"].gt(0).all()
+    assert losses["retain_loss"].iloc[0] == 0 and losses["retain_loss"].iloc[1:].gt(0).all()  # theta = theta* at first
+    args = json.loads((full.output_dir / "args.json").read_text())
+    assert {k: args[k] for k in ("adversarial", "adv_every", "adv_steps", "adv_tokens", "adv_references",
+                                 "retain_prompts", "retain_weight")} == {**kw, **ROBUST, "retain_weight": 1.0}
+    assert args["robust"]["retain_prompt_count"] == 2 and args["robust"]["last_attack"]["loss"] > 0
+    assert args["robust"]["adversarial_prompt"] == ("<adv0> <adv1> cat" if attack == "prefix" else "<adv>")
+
+
+def test_retain_weight_zero_leaves_only_the_adversarial_term(tiny_models, tmp_path, retain):
+    """loss.csv records the retain term as weighted, and weight 0 zeroes it."""
+    r = train(tiny_models, tmp_path, "w0", retain_prompts=retain, retain_weight=0.0, iterations=2)
+    assert pd.read_csv(r.output_dir / "loss.csv")["retain_loss"].eq(0).all()
+
+
+def test_retain_prompts_read_as_text_or_csv(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text(" a dog \n\nchurch\n")
+    assert read_retain_prompts(str(text), ["cat"]) == ["a dog", "church"]
+    table = tmp_path / "p.csv"
+    table.write_text("case_number,prompt,evaluation_seed\n0,a dog,1\n1,a church,2\n")
+    assert read_retain_prompts(str(table), ["cat"]) == ["a dog", "a church"]
+
+
+@pytest.mark.parametrize("extra, files, message", [
+    ({"adversarial": "gcg"}, {}, "--adversarial 'gcg' is not one of: prefix, inversion"),
+    ({"adversarial": "prefix", "adv_every": 0}, {}, "--adv_every must be an integer >= 1, got 0"),
+    ({"adversarial": "prefix", "adv_steps": -1}, {}, "--adv_steps must be an integer >= 1"),
+    ({"retain_weight": float("nan")}, {}, "--retain_weight must be a finite number >= 0"),
+    ({"retain_prompts": "missing.txt"}, {}, "--retain_prompts 'missing.txt' does not exist"),
+    ({"retain_prompts": "r.txt"}, {"r.txt": "\n \n"}, "holds no prompt"),
+    ({"retain_prompts": "r.txt"}, {"r.txt": "a dog\na Cat on a mat\n"}, "1 prompt(s) name the erased concept 'cat'"),
+    ({"retain_prompts": "r.csv"}, {"r.csv": "text,seed\na dog,1\n"}, "has no 'prompt' column (columns: text, seed)"),
+    ({"retain_prompts": "r.txt"}, {"r.txt": b"\xff\xfe\x00"}, "is not readable UTF-8 text"),
+    ({"adversarial": "prefix", "prompt": "cat, dog", "separator": ","}, {}, "cannot be combined with --separator"),
+    ({"adversarial": "inversion", "erase_from": "dog"}, {}, "cannot be combined with --separator or --erase_from"),
+])
+def test_bad_robust_settings_are_refused_before_loading(extra, files, message, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    settings = {"prompt": "cat", "train_method": "xattn", "base_model": tiny_models["sd1"], **extra}
+    with pytest.raises(ValueError) as e:
+        ESDConfig(**settings)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sdxl_is_refused_for_adversarial_training_in_one_cli_line(tiny_models, tmp_path, capsys):
+    code = main(["train", "--prompt", "cat", "--train_method", "xattn", "--base_model", tiny_models["sdxl"],
+                 "--adversarial", "prefix", "--save_path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--adversarial supports SD 1.x and 2.x models (one text encoder)" in err
+    assert not any(tmp_path.iterdir())  # nothing written
