@@ -27,7 +27,7 @@ import torch
 from .export import header_metadata, write_safetensors
 from .export.lora import LayerFactors, LoraExport, kohya_tensors, lora_metadata
 from .methods import TRAIN_METHODS, model_family, resolve_method, select_parameters
-from .models import resolve_source
+from .models import denoiser_class, resolve_source
 from .records import environment_record
 from .sampling import Conditioning, call_unet
 
@@ -71,16 +71,16 @@ def _methods_with_lora_layers(unet: torch.nn.Module) -> list[str]:
 
 
 def check_lora_method(config, models=None) -> None:
-    """Refuse a method without LoRA layers before any weights load: the UNet is built from its config on the
-    meta device (no memory). A single-file base model is checked once loaded, by ``LoraTraining.attach``."""
+    """Refuse a method without LoRA layers before any weights load: the UNet (or SD3/FLUX transformer) is built
+    from its config on the meta device (no memory). A single-file base model is checked once loaded, by
+    ``LoraTraining.attach``."""
     if models is not None:
         lora_targets(models.unet, config.train_method)
     elif config.ckpt_path is None:
-        from diffusers import UNet2DConditionModel
-
-        unet_config = UNet2DConditionModel.load_config(resolve_source(config.base_model), subfolder="unet")
+        cls, subfolder = denoiser_class(config.base_model)
         with torch.device("meta"):
-            lora_targets(UNet2DConditionModel.from_config(unet_config), config.train_method)
+            lora_targets(cls.from_config(cls.load_config(resolve_source(config.base_model), subfolder=subfolder)),
+                         config.train_method)
 
 
 @dataclass

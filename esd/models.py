@@ -209,14 +209,18 @@ def native_resolution_of(base_model: str) -> int:
     return sample_size * vae_scale_factor_of(source)
 
 
-def load_denoiser(base_model: str) -> torch.nn.Module:
-    """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32)."""
-    source = resolve_source(base_model)
+def denoiser_class(base_model: str) -> tuple[type, str]:
+    """The class of the base model's denoiser and its subfolder: the UNet, or SD3's or FLUX's transformer."""
     family = pipeline_family(base_model)
     if family in FLOW_FAMILIES:
-        cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
-        return cls.from_pretrained(source, subfolder="transformer")
-    return UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        return (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel), "transformer"
+    return UNet2DConditionModel, "unet"
+
+
+def load_denoiser(base_model: str) -> torch.nn.Module:
+    """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32)."""
+    cls, subfolder = denoiser_class(base_model)
+    return cls.from_pretrained(resolve_source(base_model), subfolder=subfolder)
 
 
 def _without_t5(index: dict) -> dict:
