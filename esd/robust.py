@@ -105,11 +105,14 @@ def check_robust_settings(cfg) -> None:
 
 
 def check_one_text_encoder(base_model: str) -> None:
-    """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) is refused. A local
-    folder is checked now from its UNet config; other sources once loaded (see RobustESD)."""
-    from .models import resolve_source
+    """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) and SD3/FLUX (CLIP and
+    T5) are refused. A local folder is checked now from its configs; other sources once loaded (see RobustESD)."""
+    from .models import FLOW_FAMILIES, pipeline_family, resolve_source
 
     source = resolve_source(base_model)
+    if (family := pipeline_family(base_model)) in FLOW_FAMILIES:
+        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
+                         f"{base_model!r} is a {family} transformer")
     config = Path(source) / "unet" / "config.json"
     if config.is_file() and '"text_time"' in config.read_text():
         raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "

@@ -135,10 +135,16 @@ def check_concept(judge: str, concept: str) -> None:
 
 
 def check_family(base_model: str) -> None:
-    """One text encoder only: SDXL's second encoder and pooled embeddings are not attacked here."""
+    """One text encoder only: SDXL's second encoder and pooled embeddings, and SD3's and FLUX's encoders,
+    are not attacked here."""
     from diffusers import UNet2DConditionModel
 
+    from ..models import FLOW_FAMILIES, pipeline_family
+
     source = resolve_source(base_model)
+    if (family := pipeline_family(base_model)) in FLOW_FAMILIES:
+        raise ValueError(f"--base_model {base_model!r} is a {family} transformer; esd attack supports SD 1.x and "
+                         "2.x models")
     try:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
     except Exception as e:  # noqa: BLE001 - re-raised on one line
