@@ -92,3 +92,14 @@ def test_toy_dit_name_resolves_or_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setitem(models.TOY_MODELS, "toy-dit", (tmp_path / "absent", "esd toy-train-dit"))
     with pytest.raises(ModelLoadError, match="toy-dit model is not built .*esd toy-train-dit"):
         resolve_source("toy-dit")
+
+
+def test_demo_erases_with_the_mmdit_analogue_of_esd_x_on_a_flow_matching_toy(tmp_path):
+    from esd.toy.demo import DemoConfig, run_demo
+
+    model = toy_dit_train(tmp_path / "dit", DitRecipeConfig(**TINY), log=lambda m: None)
+    report = run_demo(DemoConfig(concept="red", out=str(tmp_path / "demo"), base_model=str(model), iterations=2,
+                                 batch_size=2, samples=2), log=lambda m: None)
+    assert report["erasure"]["train_method"] == "mmdit-x" and report["erasure"]["family"] == "sd3"
+    assert set(report["erased"]) >= {"red", "a red circle"} and report["samples_per_prompt"] == 2
+    assert "(mmdit-x)" in (tmp_path / "demo" / "report.md").read_text()

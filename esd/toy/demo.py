@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import ESDConfig
+from ..models import FLOW_FAMILIES, pipeline_family
 from ..records import environment_record
 from ..train import train_esd
-from ..weights import load_erased_unet
+from ..weights import load_erased_unet, run_weight_files
 from .judge import judge_batch
 from .quality import load_toy_pipeline, sample
 from .world import COLOURS, SHAPES, Phrasing, all_phrasings
@@ -31,7 +32,7 @@ class DemoConfig:
     concept: str = "green"  # gone from every phrasing at the paper's settings in 1000 iterations (red: README)
     out: str = "demo-out"
     base_model: str = "toy"
-    train_method: str = "xattn"  # ESD-x
+    train_method: str = ""  # "": ESD-x, i.e. xattn on the UNet toy, its transformer analogue mmdit-x on toy-dit
     # At the paper's eta 1, 1000 iterations (80 s on 2 cores) take green to 0% on every phrasing; red keeps
     # 28% on average (squares 50-64%) at 1000: see the README's table.
     iterations: int = 1000
@@ -75,8 +76,14 @@ def _grid(rows: list[np.ndarray], columns: int = 8, scale: int = 3) -> Image.Ima
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 
+def esd_x_of(base_model: str) -> str:
+    """ESD-x for the model's family: cross-attention of a UNet, the text keys and values of an MMDiT."""
+    return "mmdit-x" if pipeline_family(base_model) in FLOW_FAMILIES else "xattn"
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     start = time.perf_counter()
+    cfg.train_method = cfg.train_method or esd_x_of(cfg.base_model)
     erased, others, axis = prompts_for(cfg.concept)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +99,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                                  negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=cfg.seed,
                                  devices="cpu", save_path=str(out / "weights"), save_format="trained",
                                  overwrite=True))  # the demo's own folder: a rerun replaces its run
-    unet = load_erased_unet(result.output_dir / f"{result.output_dir.name}.safetensors", base_model=cfg.base_model)
+    unet = load_erased_unet(run_weight_files(result.output_dir)["trained"], base_model=cfg.base_model)
     after = images(load_toy_pipeline(cfg.base_model, unet=unet), erased + others)
 
     def presence(imgs):
@@ -124,7 +131,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
 def render_markdown(report: dict) -> str:
     c, ax = report["concept"], report["axis"]
-    lines = [f"# ESD demo: erasing \"{c}\" from the toy model", "",
+    lines = [f"# ESD demo: erasing \"{c}\" from the toy model ({report['settings']['base_model']})", "",
              f"ESD-x ({report['settings']['train_method']}) of the prompt \"{c}\", eta "
              f"{report['settings']['negative_guidance']}, {report['settings']['iterations']} iterations; "
              f"{report['samples_per_prompt']} images per prompt before and after with the same seeds; "
