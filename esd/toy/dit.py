@@ -43,7 +43,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from ..records import environment_record
-from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents
+from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
 from .tokenizer import build_clip_tokenizer
 from .world import make_dataset, vocabulary
 
@@ -174,15 +174,7 @@ def train_transformer(transformer, latent_mean, latent_std, embeds, pooled, cfg:
         pred = transformer(x_t, encoder_hidden_states=embeds[idx], pooled_projections=pooled[idx],
                            timestep=sigma * 1000).sample
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), transformer.parameters()):
-                pe.lerp_(p, 1 - decay)
+        optimizer_step(transformer, ema, opt, sched, loss, step, cfg.ema_decay)
         if step % 250 == 0 or step == cfg.steps - 1:
             log(f"transformer step {step + 1}/{cfg.steps} loss {loss.item():.5f}")
     use_repeated_token_attention(ema, None)

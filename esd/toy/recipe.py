@@ -93,6 +93,20 @@ def _warmup_cosine(opt, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(model, ema, opt, sched, loss, step: int, ema_decay: float) -> None:
+    """The end of one step of either toy recipe: backward, gradients clipped to norm 1, the optimizer's and
+    the schedule's steps, then the EMA copy moved toward the model (decay warming up as (1 + step) / (10 + step))."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
 def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
     for _ in range(steps):
         yield torch.randint(n, (batch,), generator=gen)
@@ -145,15 +159,7 @@ def train_unet(unet, scheduler, latent_mean, latent_std, embeds, cfg: RecipeConf
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=embeds[idx]).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        optimizer_step(unet, ema, opt, sched, loss, step, cfg.ema_decay)
         if step % 250 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step + 1}/{cfg.unet_steps} loss {loss.item():.5f}")
     return ema.eval()
