@@ -218,7 +218,7 @@ def run(s: Settings, log=print) -> dict:
     (out / "partial.json").unlink()
     log(table(figures, provenance))
     print(json.dumps({**figures, "provenance": {k: v for k, v in provenance.items() if k != "environment"}
-                      | {"git": provenance["environment"].get("git"), "results": str(out / "results.json")}}))
+                      | {"git_hash": provenance["environment"].get("git_hash"), "results": str(out / "results.json")}}))
     return results
 
 
