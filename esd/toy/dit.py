@@ -42,6 +42,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from ..flow import encode_sd3
 from ..records import environment_record
 from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
 from .tokenizer import build_clip_tokenizer
@@ -133,22 +134,14 @@ def build_dit_components(cfg: DitRecipeConfig, vae: AutoencoderKL):
 
 @torch.no_grad()
 def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per caption, what StableDiffusion3Pipeline.encode_prompt gives without T5, except that the 256
-    zero tokens are one: the two encoders' penultimate hidden states side by side on features (L, 2w),
-    then one zero token, and the two pooled projections side by side (2w)."""
+    """Per caption, what StableDiffusion3Pipeline.encode_prompt gives without T5 (:func:`esd.flow.encode_sd3`),
+    except that the 256 zero tokens are one: (N, L + 1, 2w) and the pooled projections (N, 2w)."""
     unique = sorted(set(texts))
-    seqs, pooled = [], []
-    for tok, enc in zip(tokenizers, encoders):
-        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        out = enc(ids, output_hidden_states=True)
-        seqs.append(out.hidden_states[-2])
-        pooled.append(out.text_embeds)
-    seq = torch.cat(seqs, -1)
-    seq = torch.cat([seq, seq.new_zeros(seq.shape[0], 1, seq.shape[2])], 1)
+    seq, extra = encode_sd3(tokenizers, encoders, unique, sum(e.config.hidden_size for e in encoders))
+    seq = seq[:, :tokenizers[0].model_max_length + 1]
     index = {t: i for i, t in enumerate(unique)}
     rows = torch.tensor([index[t] for t in texts])
-    return seq[rows], torch.cat(pooled, -1)[rows]
+    return seq[rows], extra["pooled_projections"][rows]
 
 
 def use_repeated_token_attention(transformer, copies: int | None) -> None:
