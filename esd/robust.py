@@ -26,16 +26,16 @@ for the adversarial term; batch_size frozen and trained rows for the retain term
 forward and backward rows every adv_every iterations for the attack.
 """
 
-import csv
-import io
 import math
 import os
 import re
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .generate import read_prompt_table
 from .objective import esd_loss
 from .records import error_summary
 from .sampling import Conditioning, PromptConditioning, denoise, encode_prompts, sampler_scheduler
@@ -60,15 +60,14 @@ def read_retain_prompts(path: str, concepts: list[str]) -> list[str]:
     if not os.path.isfile(path):
         raise ValueError(f"{where} does not exist (a text file, one prompt a line, or a prompt CSV)")
     try:
-        text = Path(path).read_text(encoding="utf-8")
         if path.lower().endswith(".csv"):
-            rows = list(csv.DictReader(io.StringIO(text)))
-            if not rows or "prompt" not in rows[0]:
-                raise ValueError(f"{where} has no 'prompt' column (columns: {', '.join(rows[0]) if rows else 'none'})")
-            prompts = [(r["prompt"] or "").strip() for r in rows]
+            table = read_prompt_table(path)  # as esd generate reads a prompt CSV: every cell the text written
+            if "prompt" not in table.columns:
+                raise ValueError(f"{where} has no 'prompt' column (columns: {', '.join(table.columns) or 'none'})")
+            prompts = [p.strip() for p in table["prompt"]]
         else:
-            prompts = [line.strip() for line in text.splitlines()]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+            prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ValueError(f"{where} is not readable UTF-8 text ({error_summary(e)})") from e
     prompts = [p for p in prompts if p]
     if not prompts:
@@ -94,7 +93,14 @@ def check_robust_settings(cfg) -> None:
     w = cfg.retain_weight
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
         raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
-    if cfg.adversarial is not None:
+    if cfg.adversarial is None:
+        from .config import ESDConfig
+
+        changed = [f"--{n}" for n in ("adv_every", "adv_steps", "adv_tokens", "adv_references")
+                   if getattr(cfg, n) != ESDConfig.__dataclass_fields__[n].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set without --adversarial (prefix | inversion), which they tune")
+    else:
         if cfg.separator is not None or cfg.erase_from is not None:
             raise ValueError("--adversarial attacks one concept erased from itself; it cannot be combined with "
                              "--separator or --erase_from")

@@ -75,14 +75,15 @@ def test_retain_prompts_read_as_text_or_csv(tmp_path):
     text.write_text(" a dog \n\nchurch\n")
     assert read_retain_prompts(str(text), ["cat"]) == ["a dog", "church"]
     table = tmp_path / "p.csv"
-    table.write_text("case_number,prompt,evaluation_seed\n0,a dog,1\n1,a church,2\n")
-    assert read_retain_prompts(str(table), ["cat"]) == ["a dog", "a church"]
+    table.write_text("case_number,prompt,evaluation_seed\n0,a dog,1\n1,a church,2\n2,None,3\n3,,4\n")
+    assert read_retain_prompts(str(table), ["cat"]) == ["a dog", "a church", "None"]  # as esd generate reads it
 
 
 @pytest.mark.parametrize("extra, files, message", [
     ({"adversarial": "gcg"}, {}, "--adversarial 'gcg' is not one of: prefix, inversion"),
     ({"adversarial": "prefix", "adv_every": 0}, {}, "--adv_every must be an integer >= 1, got 0"),
     ({"adversarial": "prefix", "adv_steps": -1}, {}, "--adv_steps must be an integer >= 1"),
+    ({"adv_steps": 20, "adv_tokens": 3}, {}, "--adv_steps, --adv_tokens set without --adversarial"),
     ({"retain_weight": float("nan")}, {}, "--retain_weight must be a finite number >= 0"),
     ({"retain_prompts": "missing.txt"}, {}, "--retain_prompts 'missing.txt' does not exist"),
     ({"retain_prompts": "r.txt"}, {"r.txt": "\n \n"}, "holds no prompt"),
