@@ -73,7 +73,8 @@ class DitRecipeConfig:
 class RepeatedTokenAttention(torch.nn.Module):
     """SD3's joint attention where the last text token stands for ``copies`` identical tokens: its
     logits get + ln(copies). Exactly the attention over all the copies (same keys, same values), at
-    the cost of one. Used only while training the toy; written from the attention's definition."""
+    the cost of one. Used while training the toy and sampling it for measurement (esd.toy.quality); written
+    from the attention's definition."""
 
     def __init__(self, copies: int):
         super().__init__()
@@ -148,6 +149,14 @@ def use_repeated_token_attention(transformer, copies: int | None) -> None:
     """Joint attention over ``copies`` copies of the last text token; None: diffusers' own processor."""
     for block in transformer.transformer_blocks:
         block.attn.set_processor(JointAttnProcessor2_0() if copies is None else RepeatedTokenAttention(copies))
+
+
+def merges_zero_tokens(pipe) -> bool:
+    """Whether ``pipe`` is an SD3 pipeline without T5 whose transformer attends to one zero token as to
+    T5_SLOT_TOKENS of them (then it must be called with ``max_sequence_length=1``)."""
+    transformer = getattr(pipe, "transformer", None)
+    return (transformer is not None and getattr(pipe, "text_encoder_3", None) is None
+            and isinstance(transformer.transformer_blocks[0].attn.processor, RepeatedTokenAttention))
 
 
 def train_transformer(transformer, latent_mean, latent_std, embeds, pooled, cfg: DitRecipeConfig, log):

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from ..models import resolve_source
+from .dit import T5_SLOT_TOKENS, merges_zero_tokens, use_repeated_token_attention
 from .judge import NONE, judge_batch
 from .world import all_phrasings, all_scenes
 
@@ -25,6 +26,9 @@ def load_toy_pipeline(base_model: str = "toy", unet=None):
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
         if unet is not None:
             pipe.transformer = unet
+        # Without T5 the pipeline appends 256 identical zero tokens; sample() passes one, standing for all
+        # (dit.RepeatedTokenAttention: the same attention up to float rounding, at a quarter of the tokens).
+        use_repeated_token_attention(pipe.transformer, T5_SLOT_TOKENS)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -40,12 +44,13 @@ def sample(pipe, prompt: str, n: int, seed: int, steps: int = QUALITY_STEPS, gui
            batch: int = 100) -> np.ndarray:
     """``n`` images (n, H, W, 3) in [0, 1]; image i uses seed ``seed + i`` whatever the batching,
     so two models compared with the same seeds start from the same noise."""
+    extra = {"max_sequence_length": 1} if merges_zero_tokens(pipe) else {}  # see load_toy_pipeline
     out = []
     for start in range(0, n, batch):
         count = min(batch, n - start)
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
         out.append(pipe([prompt] * count, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                        output_type="np").images)
+                        output_type="np", **extra).images)
     return np.concatenate(out)
 
 
