@@ -29,11 +29,14 @@ FLUX_MLP_RATIO = 4  # FLUX.1's feed-forward width over its model width (the sing
 
 def checkpoint_keys(path: str) -> set[str]:
     """The tensor names of a checkpoint: a safetensors header, or a ``.ckpt``/``.pt`` opened memory-mapped
-    (``weights_only``: files may come from strangers) so that its tensors are not read."""
+    where its format allows (``weights_only``: files may come from strangers) so that its tensors are not read."""
     if str(path).endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
             return set(f.keys())
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # a file from before torch 1.6's zip format cannot be memory-mapped: read it whole
+        state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, dict) and "state_dict" in state:  # Lightning-style nesting, as diffusers unwraps it
         state = state["state_dict"]
     return set(state)

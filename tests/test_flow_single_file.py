@@ -50,7 +50,8 @@ def test_original_file_loads_the_folders_transformer(kind, single_files):
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_from_the_file_equals_training_from_the_folder(kind, single_files, tmp_path):
     """Two seeded iterations of mmdit-x (FLUX: its bf16 and gradient-checkpointing defaults, and the fp32
-    reload of the frozen weights at save) give the same bytes whichever way the model came in."""
+    reload of the frozen weights at save) give the same bytes whichever way the model came in; the model
+    card loads the file's transformer into the config folder's pipeline."""
     folder, path = single_files[kind]
     runs = {}
     for name, source in [("folder", ["--base_model", folder]),
@@ -69,11 +70,16 @@ def test_training_from_the_file_equals_training_from_the_folder(kind, single_fil
     base = load_denoiser(folder).state_dict()
     trained = load_file(runs["file"] / next(f for f in files if f.endswith(".safetensors")))
     assert any(not torch.equal(trained[k], base[k]) for k in trained)  # it did train
+    cls = "SD3Transformer2DModel" if KINDS[kind] == "sd3" else "FluxTransformer2DModel"
+    card = (runs["file"] / "README.md").read_text()  # its loading lines: the transformer file, the rest the folder's
+    assert f"transformer = {cls}.from_single_file({path!r}, config={folder!r}" in card
+    assert f"DiffusionPipeline.from_pretrained({folder!r}, transformer=transformer)" in card
 
 
 def test_config_defaults_and_checks_follow_the_files_family(single_files):
     """The family is read from the file's header before any weights load: FLUX's bf16 and gradient
-    checkpointing defaults apply, and --preset paper (a DDIM loop) is refused as for the folder."""
+    checkpointing defaults apply, and --preset paper (a DDIM loop), UNet methods and --adversarial (one
+    text encoder) are refused as for the folder."""
     folder, path = single_files["flux-dev"]
     for source in ({"base_model": folder}, {"ckpt_path": path, "ckpt_config": folder}):
         cfg = ESDConfig(prompt="cat", train_method="mmdit-x", **source)
@@ -82,6 +88,8 @@ def test_config_defaults_and_checks_follow_the_files_family(single_files):
             ESDConfig(prompt="cat", train_method="mmdit-x", preset="paper", **source)
         with pytest.raises(ValueError, match="train method 'xattn' is for the UNet"):
             ESDConfig(prompt="cat", train_method="xattn", **source)
+        with pytest.raises(ValueError, match=r"--adversarial supports SD 1.x and 2.x models .* is a flux transformer"):
+            ESDConfig(prompt="cat", train_method="mmdit-x", adversarial="prefix", **source)
 
 
 @pytest.mark.parametrize("config, message", [
