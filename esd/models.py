@@ -280,8 +280,9 @@ def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_v
                            torch_dtype) -> DiffusionModels:
     """The transformer from the original file; text encoders, tokenizers, scheduler and VAE from the
     ``ckpt_config`` pipeline. FLUX.1's original files hold the transformer alone, as do most SD3.5
-    fine-tunes; an all-in-one SD3 file also holds CLIP/T5 and VAE tensors, but those are taken from the config
-    folder too (the same weights in every published SD3 file, and one loading path for both families)."""
+    fine-tunes. An all-in-one SD3 file also holds CLIP/T5 and VAE tensors; they are not read, the config
+    folder's are used (one loading path for both families; a fine-tune that changed its text encoders needs a
+    folder holding those)."""
     source = resolve_source(ckpt_config)
     local = os.path.isdir(source)  # a folder: nothing is fetched; a hub id: its cache, else the hub
     try:
