@@ -55,9 +55,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="which parameters train; " + _methods_help())
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL,
                    help="hub id, local diffusers folder, or 'toy' (the shipped toy model)")
-    p.add_argument("--ckpt_path", help="original single-file checkpoint (.ckpt/.safetensors) to erase from")
+    p.add_argument("--ckpt_path", help="original single-file checkpoint (.ckpt/.safetensors) to erase from: "
+                   "SD 1.x/2.x/SDXL, or an SD3/SD3.5 or FLUX.1 transformer (which needs --ckpt_config)")
     p.add_argument("--ckpt_config", help="local diffusers folder (or hub id) with the configs of --ckpt_path, "
-                   "so that single-file loading works offline")
+                   "so that single-file loading works offline; for an SD3/FLUX transformer file, the pipeline "
+                   "whose text encoders, scheduler and VAE it is used with")
     p.add_argument("--erase_from", help="erase the concept from this prompt only (e.g. --prompt 'cowboy hat' "
                    "--erase_from cowboy): x_t and the trained model use it, and the target's base is its frozen "
                    "prediction")

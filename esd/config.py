@@ -11,8 +11,16 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .flow_checkpoint import checkpoint_family
 from .methods import resolve_method
-from .models import DEFAULT_BASE_MODEL, FLOW_FAMILIES, parse_devices, pipeline_family, resolve_source
+from .models import (
+    DEFAULT_BASE_MODEL,
+    FLOW_FAMILIES,
+    parse_devices,
+    pipeline_family,
+    resolve_source,
+    single_file_family,
+)
 from .records import check_name, safe_name
 
 # -- choice tables -----------------------------------------------------------------------------
@@ -124,7 +132,7 @@ class ESDConfig:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        by_family = FLUX_DEFAULTS if self.ckpt_path is None and pipeline_family(self.base_model) == "flux" else {}
+        by_family = FLUX_DEFAULTS if self.family == "flux" else {}
         for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -132,11 +140,22 @@ class ESDConfig:
             self.lora_alpha = float(self.lora_rank)
         self.validate()
 
+    @property
+    def family(self) -> str | None:
+        """sd3, flux or unet from the configs or the checkpoint's tensor names (no weights load); None when
+        unreadable yet (a hub id not cached, a missing file): checked once loaded, or refused by validate."""
+        if self.ckpt_path is None:
+            return pipeline_family(self.base_model)
+        try:
+            return checkpoint_family(self.ckpt_path)
+        except Exception:  # noqa: BLE001 - validate names the file; loading says what is wrong with it
+            return None
+
     def validate(self) -> None:
         """Raise ValueError on any bad setting before a model is loaded."""
         if not self.prompt or not all(self.words):
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
-        family = pipeline_family(self.base_model) if self.ckpt_path is None else "unet"
+        family = self.family
         resolve_method(self.train_method, family)  # family None (not readable yet): checked once loaded
         if family in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
             raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
@@ -183,6 +202,8 @@ class ESDConfig:
             resolve_source(self.base_model)
         elif not os.path.isfile(self.ckpt_path):
             raise ValueError(f"--ckpt_path {self.ckpt_path!r} does not exist")
+        else:
+            single_file_family(self.ckpt_path, self.ckpt_config)
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)

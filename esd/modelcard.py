@@ -57,6 +57,13 @@ def train_command(record: dict) -> str:
 
 def _base_pipeline_lines(record: dict) -> list[str]:
     """Python lines that load the base model as ``pipe``."""
+    if record.get("ckpt_path") and record.get("family") in FLOW_FAMILIES:  # the transformer file, the rest from
+        cls = "SD3Transformer2DModel" if record["family"] == "sd3" else "FluxTransformer2DModel"  # ckpt_config
+        config = record.get("ckpt_config")
+        return [f"from diffusers import DiffusionPipeline, {cls}", "",
+                f"transformer = {cls}.from_single_file({record['ckpt_path']!r}, config={config!r}, "
+                "subfolder='transformer')",
+                f"pipe = DiffusionPipeline.from_pretrained({config!r}, transformer=transformer)"]
     if record.get("ckpt_path"):
         cls = "StableDiffusionXLPipeline" if record.get("family") == "sdxl" else "StableDiffusionPipeline"
         return [f"from diffusers import {cls}", "", f"pipe = {cls}.from_single_file({record['ckpt_path']!r})"]

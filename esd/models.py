@@ -23,6 +23,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .flow_checkpoint import FLOW_CHECKPOINTS, checkpoint_family, load_flow_transformer
+
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 TOY_DIT_DIR = Path(__file__).parent / "toy" / "model-dit"
@@ -158,10 +160,11 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
     ``ckpt_path`` is an original single-file checkpoint (``sd-v1-4-full-ema.ckpt``
     or ``.safetensors``), read through diffusers' single-file loading;
     ``ckpt_config`` names a local diffusers folder (or hub id) holding the matching
-    configs, so that loading works offline.
+    configs, so that loading works offline. An original SD3/SD3.5 or FLUX.1 transformer file
+    needs it: see :func:`_load_flow_single_file`.
     """
     if ckpt_path is not None:
-        return _load_single_file(ckpt_path, ckpt_config, load_vae)
+        return _load_single_file(ckpt_path, ckpt_config, load_vae, torch_dtype)
     source = resolve_source(base_model)
     try:
         index = DiffusionPipeline.load_config(source)
@@ -217,8 +220,14 @@ def denoiser_class(base_model: str) -> tuple[type, str]:
     return UNet2DConditionModel, "unet"
 
 
-def load_denoiser(base_model: str) -> torch.nn.Module:
-    """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32)."""
+def load_denoiser(base_model: str, ckpt_path: str | None = None, ckpt_config: str | None = None) -> torch.nn.Module:
+    """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32); from ``ckpt_path`` when given."""
+    if ckpt_path is not None:
+        family = single_file_family(ckpt_path, ckpt_config)
+        if family in FLOW_FAMILIES:
+            source = resolve_source(ckpt_config)
+            return load_flow_transformer(ckpt_path, family, source, os.path.isdir(source))
+        return load_models(base_model, ckpt_path, ckpt_config).unet
     cls, subfolder = denoiser_class(base_model)
     return cls.from_pretrained(resolve_source(base_model), subfolder=subfolder)
 
@@ -244,12 +253,59 @@ def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: boo
     return models_from_pipeline(pipe, base_model, pipe.vae if load_vae else None)
 
 
-def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool) -> DiffusionModels:
+def single_file_family(ckpt_path: str, ckpt_config: str | None) -> str:
+    """``sd3`` or ``flux`` for an original SD3/SD3.5 or FLUX.1 transformer file, ``unet`` for another
+    checkpoint, from its tensor names alone; a transformer file must come with a ``ckpt_config`` pipeline
+    of its own family (its text encoders, tokenizers, scheduler and VAE are not in the file)."""
+    if not os.path.isfile(ckpt_path):
+        raise ModelLoadError(f"checkpoint file {ckpt_path!r} does not exist")
+    try:
+        family = checkpoint_family(ckpt_path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ModelLoadError(f"could not read checkpoint {ckpt_path!r} ({type(e).__name__}: {e})") from e
+    if family not in FLOW_FAMILIES:
+        return family
+    pipeline = FLOW_CHECKPOINTS[family][2]
+    if ckpt_config is None:
+        raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} transformer checkpoint without "
+                             f"text encoders or VAE; pass --ckpt_config with a {pipeline} folder or hub id")
+    config_family = pipeline_family(ckpt_config)  # None: a hub id not cached; loading says why
+    if config_family is not None and config_family != family:
+        raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} checkpoint but --ckpt_config "
+                             f"{ckpt_config!r} is a {config_family} pipeline; pass a {pipeline} folder or hub id")
+    return family
+
+
+def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_vae: bool,
+                           torch_dtype) -> DiffusionModels:
+    """The transformer from the original file; text encoders, tokenizers, scheduler and VAE from the
+    ``ckpt_config`` pipeline. FLUX.1's original files hold the transformer alone, as do most SD3.5
+    fine-tunes. An all-in-one SD3 file also holds CLIP/T5 and VAE tensors; they are not read, the config
+    folder's are used (one loading path for both families; a fine-tune that changed its text encoders needs a
+    folder holding those)."""
+    source = resolve_source(ckpt_config)
+    local = os.path.isdir(source)  # a folder: nothing is fetched; a hub id: its cache, else the hub
+    try:
+        transformer = load_flow_transformer(ckpt_path, family, source, local, torch_dtype)
+        index = DiffusionPipeline.load_config(source, local_files_only=local)
+        kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, local_files_only=local,
+                                                 **kwargs, **_without_t5(index))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the {family} checkpoint {ckpt_path!r} with --ckpt_config "
+                             f"{ckpt_config!r} ({type(e).__name__}: {e})") from e
+    return models_from_pipeline(pipe, ckpt_path, pipe.vae if load_vae else None)
+
+
+def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool, torch_dtype=None) -> DiffusionModels:
+    """An original checkpoint: SD3/SD3.5 and FLUX.1 transformers (``torch_dtype`` as for folders), or an SD
+    1.x/2.x/SDXL file through diffusers' pipeline single-file loading (fp32)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
-    if not os.path.isfile(ckpt_path):
-        raise ModelLoadError(f"checkpoint file {ckpt_path!r} does not exist")
+    family = single_file_family(ckpt_path, ckpt_config)
+    if family in FLOW_FAMILIES:
+        return _load_flow_single_file(ckpt_path, family, ckpt_config, load_vae, torch_dtype)
     checkpoint = load_single_file_checkpoint(ckpt_path)
     pipeline_cls = StableDiffusionXLPipeline if infer_diffusers_model_type(checkpoint).startswith("xl") \
         else StableDiffusionPipeline

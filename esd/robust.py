@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import read_prompt_table
+from .models import FLOW_FAMILIES
 from .objective import esd_loss
 from .records import error_summary
 from .sampling import Conditioning, PromptConditioning, denoise, encode_prompts, sampler_scheduler
@@ -106,6 +107,9 @@ def check_robust_settings(cfg) -> None:
                              "--separator or --erase_from")
         if cfg.ckpt_path is None:
             check_one_text_encoder(cfg.base_model)
+        elif cfg.family in FLOW_FAMILIES:
+            raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --ckpt_path "
+                             f"{cfg.ckpt_path!r} is a {cfg.family} transformer")
     if cfg.retain_prompts is not None:
         read_retain_prompts(cfg.retain_prompts, cfg.words)
 
@@ -113,7 +117,7 @@ def check_robust_settings(cfg) -> None:
 def check_one_text_encoder(base_model: str) -> None:
     """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) and SD3/FLUX (CLIP and
     T5) are refused. A local folder is checked now from its configs; other sources once loaded (see RobustESD)."""
-    from .models import FLOW_FAMILIES, pipeline_family, resolve_source
+    from .models import pipeline_family, resolve_source
 
     source = resolve_source(base_model)
     if (family := pipeline_family(base_model)) in FLOW_FAMILIES:

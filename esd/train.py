@@ -290,8 +290,7 @@ class ESDTrainer:
             if self.dtype == torch.float32:
                 full = plain_state_dict(self.unet)
             else:  # frozen weights were cast down; take them from the source again at full precision
-                full = (load_denoiser(cfg.base_model) if cfg.ckpt_path is None else
-                        load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).unet).state_dict()
+                full = load_denoiser(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).state_dict()
         if self.lora:  # the factors go to their own file; the run's usual files hold the merged weights
             self.lora.write(trained, weights["lora"], cfg, self.unet.config, self.models.family, save_dtype)
             erased = self.lora.merged(self.unet, full)
