@@ -91,7 +91,7 @@ class GenerationConfig:
     guidance_scale: float = 7.5
     ddim_steps: int = 100
     image_size: int | None = None  # None: the model's native size
-    scheduler: str = "lms"
+    scheduler: str | None = None  # None: lms for the UNet pipelines (the paper's), flow-euler for SD3/FLUX
     batch_size: int = 1  # images per forward (from one or several rows)
     mixed_precision: str = "no"
     device: str | None = None
@@ -101,6 +101,8 @@ class GenerationConfig:
     overwrite: bool = False  # start the folder over: regenerate every image, rewrite generation.json
 
     def __post_init__(self):
+        if self.scheduler is None:  # an unreadable --base_model is named below, by resolve_source
+            self.scheduler = "flow-euler" if pipeline_family(self.base_model) in FLOW_FAMILIES else "lms"
         for flag, value, choices in [("scheduler", self.scheduler, SCHEDULERS), ("pipeline", self.pipeline, PIPELINES),
                                      ("sld_preset", self.sld_preset, SLD_PRESETS),
                                      ("mixed_precision", self.mixed_precision, PRECISIONS)]:
@@ -510,7 +512,8 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     p.add_argument("--ddim_steps", type=int, default=100, help="sampling steps (default: 100, as the original)")
     p.add_argument("--image_size", type=int, help="pixels (default: the model's native size)")
-    p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampler (default: lms)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS),
+                   help="sampler (default: lms for SD 1.x/2.x/XL, flow-euler for SD3/FLUX, their only one)")
     p.add_argument("--batch_size", type=int, default=1, help="images per forward pass")
     p.add_argument("--mixed_precision", default="no", choices=list(PRECISIONS), help="inference dtype")
     p.add_argument("--device", "--devices", dest="device",

@@ -189,8 +189,7 @@ def test_generate_and_evaluate_erased_flow_pipelines(flow_models, tmp_path):
     def gen(name, **kw):
         return generate_images(GenerationConfig(prompts_path=str(csv), save_path=str(tmp_path / name),
                                                 base_model=flow_models["flux-dev"], num_samples=1, ddim_steps=STEPS,
-                                                image_size=SIZE, scheduler="flow-euler", device="cpu",
-                                                guidance_scale=3.5, **kw))
+                                                image_size=SIZE, device="cpu", guidance_scale=3.5, **kw))
 
     assert gen("base")["generated"] == 2 and gen("base")["generated"] == 0  # the second call resumes
     gen("erased", esd_path=str(run / "r.safetensors"))
@@ -198,9 +197,10 @@ def test_generate_and_evaluate_erased_flow_pipelines(flow_models, tmp_path):
     assert record["fingerprint_settings"]["pipeline_class"] == "FluxPipeline"
     assert record["fingerprint_settings"]["weights_sha256"]
     assert (tmp_path / "base" / "0_0.png").read_bytes() != (tmp_path / "erased" / "0_0.png").read_bytes()
+    assert record["fingerprint_settings"]["scheduler"] == "flow-euler"  # the default for a flow pipeline
     with pytest.raises(ValueError, match="--scheduler lms does not fit .*flow-euler"):
         generate_images(GenerationConfig(prompts_path=str(csv), save_path=str(tmp_path / "x"),
-                                         base_model=flow_models["sd3"], device="cpu"))
+                                         base_model=flow_models["sd3"], device="cpu", scheduler="lms"))
     summary = evaluate(EvalConfig(metric="nudenet", images=str(tmp_path / "erased"), prompts=str(csv),
                                   out=str(tmp_path / "eval")))
     assert summary["images"] == 2
