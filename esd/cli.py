@@ -130,7 +130,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     # -- LoRA training and exports (esd.lora_train, esd.export) --
     p.add_argument("--lora_rank", type=int, help="train the erasure as a LoRA of this rank (peft) on the Linear/"
                    "Conv2d layers the train method selects; the biases and norms it selects stay the base model's. "
-                   "Writes lora-NAME.safetensors (kohya layout) beside the merged weights")
+                   "Writes lora-NAME.safetensors (kohya layout; SD3/FLUX: diffusers' transformer layout) beside the "
+                   "merged weights")
     p.add_argument("--lora_alpha", type=float, help="the LoRA's alpha; its update is (alpha / rank) B A (default: "
                    "the rank, as diffusers' LoRA examples)")
     add_train_export_arguments(p)

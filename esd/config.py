@@ -226,7 +226,7 @@ class ESDConfig:
             from .export import train_exports
 
             train_exports(os.path.join(self.save_path, self.run_name), self.export, self.export_options,
-                          self.overwrite)
+                          self.overwrite, self.family)
 
     @property
     def words(self) -> list[str]:

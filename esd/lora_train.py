@@ -13,10 +13,11 @@ W' = W + (alpha / r) B A, with A (r, in[, kh, kw]) and B (out, r[, 1, 1]).
 * **Start.** peft's ``gaussian`` initialisation, as diffusers' example: A ~ N(0, 1/r), B = 0, so training
   starts at the base model. A is drawn from ``seed`` without touching the global RNG, so seeded runs are
   bit-identical.
-* **Outputs.** ``lora-NAME.safetensors``: the factors in the kohya layout that ``esd export --format lora``
-  writes (``lora_down`` = A, ``lora_up`` = B, ``alpha``); and the merged weights W + (alpha / r) B A of the
-  adapted layers in the run's usual files, so that everything that reads a run (``esd generate``,
-  ``esd export``, the model card) works unchanged.
+* **Outputs.** ``lora-NAME.safetensors``: the factors in the layout that ``esd export --format lora``
+  writes (UNets: kohya, ``lora_down`` = A, ``lora_up`` = B, ``alpha``; SD3/FLUX: diffusers'
+  ``transformer.<module>.lora_A`` = A, ``lora_B`` = (alpha / r) B, no alpha); and the merged weights
+  W + (alpha / r) B A of the adapted layers in the run's usual files, so that everything that reads a run
+  (``esd generate``, ``esd export``, the model card) works unchanged.
 """
 
 from contextlib import contextmanager
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from .export import header_metadata, write_safetensors
-from .export.lora import LayerFactors, LoraExport, kohya_tensors, lora_metadata
+from .export.lora import LayerFactors, LoraExport, lora_metadata, lora_tensors
 from .methods import TRAIN_METHODS, model_family, resolve_method, select_parameters
-from .models import denoiser_class, resolve_source
+from .models import FLOW_FAMILIES, denoiser_class, resolve_source
 from .records import environment_record
 from .sampling import Conditioning, call_unet
 
@@ -125,16 +126,19 @@ class LoraTraining:
                 + modules[m].get_delta_weight(ADAPTER).float().cpu() for m in self.modules}
 
     def export(self, factors: dict, unet_config, family: str, dtype: torch.dtype):
-        """The trained ``factors`` as ``esd export --format lora`` holds a LoRA (kohya names, one alpha): a
+        """The trained ``factors`` as ``esd export --format lora`` holds a LoRA (kohya names, one alpha; for
+        SD3/FLUX diffusers' names and no alpha, so B carries the scale alpha / r): a
         :class:`esd.export.lora.LoraExport` whose error is zero, since the factors are the erasure itself."""
+        alpha = None if family in FLOW_FAMILIES else self.alpha
+        up_factor = 1.0 if alpha is not None else self.alpha / self.rank
         layers = {m: LayerFactors(factors[f"{m}.lora_A.{ADAPTER}.weight"].to(dtype).contiguous(),
-                                  factors[f"{m}.lora_B.{ADAPTER}.weight"].to(dtype).contiguous(), self.rank, 0.0)
+                                  (factors[f"{m}.lora_B.{ADAPTER}.weight"].float() * up_factor).to(dtype).contiguous(),
+                                  self.rank, 0.0)
                   for m in self.modules}
-        return LoraExport(kohya_tensors(layers, self.alpha, unet_config, family, dtype), layers, {}, 0.0,
-                          self.alpha)
+        return LoraExport(lora_tensors(layers, alpha, unet_config, family, dtype), layers, {}, 0.0, alpha)
 
     def write(self, factors: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
-        """``lora-NAME.safetensors``: the factors in the kohya layout, with the header ``esd export`` writes
+        """``lora-NAME.safetensors``: the factors in the family's layout, with the header ``esd export`` writes
         (base model, concept, method, rank, alpha) and the run's settings and versions."""
         export = self.export(factors, unet_config, family, dtype)
         record = {"source": "esd train --lora_rank (the trained factors)",

@@ -86,9 +86,10 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
     for w in weights:
         path = os.path.relpath(w, run_dir)
         if w == run_weight_files(run_dir)["lora"]:
+            layout = "diffusers' transformer layout (alpha folded into lora_B)" if denoiser == "transformer" \
+                else "kohya layout that AUTOMATIC1111 and ComfyUI also load"
             what = (f"the trained LoRA, rank {record.get('lora_rank')}, alpha {record.get('lora_alpha')}, in the "
-                    "kohya layout that AUTOMATIC1111 and ComfyUI also load; the files above hold the same erasure "
-                    "merged into the weights")
+                    f"{layout}; the files above hold the same erasure merged into the weights")
             load = [*_base_pipeline_lines(record), f"pipe.load_lora_weights({path!r})  # needs peft",
                     "pipe.fuse_lora()  # optional: merge it into the weights"]
         elif w.suffix == ".safetensors":

@@ -124,7 +124,7 @@ def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=
     index = DiffusionPipeline.load_config(source)
     extra = {"safety_checker": None, "requires_safety_checker": False} \
         if "safety_checker" in index and not safety_checker else {}
-    return pipeline_class.from_pretrained(source, **extra, **_without_t5(index))
+    return pipeline_class.from_pretrained(source, **extra, **without_t5(index))
 
 
 def load_scheduler(source: str) -> SchedulerMixin:
@@ -232,7 +232,7 @@ def load_denoiser(base_model: str, ckpt_path: str | None = None, ckpt_config: st
     return cls.from_pretrained(resolve_source(base_model), subfolder=subfolder)
 
 
-def _without_t5(index: dict) -> dict:
+def without_t5(index: dict) -> dict:
     """from_pretrained's arguments for an SD3 folder saved without its optional T5 (no ``text_encoder_3``)."""
     if FLOW_PIPELINES.get(index.get("_class_name")) == "sd3" and (index.get("text_encoder_3") or [None])[0] is None:
         return {"text_encoder_3": None, "tokenizer_3": None}
@@ -244,7 +244,7 @@ def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: boo
     encoder classes). SD3's T5 is optional: a folder whose model_index.json has no ``text_encoder_3`` loads
     without it, and the prompts get zeros in its place, as the pipeline does."""
     kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
-    kwargs.update(_without_t5(index))
+    kwargs.update(without_t5(index))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -290,7 +290,7 @@ def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_v
         index = DiffusionPipeline.load_config(source, local_files_only=local)
         kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
         pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, local_files_only=local,
-                                                 **kwargs, **_without_t5(index))
+                                                 **kwargs, **without_t5(index))
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load the {family} checkpoint {ckpt_path!r} with --ckpt_config "
                              f"{ckpt_config!r} ({type(e).__name__}: {e})") from e

@@ -1,9 +1,10 @@
 """``esd export``: an erasure in the formats other tools load.
 
 * ``lora``: the weight change as a kohya-named LoRA (see :mod:`esd.export.lora`), for diffusers'
-  ``load_lora_weights``, AUTOMATIC1111 and ComfyUI.
-* ``single-file``: the whole erased model as one original-layout ``.safetensors`` (see :mod:`esd.export.ldm`).
-* ``diffusers``: a pipeline folder (``save_pretrained``) with the erased UNet.
+  ``load_lora_weights``, AUTOMATIC1111 and ComfyUI; for SD3/FLUX in diffusers' own transformer layout.
+* ``single-file``: the whole erased model as one original-layout ``.safetensors`` (see :mod:`esd.export.ldm`);
+  SD 1.x/2.x/SDXL only: the original SD3/FLUX layout is not written.
+* ``diffusers``: a pipeline folder (``save_pretrained``) with the erased UNet, or SD3/FLUX transformer.
 
 Each output says how it was made: the safetensors header (or ``esd_export.json`` in a folder) holds the base
 model, concept, method, the export's settings, the run's args.json and the environment.
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import SAVE_PRECISIONS
+from ..models import FLOW_FAMILIES
 from ..records import (
     OutputError,
     atomic_write,
@@ -35,6 +37,7 @@ from .source import Erasure, LoadedErasure, find_erasure, load_erasure
 
 FORMATS = ("lora", "single-file", "diffusers")
 FILE_FORMATS = ("lora", "single-file")  # one .safetensors file; "diffusers" is a folder
+FLOW_FORMATS = ("lora", "diffusers")  # SD3/FLUX: no writer of their original layout (esd.export.ldm is the UNet's)
 DEFAULT_DTYPE = "fp16"  # what A1111/ComfyUI checkpoints and LoRAs ship in: half the size of fp32
 DEFAULT_MAX_REL_ERROR = 0.01  # --rank auto: each layer's change kept to 1% (relative Frobenius error)
 RECORD_NAME = "esd_export.json"  # a diffusers folder's record
@@ -89,8 +92,16 @@ def train_export_path(run_dir: str | os.PathLike, fmt: str) -> Path:
     return Path(run_dir) / "export" / (fmt if fmt not in FILE_FORMATS else f"{fmt}.safetensors")
 
 
+def check_family(formats: list[str], family: str | None, flag: str = "--format") -> None:
+    """Refuse, before any weights load, a format the model ``family`` cannot be written in."""
+    bad = [f for f in formats if family in FLOW_FAMILIES and f not in FLOW_FORMATS]
+    if bad:
+        raise ValueError(f"{flag} {bad[0]} is not available for {family} erasures (the original SD3/FLUX layout "
+                         f"is not written); use {' or '.join(FLOW_FORMATS)}")
+
+
 def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
-                  overwrite: bool) -> list[ExportSettings]:
+                  overwrite: bool, family: str | None = None) -> list[ExportSettings]:
     """The exports of ``esd train --export``, each checked now (before any training) as ``esd export`` checks."""
     unknown = sorted(set(options) - set(TRAIN_EXPORT_OPTIONS))
     if unknown:
@@ -99,6 +110,7 @@ def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
     bad = [f for f in formats if f not in FORMATS]
     if bad or len(set(formats)) != len(formats):
         raise ValueError(f"--export {','.join(formats)!r} is not valid: give each of {', '.join(FORMATS)} at most once")
+    check_family(formats, family, "--export")
     settings = [ExportSettings(f, train_export_path(run_dir, f), overwrite=overwrite, **options) for f in formats]
     for s in settings:
         s.check()
@@ -144,13 +156,19 @@ def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSetti
 
 
 def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, settings: ExportSettings) -> None:
-    """The base pipeline, every part of it (safety checker, feature extractor...), with the erased UNet."""
+    """The base pipeline, every part of it (safety checker, feature extractor...), with the erased UNet or
+    transformer. An SD3/FLUX single-file base is a transformer file whose other parts are its --ckpt_config's."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..models import resolve_source
+    from ..models import resolve_source, without_t5
 
     m = loaded.models
-    if erasure.ckpt_path is None:
+    if m.family in FLOW_FAMILIES:
+        source = resolve_source(erasure.ckpt_config if erasure.ckpt_path else erasure.base_model)
+        pipe = DiffusionPipeline.from_pretrained(source, transformer=loaded.erased_unet,
+                                                 local_files_only=os.path.isdir(source),
+                                                 **without_t5(DiffusionPipeline.load_config(source)))
+    elif erasure.ckpt_path is None:
         pipe = DiffusionPipeline.from_pretrained(resolve_source(erasure.base_model), unet=loaded.erased_unet)
     elif m.family == "sdxl":
         pipe = StableDiffusionXLPipeline(m.vae, *m.text_encoders, *m.tokenizers, loaded.erased_unet, m.scheduler)
@@ -198,6 +216,7 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
     factors and errors for ``lora``."""
     settings.check()
     erasure = find_erasure(source, base_model, ckpt_path, ckpt_config)
+    check_family([settings.format], erasure.family)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
     settings.out.parent.mkdir(parents=True, exist_ok=True)  # checked to be makeable before loading

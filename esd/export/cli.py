@@ -6,8 +6,9 @@ from . import DEFAULT_DTYPE, DEFAULT_MAX_REL_ERROR, FORMATS, TRAIN_EXPORT_OPTION
 from .lora import parse_rank
 
 FORMATS_HELP = ("'lora': the weight change, SVD-truncated, kohya-named (diffusers load_lora_weights, AUTOMATIC1111, "
-                "ComfyUI); 'single-file': the whole erased model in the original (CompVis/A1111) layout; "
-                "'diffusers': a pipeline folder with the erased UNet")
+                "ComfyUI; SD3/FLUX: diffusers' transformer.<module>.lora_A/B names); 'single-file': the whole "
+                "erased model in the original (CompVis/A1111) layout, UNets only; 'diffusers': a pipeline folder "
+                "with the erased UNet or transformer")
 
 
 def option_flags() -> dict[str, dict]:

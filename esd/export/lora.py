@@ -13,6 +13,12 @@ AUTOMATIC1111 and ComfyUI, but diffusers (0.42) misnames the alphas of attention
 gives them the file's most common alpha: with ranks that differ between layers, their change came out
 scaled (found with the toy model, whose blocks are 32 and 64 channels wide).
 
+SD3 and FLUX transformers (``esd.models.FLOW_FAMILIES``) use diffusers' own transformer layout instead, the one
+``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights`` read as it is: ``transformer.<module>.lora_A.weight``
+(down) and ``.lora_B.weight`` (up), diffusers module names, no alphas. kohya names would not do: diffusers
+converts kohya FLUX files by the original BFL block names and SD3 files not at all. Without alphas diffusers (0.42)
+gives every layer alpha = its rank, scale 1, so up is written as the whole product's share (up @ down = the change).
+
 Biases and norm parameters cannot be carried by a LoRA: their changes are dropped and reported.
 """
 
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import FLOW_FAMILIES
 from .ldm import ldm_unet_key
 
 RANK_CHOICES = ("full", "auto")  # or a positive integer
@@ -29,18 +36,18 @@ RANK_CHOICES = ("full", "auto")  # or a positive integer
 @dataclass
 class LayerFactors:
     down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1), times rank / alpha
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1), divided by the layer's scale (see layer_scale)
     rank: int
     rel_error: float  # ||delta - (alpha / r) up @ down||_F / ||delta||_F, in the written dtype
 
 
 @dataclass
 class LoraExport:
-    tensors: dict  # kohya key -> tensor
+    tensors: dict  # file key (kohya, or diffusers' for transformers) -> tensor
     layers: dict[str, LayerFactors]  # diffusers module name -> its factors
     dropped: dict[str, float]  # trained tensor a LoRA cannot hold -> its relative change ||delta|| / ||base||
     total_rel_error: float  # over every changed tensor, dropped ones included
-    alpha: float  # every layer's; its scale is alpha / rank
+    alpha: float | None  # every layer's, its scale alpha / rank; None: no alphas, every scale 1 (transformers)
 
 
 def parse_rank(value: str, flag: str = "--rank") -> int | str:
@@ -72,14 +79,20 @@ def factorize(delta: torch.Tensor, rank: int | str, max_rel_error: float) -> tup
     return U[:, :r] * root, root[:, None] * Vh[:r]
 
 
-def _cast(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float,
+def layer_scale(alpha: float | None, rank: int) -> float:
+    """What a loader multiplies a layer's up @ down by: alpha / rank (kohya), 1 without alphas (diffusers)."""
+    return 1.0 if alpha is None else alpha / rank
+
+
+def _cast(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
           dtype: torch.dtype) -> LayerFactors:
-    """The factors in ``dtype`` with up scaled by rank / alpha, their error measured as written, and the
-    LoCon shapes for convolutions (down keeps the kernel, up is 1x1)."""
+    """The factors in ``dtype`` with up divided by the layer's scale, their error measured as written, and
+    the LoCon shapes for convolutions (down keeps the kernel, up is 1x1)."""
     r = down.shape[0]
-    up, down = (up * (r / alpha)).to(dtype), down.to(dtype)
+    scale = layer_scale(alpha, r)
+    up, down = (up / scale).to(dtype), down.to(dtype)
     matrix = delta.reshape(delta.shape[0], -1).double()
-    rel_error = float((matrix - (alpha / r) * up.double() @ down.double()).norm() / matrix.norm())
+    rel_error = float((matrix - scale * up.double() @ down.double()).norm() / matrix.norm())
     if delta.ndim == 4:
         down, up = down.reshape(r, *delta.shape[1:]), up.reshape(delta.shape[0], r, 1, 1)
     return LayerFactors(down.contiguous(), up.contiguous(), r, rel_error)
@@ -117,20 +130,26 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     if not factors:
         raise ValueError("the erasure changed no Linear or Conv2d weight, so there is no LoRA to write"
                          + (f" (changed only {', '.join(sorted(dropped)[:3])}...)" if dropped else ""))
-    alpha = float(max(down.shape[0] for *_, down in factors.values()))
+    alpha = None if family in FLOW_FAMILIES else float(max(down.shape[0] for *_, down in factors.values()))
     for module, (delta, norm_sq, up, down) in factors.items():
         f = _cast(delta, up, down, alpha, dtype)
         layers[module] = f
         error_sq += f.rel_error**2 * norm_sq
         total_sq += norm_sq
-    tensors = kohya_tensors(layers, alpha, base_unet.config, family, dtype)
+    tensors = lora_tensors(layers, alpha, base_unet.config, family, dtype)
     return LoraExport(tensors, layers, dropped, (error_sq / total_sq) ** 0.5, alpha)
 
 
-def kohya_tensors(layers: dict[str, LayerFactors], alpha: float, unet_config, family: str,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The file's tensors: per layer ``lora_down.weight``, ``lora_up.weight`` and ``alpha``, kohya-named.
-    Also what ``esd train --lora_rank`` writes, so that a trained LoRA and an exported one read alike."""
+def lora_tensors(layers: dict[str, LayerFactors], alpha: float | None, unet_config, family: str,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors: per layer ``lora_down.weight``, ``lora_up.weight`` and ``alpha``, kohya-named; for
+    SD3/FLUX ``transformer.<module>.lora_A.weight`` and ``.lora_B.weight`` (``alpha`` None). Also what
+    ``esd train --lora_rank`` writes, so that a trained LoRA and an exported one read alike."""
+    if family in FLOW_FAMILIES:
+        if alpha is not None:
+            raise ValueError(f"a {family} LoRA has no alphas (diffusers reads every layer at scale 1)")
+        return {f"transformer.{module}.lora_{part}.weight": tensor for module, f in layers.items()
+                for part, tensor in (("A", f.down), ("B", f.up))}
     tensors = {}
     for module, f in layers.items():
         key = kohya_name(module, unet_config, family)
@@ -142,22 +161,24 @@ def kohya_tensors(layers: dict[str, LayerFactors], alpha: float, unet_config, fa
 
 def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float) -> dict[str, str]:
     """The safetensors header's strings: how the factors were made and how far they are from the erasure."""
-    return {"esd_lora_rank": str(rank), "esd_lora_alpha": str(export.alpha),
+    kohya = export.alpha is not None
+    return {"esd_lora_rank": str(rank), "esd_lora_alpha": str(export.alpha) if kohya else "",
+            "esd_lora_layout": "kohya" if kohya else "diffusers (transformer.<module>.lora_A/B, scale 1)",
             "esd_lora_max_rel_error": str(max_rel_error) if rank == "auto" else "",
             "esd_lora_total_rel_error": f"{export.total_rel_error:.6g}",
             "esd_lora_layers": json.dumps({m: {"rank": f.rank, "rel_error": round(f.rel_error, 6)}
                                            for m, f in export.layers.items()}, sort_keys=True),
             "esd_lora_dropped": json.dumps({n: round(v, 6) for n, v in export.dropped.items()}, sort_keys=True),
-            "ss_network_module": "networks.lora"}  # kohya-ss's own key: tools that list LoRAs read it
+            **({"ss_network_module": "networks.lora"} if kohya else {})}  # kohya-ss's key: LoRA lists read it
 
 
 @torch.no_grad()
 def fuse_into(unet: torch.nn.Module, export: LoraExport) -> torch.nn.Module:
-    """Add each layer's (alpha / rank) up @ down to ``unet``'s weights in place: the model a loader that fuses
+    """Add each layer's scale x up @ down to ``unet``'s weights in place: the model a loader that fuses
     the LoRA would run (dropped tensors stay the base's)."""
     modules = dict(unet.named_modules())
     for name, f in export.layers.items():
         weight = modules[name].weight
-        product = export.alpha / f.rank * f.up.double().flatten(1) @ f.down.double().flatten(1)
+        product = layer_scale(export.alpha, f.rank) * f.up.double().flatten(1) @ f.down.double().flatten(1)
         weight += product.reshape(weight.shape).to(weight.dtype)
     return unet

@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..models import DiffusionModels, ModelLoadError, load_models, resolve_source
+from ..models import (
+    DiffusionModels,
+    ModelLoadError,
+    load_models,
+    pipeline_family,
+    resolve_source,
+    single_file_family,
+)
 from ..records import error_summary, read_json
 from ..weights import apply_erased_weights, run_weight_files
 
@@ -23,6 +30,13 @@ class Erasure:
     concept: str
     train_method: str
     record: dict  # the run's args.json, or {} for a bare weights file
+
+    @property
+    def family(self) -> str | None:
+        """sd3, flux or unet, from the base model's configs or the checkpoint's tensor names (no weights load)."""
+        if self.ckpt_path is None:
+            return pipeline_family(self.base_model)
+        return single_file_family(self.ckpt_path, self.ckpt_config)
 
     @property
     def base(self) -> str:
