@@ -62,6 +62,7 @@ def test_trained_lora_loads_in_the_pipeline_to_the_merged_erasure(kind, flow_mod
     meta = metadata(run / "lora-run.safetensors")
     assert (meta["esd_train_method"], meta["esd_concept"], meta["esd_lora_rank"]) == ("mmdit-x", "cat", "2")
     assert meta["esd_base_model"] == flow_models[kind]
+    assert "diffusers' transformer layout" in (run / "README.md").read_text()  # the card does not say kohya
 
     erased = load_erased_unet(run / "run.safetensors", flow_models[kind]).state_dict()
     loaded = lora_into_transformer(flow_models[kind], run / "lora-run.safetensors")
