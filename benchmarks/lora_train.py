@@ -3,6 +3,7 @@ trained parameters, erasure file size, peak memory, seconds, and the erased conc
 prompts' accuracy in images judged by the toy judge (as benchmarks/lora_ranks.py --judge and esd demo measure).
 
     python benchmarks/lora_train.py --save_path RUNS [--ranks 1,4,16] [--iterations 1000] [--samples 30]
+                                    [--lora_lr 1e-2] [--skip_full]
 
 Each training runs in a process of its own, so that its peak RSS is its own; prints a table and one JSON line.
 """
@@ -63,17 +64,20 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--samples", type=int, default=30, help="images per prompt for the judge (image i: seed + i); "
                    "0: no judging (costs only)")
+    p.add_argument("--lora_lr", type=float, default=LORA_LR, help="LoRA learning rate (default: %(default)s)")
+    p.add_argument("--skip_full", action="store_true", help="LoRA ranks only (full fine-tuning measured before)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: train this rank (0: full) and print JSON
     args = p.parse_args()
     if args.one is not None:
-        row = train_one(args.save_path, args.one, LORA_LR if args.one else FULL_LR, args.iterations, args.samples)
+        row = train_one(args.save_path, args.one, args.lora_lr if args.one else FULL_LR, args.iterations, args.samples)
         print("ROW " + json.dumps(row))
         return
     Path(args.save_path).mkdir(parents=True, exist_ok=True)
     rows, start = [], time.time()
-    for rank in [0] + [int(r) for r in args.ranks.split(",")]:
+    for rank in [0] * (not args.skip_full) + [int(r) for r in args.ranks.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--save_path", args.save_path, "--one", str(rank),
-                              "--iterations", str(args.iterations), "--samples", str(args.samples)],
+                              "--iterations", str(args.iterations), "--samples", str(args.samples),
+                              "--lora_lr", str(args.lora_lr)],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
         print(f"done: {json.dumps(rows[-1])} ({time.time() - start:.0f} s)", file=sys.stderr)
@@ -83,7 +87,7 @@ def main() -> None:
         rows.insert(0, {"model": "base (no erasure)", **judge("toy", load_models("toy").unet, CONCEPT, args.samples,
                                                                SEED)})
     print(f"toy model, ESD-x of {CONCEPT!r}, {args.iterations} iterations x batch {BATCH_SIZE}, fast preset, seed "
-          f"{SEED}; full lr {FULL_LR}, LoRA lr {LORA_LR} (alpha = rank); {args.samples} images per prompt; seconds "
+          f"{SEED}; full lr {FULL_LR}, LoRA lr {args.lora_lr} (alpha = rank); {args.samples} images per prompt; seconds "
           "(sampling x_t included) and memory on this machine's CPU")
     columns = ["model", "trained_parameters", "file_kb", "training_state_kb", "peak_rss_mb", "seconds",
                "final_loss", "presence", "others_accuracy"]
@@ -91,7 +95,7 @@ def main() -> None:
     for r in rows:
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns))
     record = {"rows": rows, "arguments": vars(args), "concept": CONCEPT, "train_method": METHOD,
-              "batch_size": BATCH_SIZE, "full_lr": FULL_LR, "lora_lr": LORA_LR, "seed": SEED,
+              "batch_size": BATCH_SIZE, "full_lr": FULL_LR, "lora_lr": args.lora_lr, "seed": SEED,
               "environment": environment_record()}
     (Path(args.save_path) / "results.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record))
