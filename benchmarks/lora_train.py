@@ -87,8 +87,8 @@ def main() -> None:
         rows.insert(0, {"model": "base (no erasure)", **judge("toy", load_models("toy").unet, CONCEPT, args.samples,
                                                                SEED)})
     print(f"toy model, ESD-x of {CONCEPT!r}, {args.iterations} iterations x batch {BATCH_SIZE}, fast preset, seed "
-          f"{SEED}; full lr {FULL_LR}, LoRA lr {args.lora_lr} (alpha = rank); {args.samples} images per prompt; seconds "
-          "(sampling x_t included) and memory on this machine's CPU")
+          f"{SEED}; full lr {FULL_LR}, LoRA lr {args.lora_lr} (alpha = rank); {args.samples} images per prompt; "
+          "seconds (sampling x_t included) and memory on this machine's CPU")
     columns = ["model", "trained_parameters", "file_kb", "training_state_kb", "peak_rss_mb", "seconds",
                "final_loss", "presence", "others_accuracy"]
     print(" | ".join(columns))
