@@ -1,5 +1,6 @@
 """Trainable parameters per train method on the real SD v1.4 UNet, SD3.5-medium transformer and
-FLUX.1-dev transformer configs, built on the meta device (no weights, no memory, no download).
+FLUX.1-dev transformer configs, built on the meta device (no weights, no memory, no download), and the size
+of an ESD-x (or mmdit-x) erasure as a LoRA at ranks 4, 16 and 64 (esd train --lora_rank, esd export --format lora).
 
     python benchmarks/param_counts.py
 """
@@ -12,8 +13,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tiny import flux1_dev_transformer, sd14_unet, sd35_medium_transformer  # noqa: E402
 
+from esd.lora_train import lora_targets  # noqa: E402
 from esd.methods import TRAIN_METHODS, model_family, select_parameters  # noqa: E402
 
+LORA_RANKS = (4, 16, 64)
 MODELS = {"SD v1.4 UNet": sd14_unet, "SD3.5-medium transformer": sd35_medium_transformer,
           "FLUX.1-dev transformer": flux1_dev_transformer}
 
@@ -40,3 +43,13 @@ if __name__ == "__main__":
             n = sum(b.numel() for b in buffers.values())
             print(f"{'(+ buffers)':<15} {len(buffers):>8} {n:>15,} {'':>7} {'':>10}  {', '.join(buffers)}: "
                   f"{total + n:,} with the parameters")
+        # A rank-r LoRA of an (out, in) Linear holds r (out + in) values (down r x in, up out x r); the method's
+        # biases stay out of it. fp16/bf16: 2 bytes a value.
+        method = "mmdit-x" if family in ("sd3", "flux") else "xattn"
+        modules = dict(model.named_modules())
+        targets, _ = lora_targets(model, method)
+        weights = sum(modules[t].weight.numel() for t in targets)
+        per_rank = sum(sum(modules[t].weight.shape[:2]) for t in targets)  # out + in, over the layers
+        sizes = ", ".join(f"rank {r}: {r * per_rank:,} values, {2 * r * per_rank / 1e6:.1f} MB" for r in LORA_RANKS)
+        print(f"{method} as a LoRA ({len(targets)} layers, {weights:,} weight values, {2 * weights / 1e6:.1f} MB): "
+              f"{sizes} (fp16)")
