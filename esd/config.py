@@ -252,7 +252,7 @@ class ESDConfig:
         what cannot change the erasure may differ (RESUME_MAY_CHANGE), and --iterations may only grow."""
         out = []
         for name, old in recorded.items():
-            if name in RESUME_MAY_CHANGE or not hasattr(self, name):
+            if name in RESUME_MAY_CHANGE or name not in self.__dataclass_fields__:  # settings only, not properties
                 continue
             new = getattr(self, name)
             if name == "iterations":

@@ -319,3 +319,12 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tiny_models, tmp_
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "training diverged" in lines[0], r.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_resume_compares_settings_not_what_the_run_recorded_beside_them(tiny_models):
+    """args.json and checkpoints also record what was loaded ("family": "sd1", trained parameter counts...);
+    ESDConfig has a ``family`` property of its own ("unet" for a single file), which is not a setting."""
+    cfg = ESDConfig(prompt="cat", train_method="xattn", base_model=tiny_models["sd1"])
+    recorded = {**cfg.record(), "family": "sd1", "trained_parameters": 10}
+    assert cfg.resume_conflicts(recorded) == []
+    assert cfg.resume_conflicts({**recorded, "lr": 1.0}) == [f"--lr {cfg.lr!r} vs 1.0"]
