@@ -6,6 +6,9 @@ tensor sizes, which pin the published widths (SD3-medium's 1536, FLUX.1's 3072) 
 same architecture at another size. A ``.safetensors`` header lists the names without reading any tensor.
 """
 
+import functools
+import os
+
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import (
@@ -27,19 +30,27 @@ NOT_FLUX1 = CHECKPOINT_KEY_NAMES["flux2"] + CHECKPOINT_KEY_NAMES["flux3"] + CHEC
 FLUX_MLP_RATIO = 4  # FLUX.1's feed-forward width over its model width (the single blocks' fused linear1)
 
 
-def checkpoint_keys(path: str) -> set[str]:
+def checkpoint_keys(path: str) -> frozenset[str]:
     """The tensor names of a checkpoint: a safetensors header, or a ``.ckpt``/``.pt`` opened memory-mapped
-    where its format allows (``weights_only``: files may come from strangers) so that its tensors are not read."""
+    where its format allows (``weights_only``: files may come from strangers) so that its tensors are not read.
+    Read once per file version: the settings' checks, loading and saving each ask for the family."""
+    stat = os.stat(path)
+    return _checkpoint_keys(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_keys(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """checkpoint_keys, for one version of the file (a rewritten file has another mtime or size)."""
     if str(path).endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
-            return set(f.keys())
+            return frozenset(f.keys())
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # a file from before torch 1.6's zip format cannot be memory-mapped: read it whole
         state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, dict) and "state_dict" in state:  # Lightning-style nesting, as diffusers unwraps it
         state = state["state_dict"]
-    return set(state)
+    return frozenset(state)
 
 
 def checkpoint_family(path: str) -> str:

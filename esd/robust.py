@@ -95,38 +95,34 @@ def check_robust_settings(cfg) -> None:
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
         raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
     if cfg.adversarial is None:
-        from .config import ESDConfig
-
         changed = [f"--{n}" for n in ("adv_every", "adv_steps", "adv_tokens", "adv_references")
-                   if getattr(cfg, n) != ESDConfig.__dataclass_fields__[n].default]
+                   if getattr(cfg, n) != type(cfg).__dataclass_fields__[n].default]
         if changed:
             raise ValueError(f"{', '.join(changed)} set without --adversarial (prefix | inversion), which they tune")
     else:
         if cfg.separator is not None or cfg.erase_from is not None:
             raise ValueError("--adversarial attacks one concept erased from itself; it cannot be combined with "
                              "--separator or --erase_from")
-        if cfg.ckpt_path is None:
-            check_one_text_encoder(cfg.base_model)
-        elif cfg.family in FLOW_FAMILIES:
-            raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --ckpt_path "
-                             f"{cfg.ckpt_path!r} is a {cfg.family} transformer")
+        check_one_text_encoder(cfg)
     if cfg.retain_prompts is not None:
         read_retain_prompts(cfg.retain_prompts, cfg.words)
 
 
-def check_one_text_encoder(base_model: str) -> None:
+def check_one_text_encoder(cfg) -> None:
     """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) and SD3/FLUX (CLIP and
-    T5) are refused. A local folder is checked now from its configs; other sources once loaded (see RobustESD)."""
-    from .models import pipeline_family, resolve_source
+    T5) are refused. A local folder or a single file is checked now (configs, tensor names); other sources once
+    loaded (see RobustESD)."""
+    from .models import resolve_source
 
-    source = resolve_source(base_model)
-    if (family := pipeline_family(base_model)) in FLOW_FAMILIES:
-        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
-                         f"{base_model!r} is a {family} transformer")
-    config = Path(source) / "unet" / "config.json"
-    if config.is_file() and '"text_time"' in config.read_text():
-        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
-                         f"{base_model!r} is SDXL")
+    flag, model = ("--base_model", cfg.base_model) if cfg.ckpt_path is None else ("--ckpt_path", cfg.ckpt_path)
+    if cfg.family in FLOW_FAMILIES:
+        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is a "
+                         f"{cfg.family} transformer")
+    if cfg.ckpt_path is None:
+        config = Path(resolve_source(cfg.base_model)) / "unet" / "config.json"
+        if config.is_file() and '"text_time"' in config.read_text():
+            raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
+                             f"{cfg.base_model!r} is SDXL")
 
 
 class RobustESD:

@@ -137,3 +137,13 @@ def test_flux_conversion_matches_diffusers_at_flux1_width(single_files):
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_rewritten_checkpoint_is_read_again(tmp_path):
+    """checkpoint_family reads each file once (the settings' checks, loading and saving all ask), but a file
+    written anew at the same path is a new file: its names are read again."""
+    path = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, path)
+    assert checkpoint_family(str(path)) == "unet"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, path)
+    assert checkpoint_family(str(path)) == "flux"
