@@ -7,10 +7,13 @@ The scheduler's timesteps are s * 1000. x_t keeps the VAE latents' layout (B, C,
 the engine; FLUX's 2x2 packing into tokens happens only inside :func:`call_transformer`.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch.func import functional_call
 
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default
@@ -33,11 +36,13 @@ def _tokens(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_sd3(tokenizers: list, text_encoders: list, prompts: list[str], joint_attention_dim: int):
+def encode_sd3(tokenizers: list, text_encoders: list, prompts: list[str], joint_attention_dim: int,
+               zero_tokens: int = SD3_T5_TOKENS):
     """``StableDiffusion3Pipeline.encode_prompt`` (no clip_skip): the penultimate hidden states of CLIP-L
     and CLIP-G concatenated on features (B, 77, 768 + 1280), zero-padded to the T5 width and concatenated
     on tokens with T5's last hidden state (B, 256, 4096), or with zeros of that shape when the pipeline has
-    no T5; the pooled embedding is both CLIPs' projected pooled outputs concatenated (B, 768 + 1280).
+    no T5 (``zero_tokens`` of them: 1 for a transformer that merges them, :func:`merge_zero_t5_tokens`);
+    the pooled embedding is both CLIPs' projected pooled outputs concatenated (B, 768 + 1280).
     Returns (prompt_embeds (B, 77 + 256, D), {"pooled_projections": (B, P)})."""
     device = text_encoders[0].device
     hidden, pooled = [], []
@@ -49,9 +54,67 @@ def encode_sd3(tokenizers: list, text_encoders: list, prompts: list[str], joint_
     if len(text_encoders) == 3:
         t5 = text_encoders[2](_tokens(tokenizers[2], prompts, SD3_T5_TOKENS, device))[0]
     else:
-        t5 = torch.zeros(len(prompts), SD3_T5_TOKENS, joint_attention_dim, device=device, dtype=clip.dtype)
+        t5 = torch.zeros(len(prompts), zero_tokens, joint_attention_dim, device=device, dtype=clip.dtype)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5.to(clip.dtype)], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
+
+
+class RepeatedTokenAttention(torch.nn.Module):
+    """SD3's joint attention where the last text token stands for ``copies`` identical tokens: its
+    logits get + ln(copies). Exactly the attention over all the copies (same keys, same values), at
+    the cost of one. Written from the attention's definition (diffusers' ``JointAttnProcessor2_0`` is
+    the same computation without the bias)."""
+
+    def __init__(self, copies: int):
+        super().__init__()
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n_image = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        tq = heads(attn.add_q_proj(encoder_hidden_states))
+        tk = heads(attn.add_k_proj(encoder_hidden_states))
+        tv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+        q, k, v = torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_copies
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, -1))
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        image, text = out[:, :n_image], out[:, n_image:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if attn.context_pre_only:
+            return image, text
+        return image, attn.to_add_out(text)
+
+
+def use_repeated_token_attention(transformer, copies: int | None) -> None:
+    """Joint attention over ``copies`` copies of the last text token; None: diffusers' own processor."""
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(JointAttnProcessor2_0() if copies is None else RepeatedTokenAttention(copies))
+
+
+def merge_zero_t5_tokens(transformer) -> None:
+    """Make an SD3 transformer attend to one zero token as to the 256 that ``StableDiffusion3Pipeline``
+    appends when it has no T5 (:class:`RepeatedTokenAttention`). Exact up to float rounding: the text
+    stream has no position embedding and every text-side operation (context embedder, adaLN, MLP, the
+    projections) works per token, so identical tokens stay identical through every block, and attention
+    to n identical keys with identical values is attention to one of them with ln(n) added to its logit.
+    Conditioning must then be encoded with ``zero_tokens=1`` (:func:`merges_zero_t5_tokens` tells)."""
+    use_repeated_token_attention(transformer, SD3_T5_TOKENS)
+
+
+def merges_zero_t5_tokens(transformer) -> bool:
+    """Whether :func:`merge_zero_t5_tokens` was applied to ``transformer``."""
+    blocks = getattr(transformer, "transformer_blocks", None)
+    return bool(blocks) and isinstance(blocks[0].attn.processor, RepeatedTokenAttention)
 
 
 @torch.no_grad()

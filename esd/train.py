@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
 from .export import run_export, train_export_path, train_exports
+from .flow import merge_zero_t5_tokens
 from .lora_train import LoraTraining, check_lora_method, plain_state_dict
 from .methods import resolve_method, select_parameters
 from .modelcard import write_model_card
@@ -123,6 +124,11 @@ class ESDTrainer:
         scheduler = sampler_scheduler(m.scheduler, cfg.sampler_scheduler, cfg.ddim_steps, latent_shape[2:],
                                       m.family == "flux")
 
+        if m.family == "sd3" and len(m.text_encoders) == 2:
+            # SD3 without T5 conditions every prompt on 256 identical zero tokens; one of them, weighted
+            # by ln(256) in attention, is the same model (esd.flow.merge_zero_t5_tokens) at a fraction of
+            # the tokens: the toy's 333 become 78. The transformer keeps this attention for the run.
+            merge_zero_t5_tokens(m.unet)
         # Text conditioning is fixed for the whole run: encode once, then drop the text encoders.
         for enc in m.text_encoders:
             enc.to(self.device, self.dtype)

@@ -2,6 +2,7 @@
 here: loading, prompt encoding and sampling against the diffusers pipelines' own, every transformer
 method through ``esd train``, seeded and resumed runs, bf16, generation and evaluation."""
 
+import copy
 import json
 import re
 
@@ -15,7 +16,7 @@ from tiny import FLOW_PIPELINES, build_flow
 from esd import ESDConfig, load_erased_unet, select_parameters
 from esd.cli import main
 from esd.eval import EvalConfig, evaluate
-from esd.flow import pack_latents, unpack_latents
+from esd.flow import merges_zero_t5_tokens, pack_latents, unpack_latents, use_repeated_token_attention
 from esd.generate import GenerationConfig, generate_images
 from esd.models import load_denoiser, load_models
 from esd.sampling import call_unet, denoise, encode_prompts, sampler_scheduler
@@ -129,6 +130,45 @@ def test_seeded_runs_are_identical_and_resume_is_exact(kind, pool, flow_models, 
     assert losses[0] == losses[1] == losses[2] and len(set(losses[0])) == 4
     timesteps = pd.read_csv(runs[0] / "loss.csv")["timestep"].astype(str)
     assert timesteps.str.contains(r"\.").any()  # flow-matching timesteps s * 1000 are not rounded to integers
+
+
+def test_sd3_without_t5_trains_on_one_zero_token_standing_for_its_256(flow_models, tmp_path):
+    """Without T5, SD3's pipeline conditions every prompt on 256 identical zero tokens; training passes one, with
+    ln(256) added to its attention logit (esd.flow.merge_zero_t5_tokens). The trained view's prediction and its
+    gradients are the plain transformer's on all 256 tokens (to float rounding), through SD3.5's dual-attention
+    block and the last, context_pre_only one. With T5 nothing is merged."""
+    def trainer_of(kind):
+        t = ESDTrainer(ESDConfig(prompt="cat", train_method="mmdit-x", base_model=flow_models[kind], image_size=SIZE,
+                                 ddim_steps=STEPS, devices="cpu", seed=0, save_path=str(tmp_path), name=kind))
+        t.setup()
+        return t
+
+    trainer = trainer_of("sd3")
+    unet = trainer.unet
+    assert merges_zero_t5_tokens(unet)
+    cond = trainer.prompts.source(torch.zeros(2, dtype=torch.long))
+    full = encode_prompts(load_models(flow_models["sd3"]), ["cat", "cat"], SIZE)  # as the pipeline: 77 + 256
+    assert cond.prompt_embeds.shape[1] == 77 + 1 and full.prompt_embeds.shape[1] == 77 + 256
+    assert torch.equal(cond.prompt_embeds[:, :77], full.prompt_embeds[:, :77]) and not cond.prompt_embeds[:, 77:].any()
+    with torch.no_grad():  # move every weight off its initial value so that every path shows
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    plain = copy.deepcopy(unet)
+    use_repeated_token_attention(plain, None)  # diffusers' own JointAttnProcessor2_0
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([200.0, 800.0])
+    merged, reference = call_unet(unet, x, t, cond), call_unet(plain, x, t, full)
+    assert reference.abs().mean() > 1e-2
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-5)
+    merged.square().sum().backward()
+    reference.square().sum().backward()
+    grads, plain_grads = dict(unet.named_parameters()), dict(plain.named_parameters())
+    for name in trainer.trained_names:
+        assert grads[name].grad.abs().sum() > 0
+        torch.testing.assert_close(grads[name].grad, plain_grads[name].grad, rtol=1e-4, atol=1e-5)
+    with_t5 = trainer_of("sd3-t5")
+    assert not merges_zero_t5_tokens(with_t5.unet)
+    assert with_t5.prompts.source(torch.zeros(1, dtype=torch.long)).prompt_embeds.shape[1] == 77 + 256
 
 
 def test_flux_defaults_to_bf16_with_checkpointing_and_flags_override(flow_models):

@@ -25,13 +25,13 @@ The 256 zero tokens cost most of a training step yet are all the same: the text 
 position embedding and every text-side operation works per token, so identical tokens stay identical
 through every block, and attention to n identical keys with identical values equals attention to one
 of them with ln(n) added to its logit. Training therefore feeds one zero token and adds ln(256) to
-its logits (:class:`RepeatedTokenAttention`); the saved model is the plain diffusers model, run by the
-pipeline with all 256 (``tests/test_toy_dit.py`` checks that the two forwards agree).
+its logits (:class:`esd.flow.RepeatedTokenAttention`, which ESD training on any SD3 without T5 uses too);
+the saved model is the plain diffusers model, run by the pipeline with all 256 (``tests/test_toy_dit.py``
+checks that the two forwards agree).
 """
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,16 +39,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from ..flow import encode_sd3
+from ..flow import SD3_T5_TOKENS, encode_sd3, merges_zero_t5_tokens, use_repeated_token_attention
 from ..records import environment_record
 from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
 from .tokenizer import build_clip_tokenizer
 from .world import make_dataset, vocabulary
 
-T5_SLOT_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zeros when there is no T5
+T5_SLOT_TOKENS = SD3_T5_TOKENS  # StableDiffusion3Pipeline's default max_sequence_length: zeros when there is no T5
 
 
 @dataclass
@@ -68,42 +67,6 @@ class DitRecipeConfig:
     token_embedding_std: float = 1.0  # as the UNet toy's encoder (see recipe.RecipeConfig)
     balanced: bool = False  # world.balanced_weights, as the UNet toy's recipe
     threads: int = 0  # 0: torch's default
-
-
-class RepeatedTokenAttention(torch.nn.Module):
-    """SD3's joint attention where the last text token stands for ``copies`` identical tokens: its
-    logits get + ln(copies). Exactly the attention over all the copies (same keys, same values), at
-    the cost of one. Used while training the toy and sampling it for measurement (esd.toy.quality); written
-    from the attention's definition."""
-
-    def __init__(self, copies: int):
-        super().__init__()
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n_image = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        tq = heads(attn.add_q_proj(encoder_hidden_states))
-        tk = heads(attn.add_k_proj(encoder_hidden_states))
-        tv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
-        q, k, v = torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, -1))
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        image, text = out[:, :n_image], out[:, n_image:]
-        image = attn.to_out[1](attn.to_out[0](image))
-        if attn.context_pre_only:
-            return image, text
-        return image, attn.to_add_out(text)
 
 
 def build_text_encoder(vocab_size: int, width: int, token_embedding_std: float) -> CLIPTextModelWithProjection:
@@ -145,18 +108,12 @@ def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tenso
     return seq[rows], extra["pooled_projections"][rows]
 
 
-def use_repeated_token_attention(transformer, copies: int | None) -> None:
-    """Joint attention over ``copies`` copies of the last text token; None: diffusers' own processor."""
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(JointAttnProcessor2_0() if copies is None else RepeatedTokenAttention(copies))
-
-
 def merges_zero_tokens(pipe) -> bool:
     """Whether ``pipe`` is an SD3 pipeline without T5 whose transformer attends to one zero token as to
     T5_SLOT_TOKENS of them (then it must be called with ``max_sequence_length=1``)."""
     transformer = getattr(pipe, "transformer", None)
     return (transformer is not None and getattr(pipe, "text_encoder_3", None) is None
-            and isinstance(transformer.transformer_blocks[0].attn.processor, RepeatedTokenAttention))
+            and merges_zero_t5_tokens(transformer))
 
 
 def train_transformer(transformer, latent_mean, latent_std, embeds, pooled, cfg: DitRecipeConfig, log):
