@@ -2,6 +2,10 @@
 base settings), attack the base model, the plain and the robust erasure with both attacks, judge every image.
 
     python benchmarks/robustness.py --out robustness-out [--samples 100] [--concept red]
+    python benchmarks/robustness.py --out screen-out --screen --samples 30 --adv_every 20   # one robust setting
+
+``--screen`` compares robust settings quickly: it trains robust ESD alone and measures only its literal
+presence, other prompts and prefix ASR (the benchmark's own training and measurement), writing screen.json.
 
 Prompts: the erased ones are every phrasing that names the concept (esd demo's list, held-out ones included);
 the other prompts are esd demo's "a {colour} {shape}" and bare colours without the concept. The retain prompts
@@ -55,6 +59,7 @@ class Settings:
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
     prefix_steps: int = 40  # UnlearnDiffAtk's default
     inversion_steps: int = 300  # esd attack's default
+    screen: bool = False  # robust ESD only, prefix attack only (see the module docstring)
     overwrite: bool = False
 
 
@@ -163,18 +168,24 @@ def run(s: Settings, log=print) -> dict:
     begin = time.perf_counter()
     out = Path(s.out)
     check_output_folder(out, "--out")
-    if (out / "results.json").exists() and not s.overwrite:
-        raise SystemExit(f"--out {s.out!r} already holds results.json; choose a new folder or pass --overwrite")
+    done = "screen.json" if s.screen else "results.json"
+    if (out / done).exists() and not s.overwrite:
+        raise SystemExit(f"--out {s.out!r} already holds {done}; choose a new folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     retain_file = out / "retain_prompts.txt"
     atomic_write(retain_file, lambda p: Path(p).write_text("\n".join(retain_prompts(s.concept)) + "\n"))
 
+    def train_robust():
+        log("training robust ESD")
+        return train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every, adv_steps=s.adv_steps,
+                     adv_references=s.adv_references, retain_prompts=str(retain_file), retain_weight=s.retain_weight)
+
+    if s.screen:
+        return screen(s, train_robust, begin, log)
     log("training plain ESD")
     seconds_esd, esd_weights = train(s, "esd")
-    log(f"  {seconds_esd:.0f} s; training robust ESD")
-    seconds_robust, robust_weights = train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every,
-                                           adv_steps=s.adv_steps, adv_references=s.adv_references,
-                                           retain_prompts=str(retain_file), retain_weight=s.retain_weight)
+    log(f"  {seconds_esd:.0f} s")
+    seconds_robust, robust_weights = train_robust()
     log(f"  {seconds_robust:.0f} s")
 
     def progress(**done):  # a killed run keeps what it measured
@@ -219,6 +230,27 @@ def run(s: Settings, log=print) -> dict:
     log(table(figures, provenance))
     print(json.dumps({**figures, "provenance": {k: v for k, v in provenance.items() if k != "environment"}
                       | {"git_hash": provenance["environment"].get("git_hash"), "results": str(out / "results.json")}}))
+    return results
+
+
+def screen(s: Settings, train_robust, begin: float, log) -> dict:
+    """``--screen``: robust ESD's training seconds, literal presence, other prompts and prefix ASR only."""
+    from esd.toy.demo import prompts_for
+    from esd.toy.quality import load_toy_pipeline
+    from esd.weights import load_erased_unet
+
+    seconds, weights = train_robust()
+    log(f"  {seconds:.0f} s; measuring robust")
+    base = load_toy_pipeline("toy")
+    references = {p.text: reference_latents(base, p.text, s.references) for p in prompts_for(s.concept)[0]}
+    m = measure(s, load_erased_unet(weights, base_model="toy"), references, ("prefix",), log)
+    figures = {"presence_robust": mean(m["literal"]), "asr_prefix_robust": mean(m["prefix"]),
+               "preserved_robust": mean(m["others"]), "seconds_robust": round(seconds, 1)}
+    results = {**figures, "settings": asdict(s), "samples_per_prompt": s.samples, "environment": environment_record(),
+               "total_seconds": round(time.perf_counter() - begin, 1), "per_prompt": m,
+               "run": json.loads((Path(s.out) / "runs" / "robust" / "args.json").read_text())}
+    atomic_write(Path(s.out) / "screen.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+    print(json.dumps({**figures, "settings": asdict(s), "git_hash": results["environment"].get("git_hash")}))
     return results
 
 
