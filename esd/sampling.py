@@ -103,9 +103,9 @@ def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
     ``guidance`` with every prompt, the empty one too (its e0 is the empty prompt's prediction at that
     guidance, computed explicitly, as the model has no unguided pass)."""
     if models.family == "sd3":
-        merged = len(models.text_encoders) == 2 and merges_zero_t5_tokens(models.unet)  # no T5: see train.setup
+        zero_tokens = 1 if merges_zero_t5_tokens(models.unet) else SD3_T5_TOKENS  # used without T5: see train.setup
         return Conditioning(*encode_sd3(models.tokenizers, models.text_encoders, prompts,
-                                        models.unet.config.joint_attention_dim, 1 if merged else SD3_T5_TOKENS))
+                                        models.unet.config.joint_attention_dim, zero_tokens))
     if models.family == "flux":
         if models.unet.config.guidance_embeds and guidance is None:
             raise ValueError("FLUX.1-dev's guidance embedding needs a guidance value (--start_guidance)")

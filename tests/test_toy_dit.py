@@ -7,16 +7,15 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from esd.flow import SD3_T5_TOKENS, use_repeated_token_attention
 from esd.models import ModelLoadError, resolve_source
 from esd.toy.card import write_model_card
 from esd.toy.dit import (
-    T5_SLOT_TOKENS,
     DitRecipeConfig,
     build_dit_components,
     encode_captions,
     load_toy_vae,
     toy_dit_train,
-    use_repeated_token_attention,
 )
 from esd.toy.quality import judge_accuracy, load_toy_pipeline, quality_table, sample
 
@@ -44,7 +43,7 @@ def test_training_conditioning_is_what_the_pipeline_feeds_the_model(parts):
     for i, text in enumerate(texts):
         embeds, _, pipe_pooled, _ = pipe.encode_prompt(text, None, None, do_classifier_free_guidance=False)
         n = cfg.caption_tokens
-        assert embeds.shape[1] == n + T5_SLOT_TOKENS
+        assert embeds.shape[1] == n + SD3_T5_TOKENS
         torch.testing.assert_close(seq[i, :n], embeds[0, :n])
         assert not embeds[0, n:].any() and not seq[i, n:].any()  # the T5 slot: zeros, one of them in training
         torch.testing.assert_close(pooled[i], pipe_pooled[0])
@@ -53,13 +52,13 @@ def test_training_conditioning_is_what_the_pipeline_feeds_the_model(parts):
 def test_one_token_with_log_copies_is_attention_over_all_copies(parts):
     _, _, tokenizers, encoders, transformer, _ = parts
     seq, pooled = encode_captions(tokenizers, encoders, ["a red circle", "green", ""])
-    full = torch.cat([seq[:, :-1], seq.new_zeros(3, T5_SLOT_TOKENS, seq.shape[2])], 1)
+    full = torch.cat([seq[:, :-1], seq.new_zeros(3, SD3_T5_TOKENS, seq.shape[2])], 1)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([50.0, 500.0, 950.0])
     with torch.no_grad():
         use_repeated_token_attention(transformer, None)
         reference = transformer(x, encoder_hidden_states=full, pooled_projections=pooled, timestep=t).sample
-        use_repeated_token_attention(transformer, T5_SLOT_TOKENS)
+        use_repeated_token_attention(transformer, SD3_T5_TOKENS)
         short = transformer(x, encoder_hidden_states=seq, pooled_projections=pooled, timestep=t).sample
         use_repeated_token_attention(transformer, 1)  # without the ln(256): a different model
         wrong = transformer(x, encoder_hidden_states=seq, pooled_projections=pooled, timestep=t).sample

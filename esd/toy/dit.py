@@ -41,13 +41,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from ..flow import SD3_T5_TOKENS, encode_sd3, merges_zero_t5_tokens, use_repeated_token_attention
+from ..flow import encode_sd3, merge_zero_t5_tokens, merges_zero_t5_tokens, use_repeated_token_attention
 from ..records import environment_record
 from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
 from .tokenizer import build_clip_tokenizer
 from .world import make_dataset, vocabulary
-
-T5_SLOT_TOKENS = SD3_T5_TOKENS  # StableDiffusion3Pipeline's default max_sequence_length: zeros when there is no T5
 
 
 @dataclass
@@ -101,8 +99,7 @@ def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tenso
     """Per caption, what StableDiffusion3Pipeline.encode_prompt gives without T5 (:func:`esd.flow.encode_sd3`),
     except that the 256 zero tokens are one: (N, L + 1, 2w) and the pooled projections (N, 2w)."""
     unique = sorted(set(texts))
-    seq, extra = encode_sd3(tokenizers, encoders, unique, sum(e.config.hidden_size for e in encoders))
-    seq = seq[:, :tokenizers[0].model_max_length + 1]
+    seq, extra = encode_sd3(tokenizers, encoders, unique, sum(e.config.hidden_size for e in encoders), zero_tokens=1)
     index = {t: i for i, t in enumerate(unique)}
     rows = torch.tensor([index[t] for t in texts])
     return seq[rows], extra["pooled_projections"][rows]
@@ -110,7 +107,7 @@ def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tenso
 
 def merges_zero_tokens(pipe) -> bool:
     """Whether ``pipe`` is an SD3 pipeline without T5 whose transformer attends to one zero token as to
-    T5_SLOT_TOKENS of them (then it must be called with ``max_sequence_length=1``)."""
+    the 256 of them (esd.flow.merge_zero_t5_tokens; then it must be called with ``max_sequence_length=1``)."""
     transformer = getattr(pipe, "transformer", None)
     return (transformer is not None and getattr(pipe, "text_encoder_3", None) is None
             and merges_zero_t5_tokens(transformer))
@@ -119,7 +116,7 @@ def merges_zero_tokens(pipe) -> bool:
 def train_transformer(transformer, latent_mean, latent_std, embeds, pooled, cfg: DitRecipeConfig, log):
     """Rectified flow on cached latent distributions; returns the EMA transformer (default attention)."""
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    use_repeated_token_attention(transformer, T5_SLOT_TOKENS)
+    merge_zero_t5_tokens(transformer)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = _warmup_cosine(opt, cfg.steps)

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
+from ..flow import merge_zero_t5_tokens
 from ..models import resolve_source
-from .dit import T5_SLOT_TOKENS, merges_zero_tokens, use_repeated_token_attention
+from .dit import merges_zero_tokens
 from .judge import NONE, judge_batch
 from .world import all_phrasings, all_scenes
 
@@ -27,8 +28,8 @@ def load_toy_pipeline(base_model: str = "toy", unet=None):
         if unet is not None:
             pipe.transformer = unet
         # Without T5 the pipeline appends 256 identical zero tokens; sample() passes one, standing for all
-        # (dit.RepeatedTokenAttention: the same attention up to float rounding, at a quarter of the tokens).
-        use_repeated_token_attention(pipe.transformer, T5_SLOT_TOKENS)
+        # (esd.flow.RepeatedTokenAttention: the same attention up to float rounding, at a quarter of the tokens).
+        merge_zero_t5_tokens(pipe.transformer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
