@@ -160,9 +160,17 @@ def mean(values: dict) -> float:
     return sum(values.values()) / len(values)
 
 
-def run(s: Settings, log=print) -> dict:
+def base_references(s: Settings) -> dict:
+    """Erased prompt -> the base model's reference latents that the evaluation attacks explain."""
     from esd.toy.demo import prompts_for
     from esd.toy.quality import load_toy_pipeline
+
+    base = load_toy_pipeline("toy")
+    return {p.text: reference_latents(base, p.text, s.references) for p in prompts_for(s.concept)[0]}
+
+
+def run(s: Settings, log=print) -> dict:
+    from esd.toy.demo import prompts_for
     from esd.weights import load_erased_unet
 
     begin = time.perf_counter()
@@ -195,8 +203,7 @@ def run(s: Settings, log=print) -> dict:
     progress()
 
     erased = prompts_for(s.concept)[0]
-    base = load_toy_pipeline("toy")
-    references = {p.text: reference_latents(base, p.text, s.references) for p in erased}
+    references = base_references(s)
     per_model = {}
     for name, weights, attacks in [("base", None, ("prefix",)), ("esd", esd_weights, ("prefix", "inversion")),
                                    ("robust", robust_weights, ("prefix", "inversion"))]:
@@ -235,15 +242,11 @@ def run(s: Settings, log=print) -> dict:
 
 def screen(s: Settings, train_robust, begin: float, log) -> dict:
     """``--screen``: robust ESD's training seconds, literal presence, other prompts and prefix ASR only."""
-    from esd.toy.demo import prompts_for
-    from esd.toy.quality import load_toy_pipeline
     from esd.weights import load_erased_unet
 
     seconds, weights = train_robust()
     log(f"  {seconds:.0f} s; measuring robust")
-    base = load_toy_pipeline("toy")
-    references = {p.text: reference_latents(base, p.text, s.references) for p in prompts_for(s.concept)[0]}
-    m = measure(s, load_erased_unet(weights, base_model="toy"), references, ("prefix",), log)
+    m = measure(s, load_erased_unet(weights, base_model="toy"), base_references(s), ("prefix",), log)
     figures = {"presence_robust": mean(m["literal"]), "asr_prefix_robust": mean(m["prefix"]),
                "preserved_robust": mean(m["others"]), "seconds_robust": round(seconds, 1)}
     results = {**figures, "settings": asdict(s), "samples_per_prompt": s.samples, "environment": environment_record(),
