@@ -24,8 +24,8 @@ from .models import DiffusionModels, load_denoiser, load_models, parse_devices, 
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
 from .robust import RobustESD, is_robust
-from .sampling import encode_erasure_prompts, sampler_scheduler
-from .views import UNetViews
+from .sampling import Conditioning, encode_erasure_prompts, sampler_scheduler
+from .views import TrainedRows, UNetViews
 from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
 from .xt_sources import make_source
 
@@ -195,13 +195,19 @@ class ESDTrainer:
     # -- one iteration -------------------------------------------------------------------------
     def step(self) -> dict:
         """One ESD iteration: a batch from the x_t source, the trained view's prediction, the loss
-        against the target, one optimizer step. Returns the iteration's loss.csv row."""
+        against the target, one optimizer step. Returns the iteration's loss.csv row. Robust ESD adds
+        rows with their own targets; all rows go through the trained view in one forward."""
         batch = self.source.next_batch()
+        groups = [TrainedRows("esd", batch.latents, batch.timesteps, self.prompts.source(batch.concept), batch.target)]
+        if self.robust is not None:  # robust ESD's adversarial and retain rows, predicted in the same forward
+            groups += self.robust.rows(self.views, batch, self.generator)
+        latents = torch.cat([g.latents for g in groups])
+        timesteps = torch.cat([g.timesteps for g in groups])
         with self.views.autocast():
-            noise_pred = self.views.trained(batch.latents, batch.timesteps, self.prompts.source(batch.concept))
-        loss = esd_loss(self.views.to_eps(noise_pred.float(), batch.latents, batch.timesteps), batch.target)
-        terms = {} if self.robust is None else self.robust.terms(self.views, batch, self.generator)
-        loss = loss + sum(terms.values())
+            noise_pred = self.views.trained(latents, timesteps, Conditioning.cat([g.cond for g in groups]))
+        noise_pred = self.views.to_eps(noise_pred.float(), latents, timesteps).split([len(g.latents) for g in groups])
+        terms = {g.name: g.weight * esd_loss(pred, g.target) for g, pred in zip(groups, noise_pred)}
+        loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -211,7 +217,7 @@ class ESDTrainer:
 
         return {"loss": loss.item(), "word": ";".join(self.config.words[int(c)] for c in batch.concept.unique()),
                 "ddim_index": column(batch.ddim_index), "xt_level": column(batch.xt_level),
-                "timestep": column(batch.timesteps), **{k: v.item() for k, v in terms.items()}}
+                "timestep": column(batch.timesteps), **{k: v.item() for k, v in terms.items() if k != "esd"}}
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self) -> ESDResult:

@@ -9,12 +9,27 @@ trained parameters, the target and the loss in fp32; forwards under autocast.
 """
 
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 
 from .flow import uses_true_cfg
 from .objective import FrozenPredictions
 from .sampling import Conditioning, PromptConditioning, call_unet, to_epsilon
+
+
+@dataclass
+class TrainedRows:
+    """Latent rows for the trained view and the target (epsilon space; flow models: velocity) that its
+    predictions there are regressed onto. A step's groups go through the trained view in one forward
+    (one call is cheaper than one per group) and each adds ``weight`` x its MSE to the loss."""
+
+    name: str  # its loss.csv column (the ESD rows themselves: "esd", whose loss is the column "loss")
+    latents: torch.Tensor  # (B, C, h, w)
+    timesteps: torch.Tensor  # (B,)
+    cond: Conditioning  # B rows
+    target: torch.Tensor  # fp32, like latents
+    weight: float = 1.0
 
 
 class FrozenUNet:

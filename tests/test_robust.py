@@ -56,7 +56,9 @@ def test_seeded_robust_runs_repeat_and_resume_exactly(attack, tiny_models, tmp_p
     losses = pd.read_csv(full.output_dir / "loss.csv")
     assert {"adversarial_loss", "retain_loss"} <= set(losses.columns)
     assert losses["adversarial_loss"].gt(0).all()
-    assert losses["retain_loss"].iloc[0] == 0 and losses["retain_loss"].iloc[1:].gt(0).all()  # theta = theta* at first
+    # theta = theta* at first: zero up to rounding (the trained rows are predicted in a 3x larger batch than the
+    # frozen ones, one forward with the literal and adversarial rows); later retain losses here are >= 1e-6
+    assert losses["retain_loss"].iloc[0] < 1e-10 and losses["retain_loss"].iloc[1:].gt(1e-8).all()
     args = json.loads((full.output_dir / "args.json").read_text())
     assert {k: args[k] for k in ("adversarial", "adv_every", "adv_steps", "adv_tokens", "adv_references",
                                  "retain_prompts", "retain_weight")} == {**kw, **ROBUST, "retain_weight": 1.0}
