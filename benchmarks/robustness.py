@@ -54,6 +54,7 @@ class Settings:
     adv_every: int = 10
     adv_steps: int = 10
     adv_references: int = 8
+    adv_memory: int = 1
     retain_weight: float = 1.0
     samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
@@ -186,7 +187,8 @@ def run(s: Settings, log=print) -> dict:
     def train_robust():
         log("training robust ESD")
         return train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every, adv_steps=s.adv_steps,
-                     adv_references=s.adv_references, retain_prompts=str(retain_file), retain_weight=s.retain_weight)
+                     adv_references=s.adv_references, adv_memory=s.adv_memory, retain_prompts=str(retain_file),
+                     retain_weight=s.retain_weight)
 
     if s.screen:
         return screen(s, train_robust, begin, log)

@@ -151,6 +151,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adv_references", type=int, default=d["adv_references"].default,
                    help="the frozen model's images of the concept the attack explains, drawn once (default: "
                    "%(default)s)")
+    p.add_argument("--adv_memory", type=int, default=d["adv_memory"].default,
+                   help="train on the adversarial conditionings of the last N rounds, each row one drawn at random, "
+                   "not only the last round's (default: %(default)s)")
     p.add_argument("--retain_prompts", help="prompts whose predictions must not change: a text file, one prompt a "
                    "line, or a prompt CSV with a 'prompt' column; adds weight x MSE(trained, frozen) on them")
     p.add_argument("--retain_weight", type=float, default=d["retain_weight"].default,

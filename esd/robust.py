@@ -14,7 +14,8 @@ keeps the predictions for prompts that must not change where the frozen model ha
   last adversarial embedding rather than starting over, so a few attack steps per round suffice.
 * RECE (Gong et al. 2024, "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models"): a
   continuous embedding that regenerates the concept under the current model is derived and erased in turn,
-  round after round (our ``inversion``: one learned token, concept inversion).
+  round after round (our ``inversion``: one learned token, concept inversion), and every embedding derived so
+  far stays erased. Our ``adv_memory``: the adversarial rows are drawn from the last N rounds' conditionings.
 
 Design: the adversarial row uses the batch's own x_t (sampled with the literal concept) and the literal
 concept's ESD target e0 - eta (ep - e0) there. The attacker's conditioning is made to stand for the concept,
@@ -41,6 +42,8 @@ from .models import FLOW_FAMILIES
 from .records import error_summary
 from .sampling import Conditioning, PromptConditioning, denoise, encode_prompts, sampler_scheduler
 from .views import TrainedRows
+
+ROUND_SETTINGS = ("adv_every", "adv_steps", "adv_tokens", "adv_references", "adv_memory")  # integers >= 1
 
 
 def adversarial_choices() -> tuple[str, ...]:
@@ -88,7 +91,7 @@ def check_robust_settings(cfg) -> None:
     choices = adversarial_choices()
     if cfg.adversarial is not None and cfg.adversarial not in choices:
         raise ValueError(f"--adversarial {cfg.adversarial!r} is not one of: {', '.join(choices)}")
-    for name in ("adv_every", "adv_steps", "adv_tokens", "adv_references"):
+    for name in ROUND_SETTINGS:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
@@ -96,7 +99,7 @@ def check_robust_settings(cfg) -> None:
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
         raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
     if cfg.adversarial is None:
-        changed = [f"--{n}" for n in ("adv_every", "adv_steps", "adv_tokens", "adv_references")
+        changed = [f"--{n}" for n in ROUND_SETTINGS
                    if getattr(cfg, n) != type(cfg).__dataclass_fields__[n].default]
         if changed:
             raise ValueError(f"{', '.join(changed)} set without --adversarial (prefix | inversion), which they tune")
@@ -146,8 +149,9 @@ class RobustESD:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
         self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
         self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
-        self.start = self.vectors = None  # the attack's continuous state; the slot rows it conditions with
-        self.adversarial = None  # the adversarial conditioning (1 row), from ``vectors``
+        self.start = None  # the attack's continuous state
+        self.memory = []  # the slot rows each of the last adv_memory rounds found (prefix: (k, D); inversion: (1, D))
+        self.adversarial = None  # the memory's conditionings, one row each (M, L, D)
         self.last = None  # the last attack round's result, for args.json
         self.target = None
         if cfg.adversarial is not None:
@@ -187,7 +191,9 @@ class RobustESD:
         if cfg.adversarial is not None:
             if self.iteration % cfg.adv_every == 0:
                 self._attack(views)
-            cond = Conditioning(self.adversarial.prompt_embeds.expand(len(batch.latents), -1, -1))
+            m, b = len(self.memory), len(batch.latents)
+            pick = torch.zeros(b, dtype=torch.long) if m == 1 else torch.randint(m, (b,), generator=generator)
+            cond = Conditioning(self.adversarial[pick.to(self.adversarial.device)].to(views.device))
             out.append(TrainedRows("adversarial_loss", batch.latents, batch.timesteps, cond, batch.target))
         if self.retain is not None:
             out.append(self._retain_rows(views, batch, generator))
@@ -249,31 +255,35 @@ class RobustESD:
                     found = prefix_attack(target, self.slot_ids, cfg.words[0], self.references, self.candidates,
                                           cfg.adv_steps, self.attack_lr, self.generator, self.start)
                     self.start = found.soft
-                    self.vectors = target.embedding_table.detach()[found.token_ids]  # the real tokens' rows
+                    vectors = target.embedding_table.detach()[found.token_ids]  # the real tokens' rows
                     self.last = {"prefix": found.prefix, "loss": found.losses[-1]}
                 else:
                     n = len(self.references)
                     found = inversion_attack(target, self.slot_ids[0], [self.prompt] * n, self.references,
                                              cfg.adv_steps, self.attack_lr, n, self.generator, self.start)
-                    self.start = self.vectors = found.embedding[None]
+                    self.start = vectors = found.embedding[None]
                     self.last = {"token_norm": found.embedding.norm().item(), "loss": found.losses[-1]}
         finally:
             for p in trained:
                 p.requires_grad_(True)
         views.evals += cfg.adv_steps * len(self.references)
+        self.memory = (self.memory + [vectors])[-cfg.adv_memory:]
         self._encode_adversarial()
 
     @torch.no_grad()
     def _encode_adversarial(self) -> None:
         from .attack.target import slot_embeddings
 
-        with slot_embeddings(self.target, self.slot_ids, self.vectors):
-            self.adversarial = Conditioning(self.target.text_encoder(self.ids)[0])  # (1, L, D)
+        rows = []
+        for vectors in self.memory:
+            with slot_embeddings(self.target, self.slot_ids, vectors):
+                rows.append(self.target.text_encoder(self.ids)[0])
+        self.adversarial = torch.cat(rows)  # (M, L, D)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "generator": self.generator.get_state(), "references": self.references,
-                "retain_latents": self.retain_latents, "start": self.start, "vectors": self.vectors,
+                "retain_latents": self.retain_latents, "start": self.start, "memory": self.memory,
                 "last": self.last}
 
     def load_state_dict(self, state: dict | None) -> None:
@@ -282,8 +292,8 @@ class RobustESD:
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
         self.references, self.retain_latents = state["references"], state["retain_latents"]
-        self.start, self.vectors, self.last = state["start"], state["vectors"], state["last"]
-        if self.vectors is not None:
+        self.start, self.memory, self.last = state["start"], state["memory"], state["last"]
+        if self.memory:
             self._encode_adversarial()
 
     def record(self) -> dict:

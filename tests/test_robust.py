@@ -66,6 +66,23 @@ def test_seeded_robust_runs_repeat_and_resume_exactly(attack, tiny_models, tmp_p
     assert args["robust"]["adversarial_prompt"] == ("<adv0> <adv1> cat" if attack == "prefix" else "<adv>")
 
 
+def test_adversarial_memory_trains_on_past_rounds_and_resumes_exactly(tiny_models, tmp_path):
+    """--adv_memory 2 with a round before every iteration: from the second iteration each adversarial row is
+    one of the last two rounds' conditionings, drawn at random; the checkpoint at 2 holds both rounds'
+    conditionings, so the resumed half draws from the same two and ends where the straight run does."""
+    kw = {"adversarial": "prefix", "adv_every": 1, "adv_memory": 2}
+    full = train(tiny_models, tmp_path, "full", **kw)
+    part = train(tiny_models, tmp_path, "part", save_every=2, **kw)
+    checkpoint = torch.load(part.output_dir / "checkpoints" / "checkpoint-2.pt", weights_only=False)
+    assert len(checkpoint["robust"]["memory"]) == 2
+    resumed = train(tiny_models, tmp_path, "resumed", resume=str(part.output_dir / "checkpoints" /
+                                                                  "checkpoint-2.pt"), **kw)
+    assert same(weights(full), weights(resumed)) and resumed.losses == full.losses
+    last_only = train(tiny_models, tmp_path, "last", **{**kw, "adv_memory": 1})
+    assert not same(weights(last_only), weights(full))  # the older rounds' rows change the erasure
+    assert json.loads((full.output_dir / "args.json").read_text())["adv_memory"] == 2
+
+
 def test_retain_weight_zero_leaves_only_the_adversarial_term(tiny_models, tmp_path, retain):
     """loss.csv records the retain term as weighted, and weight 0 zeroes it."""
     r = train(tiny_models, tmp_path, "w0", retain_prompts=retain, retain_weight=0.0, iterations=2)
@@ -85,6 +102,8 @@ def test_retain_prompts_read_as_text_or_csv(tmp_path):
     ({"adversarial": "gcg"}, {}, "--adversarial 'gcg' is not one of: prefix, inversion"),
     ({"adversarial": "prefix", "adv_every": 0}, {}, "--adv_every must be an integer >= 1, got 0"),
     ({"adversarial": "prefix", "adv_steps": -1}, {}, "--adv_steps must be an integer >= 1"),
+    ({"adversarial": "prefix", "adv_memory": 0}, {}, "--adv_memory must be an integer >= 1, got 0"),
+    ({"adv_memory": 4}, {}, "--adv_memory set without --adversarial"),
     ({"adv_steps": 20, "adv_tokens": 3}, {}, "--adv_steps, --adv_tokens set without --adversarial"),
     ({"retain_weight": float("nan")}, {}, "--retain_weight must be a finite number >= 0"),
     ({"retain_prompts": "missing.txt"}, {}, "--retain_prompts 'missing.txt' does not exist"),
