@@ -54,7 +54,7 @@ class Settings:
     adv_every: int = 10
     adv_steps: int = 10
     adv_references: int = 8
-    adv_memory: int = 1
+    adv_memory: int = 10
     retain_weight: float = 1.0
     samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain

@@ -121,7 +121,7 @@ class ESDConfig:
     adv_steps: int = 10  # attack steps per round (each round continues from the last)
     adv_tokens: int = 5  # prefix: tokens k (UnlearnDiffAtk's default)
     adv_references: int = 8  # the frozen model's images of the concept that the attack explains
-    adv_memory: int = 1  # train on the last N rounds' adversarial conditionings, not only the last (RECE keeps all)
+    adv_memory: int = 10  # train on the last N rounds' adversarial conditionings (RECE keeps all); 1: the last only
     retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
     retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly

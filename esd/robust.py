@@ -292,7 +292,11 @@ class RobustESD:
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
         self.references, self.retain_latents = state["references"], state["retain_latents"]
-        self.start, self.memory, self.last = state["start"], state["memory"], state["last"]
+        self.start, self.last = state["start"], state["last"]
+        if "memory" in state:
+            self.memory = state["memory"]
+        else:  # a checkpoint from before --adv_memory: its one last round
+            self.memory = [] if state["vectors"] is None else [state["vectors"]]
         if self.memory:
             self._encode_adversarial()
 
