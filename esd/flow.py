@@ -101,14 +101,23 @@ def use_repeated_token_attention(transformer, copies: int | None) -> None:
         block.attn.set_processor(JointAttnProcessor2_0() if copies is None else RepeatedTokenAttention(copies))
 
 
-def merge_zero_t5_tokens(transformer) -> None:
+def merge_zero_t5_tokens(transformer) -> list:
     """Make an SD3 transformer attend to one zero token as to the 256 that ``StableDiffusion3Pipeline``
     appends when it has no T5 (:class:`RepeatedTokenAttention`). Exact up to float rounding: the text
     stream has no position embedding and every text-side operation (context embedder, adaLN, MLP, the
     projections) works per token, so identical tokens stay identical through every block, and attention
     to n identical keys with identical values is attention to one of them with ln(n) added to its logit.
-    Conditioning must then be encoded with ``zero_tokens=1`` (:func:`merges_zero_t5_tokens` tells)."""
+    Conditioning must then be encoded with ``zero_tokens=1`` (:func:`merges_zero_t5_tokens` tells).
+    Returns the attention processors it replaced, for :func:`unmerge_zero_t5_tokens`."""
+    before = [block.attn.processor for block in transformer.transformer_blocks]
     use_repeated_token_attention(transformer, SD3_T5_TOKENS)
+    return before
+
+
+def unmerge_zero_t5_tokens(transformer, processors: list) -> None:
+    """Undo :func:`merge_zero_t5_tokens`: the blocks get back the processors it returned."""
+    for block, processor in zip(transformer.transformer_blocks, processors, strict=True):
+        block.attn.set_processor(processor)
 
 
 def merges_zero_t5_tokens(transformer) -> bool:

@@ -129,6 +129,20 @@ def check_one_text_encoder(cfg) -> None:
                              f"{cfg.base_model!r} is SDXL")
 
 
+def check_resume_retain(cfg, state: dict) -> None:
+    """A resumed robust run keeps its retain prompts: the checkpoint's retain images were drawn for the prompts
+    its --retain_prompts file held then, so a file edited since is refused (the flag's path alone would pass)."""
+    then = (state.get("robust") or {}).get("retain_prompts")
+    if then is None or cfg.retain_prompts is None:
+        return
+    now = read_retain_prompts(cfg.retain_prompts, cfg.words)
+    if now != then:
+        changed = next((i for i, (a, b) in enumerate(zip(now, then)) if a != b), min(len(now), len(then)))
+        raise ValueError(f"--retain_prompts {cfg.retain_prompts!r} changed since checkpoint {cfg.resume!r} was "
+                         f"written ({len(now)} prompts now, {len(then)} then; first difference at prompt "
+                         f"{changed + 1}); resume with the file as it was, or start a new run")
+
+
 class RobustESD:
     """The adversarial and preservation terms of one robust run, and their state (checkpointed)."""
 
@@ -143,9 +157,9 @@ class RobustESD:
         self.noise_scheduler = DDPMScheduler.from_config(models.scheduler.config)  # forward noising q(x_t | x_0)
         self.retain = None
         if cfg.retain_prompts is not None:
-            prompts = read_retain_prompts(cfg.retain_prompts, cfg.words)
-            self.retain = encode_prompts(models, prompts, image_size)  # (R, 77, D)
-            self.retain_count = len(prompts)
+            self.retain_prompt_list = read_retain_prompts(cfg.retain_prompts, cfg.words)
+            self.retain = encode_prompts(models, self.retain_prompt_list, image_size)  # (R, 77, D)
+            self.retain_count = len(self.retain_prompt_list)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
         self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
         self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
@@ -284,7 +298,7 @@ class RobustESD:
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "generator": self.generator.get_state(), "references": self.references,
                 "retain_latents": self.retain_latents, "start": self.start, "memory": self.memory,
-                "last": self.last}
+                "last": self.last, "retain_prompts": getattr(self, "retain_prompt_list", None)}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state is None:

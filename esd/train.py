@@ -7,6 +7,7 @@ together and writes the outputs. One iteration is :meth:`ESDTrainer.step`.
 
 import math
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,14 @@ from tqdm.auto import tqdm
 
 from .config import PRECISIONS, SAVE_PRECISIONS, ESDConfig
 from .export import run_export, train_export_path, train_exports
-from .flow import merge_zero_t5_tokens
+from .flow import merge_zero_t5_tokens, unmerge_zero_t5_tokens
 from .lora_train import LoraTraining, check_lora_method, plain_state_dict
 from .methods import resolve_method, select_parameters
 from .modelcard import write_model_card
 from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
-from .robust import RobustESD, is_robust
+from .robust import RobustESD, check_resume_retain, is_robust
 from .sampling import Conditioning, encode_erasure_prompts, sampler_scheduler
 from .views import TrainedRows, UNetViews
 from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
@@ -58,6 +59,7 @@ class ESDTrainer:
         config.validate()
         self.config = config
         self.models = models
+        self.attention_before = None  # an SD3 transformer's attention processors before setup() merged its zero tokens
         self.resume_state = self._read_resume_state(config) if config.resume else None
         if config.seed is None:
             config.seed = secrets.randbelow(2**31)
@@ -84,6 +86,7 @@ class ESDTrainer:
         if conflicts:  # includes an --iterations below the recorded one, which is >= the checkpoint's iteration
             raise ValueError(f"--resume {cfg.resume!r} was trained with other settings: {'; '.join(conflicts)} "
                              "(a resumed run keeps its settings; only --iterations may grow)")
+        check_resume_retain(cfg, state)
         return state
 
     def _check_output_dir(self) -> None:
@@ -127,8 +130,8 @@ class ESDTrainer:
         if m.family == "sd3" and len(m.text_encoders) == 2:
             # SD3 without T5 conditions every prompt on 256 identical zero tokens; one of them, weighted
             # by ln(256) in attention, is the same model (esd.flow.merge_zero_t5_tokens) at a fraction of
-            # the tokens: the toy's 333 become 78. The transformer keeps this attention for the run.
-            merge_zero_t5_tokens(m.unet)
+            # the tokens: the toy's 333 become 78. The transformer keeps this attention until release().
+            self.attention_before = merge_zero_t5_tokens(m.unet)
         # Text conditioning is fixed for the whole run: encode once, then drop the text encoders.
         for enc in m.text_encoders:
             enc.to(self.device, self.dtype)
@@ -235,6 +238,7 @@ class ESDTrainer:
             for p in self._run_files(self.output_dir):
                 if cfg.resume is None or p.resolve() != Path(cfg.resume).resolve():
                     p.unlink(missing_ok=True)
+            remove_export_folder(train_export_path(self.output_dir, "diffusers"))
         start = time.perf_counter()
         bar = tqdm(range(self.start_iteration, cfg.iterations), initial=self.start_iteration,
                    total=cfg.iterations, desc="ESD", disable=None)
@@ -252,6 +256,14 @@ class ESDTrainer:
         seconds = time.perf_counter() - start
         return ESDResult(self.output_dir, self.trained_names, [h["loss"] for h in self.history], seconds,
                          self.unet_evals)
+
+    def release(self) -> None:
+        """Take off what setup() put on the model for training only: an SD3 transformer's merged zero-token
+        attention, so that the erased transformer in memory samples right in diffusers' pipeline (which
+        appends 256 zero tokens) for a caller who passed ``models``."""
+        if self.attention_before is not None:
+            unmerge_zero_t5_tokens(self.unet, self.attention_before)
+            self.attention_before = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict:
@@ -331,12 +343,24 @@ class ESDTrainer:
         return out
 
 
+def remove_export_folder(folder: Path) -> None:
+    """The old run's ``esd train --export diffusers`` folder, removed under --overwrite with the rest of the old run,
+    so that no stale model sits beside the new weights. A link there is unlinked, never followed."""
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+
+
 def train_esd(config: ESDConfig, models: DiffusionModels | None = None) -> ESDResult:
     """Run a whole erasure and write its outputs; returns where they are."""
     trainer = ESDTrainer(config, models)
     trainer.setup()
-    result = trainer.train()
-    trainer.save(result)
+    try:
+        result = trainer.train()
+        trainer.save(result)
+    finally:
+        trainer.release()
     for settings in train_exports(result.output_dir, config.export, config.export_options, config.overwrite):
         run_export(str(result.output_dir), settings)
     return result

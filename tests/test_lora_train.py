@@ -156,3 +156,15 @@ def test_train_exports_at_the_end_into_the_run_folder(tmp_path):
     assert record["export"] == ["lora", "single-file"] and record["export_options"] == {"rank": "full",
                                                                                         "dtype": "fp32"}
     assert "`export/lora.safetensors` (`esd export --format lora`)" in (run / "README.md").read_text()
+
+
+def test_overwrite_removes_the_old_runs_diffusers_export(tmp_path):
+    """A run replaced with --overwrite leaves no stale export/diffusers/ model beside its new weights."""
+    args = ["train", "--prompt", "red", "--train_method", "xattn", "--base_model", "toy", "--iterations", "1",
+            "--ddim_steps", "6", "--pool_size", "1", "--seed", "0", "--save_path", str(tmp_path), "--name", "red",
+            "--save_format", "trained"]
+    assert main(args + ["--export", "diffusers"]) == 0
+    assert (tmp_path / "red" / "export" / "diffusers" / "unet").is_dir()
+    assert main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert not (tmp_path / "red" / "export" / "diffusers").exists()
+    assert json.loads((tmp_path / "red" / "args.json").read_text())["seed"] == 1

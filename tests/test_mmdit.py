@@ -169,6 +169,9 @@ def test_sd3_without_t5_trains_on_one_zero_token_standing_for_its_256(flow_model
     with_t5 = trainer_of("sd3-t5")
     assert not merges_zero_t5_tokens(with_t5.unet)
     assert with_t5.prompts.source(torch.zeros(1, dtype=torch.long)).prompt_embeds.shape[1] == 77 + 256
+    trainer.release()  # what train_esd does after saving: the transformer is diffusers' plain one again
+    assert not merges_zero_t5_tokens(unet)
+    torch.testing.assert_close(call_unet(unet, x, t, full), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_flux_defaults_to_bf16_with_checkpointing_and_flags_override(flow_models):

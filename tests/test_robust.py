@@ -83,6 +83,20 @@ def test_adversarial_memory_trains_on_past_rounds_and_resumes_exactly(tiny_model
     assert json.loads((full.output_dir / "args.json").read_text())["adv_memory"] == 2
 
 
+def test_resume_refuses_a_retain_file_edited_since_the_checkpoint(tiny_models, tmp_path, retain):
+    """The checkpoint's retain images belong to the prompts the file held then; the same path with other
+    prompts is refused in one line before any model loads, and the checkpoint is left as it was."""
+    part = train(tiny_models, tmp_path, "part", save_every=2, retain_prompts=retain)
+    checkpoint = part.output_dir / "checkpoints" / "checkpoint-2.pt"
+    before = checkpoint.read_bytes()
+    with open(retain, "a") as f:
+        f.write("a red barn\n")
+    with pytest.raises(ValueError, match=r"changed since checkpoint .* \(3 prompts now, 2 then; first difference "
+                                         r"at prompt 3\)"):
+        train(tiny_models, tmp_path, "resumed", resume=str(checkpoint), retain_prompts=retain)
+    assert checkpoint.read_bytes() == before and not (tmp_path / "resumed").exists()
+
+
 def test_retain_weight_zero_leaves_only_the_adversarial_term(tiny_models, tmp_path, retain):
     """loss.csv records the retain term as weighted, and weight 0 zeroes it."""
     r = train(tiny_models, tmp_path, "w0", retain_prompts=retain, retain_weight=0.0, iterations=2)
