@@ -129,9 +129,14 @@ def check_one_text_encoder(cfg) -> None:
                              f"{cfg.base_model!r} is SDXL")
 
 
-def check_resume_retain(cfg, state: dict) -> None:
-    """A resumed robust run keeps its retain prompts: the checkpoint's retain images were drawn for the prompts
-    its --retain_prompts file held then, so a file edited since is refused (the flag's path alone would pass)."""
+def check_resume_robust(cfg, state: dict) -> None:
+    """What a resumed robust run must keep beyond the flags ``resume_conflicts`` compares. A checkpoint from
+    before --adv_memory trained on its last round only, which --adv_memory 1 continues. And the checkpoint's
+    retain images were drawn for the prompts its --retain_prompts file held then, so a file edited since is
+    refused (the flag's path alone would pass)."""
+    if cfg.adversarial is not None and "adv_memory" not in state["config"] and cfg.adv_memory != 1:
+        raise ValueError(f"--resume {cfg.resume!r} was trained before --adv_memory existed, on the last round's "
+                         f"conditioning only; resume it with --adv_memory 1")
     then = (state.get("robust") or {}).get("retain_prompts")
     if then is None or cfg.retain_prompts is None:
         return

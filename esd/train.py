@@ -24,7 +24,7 @@ from .modelcard import write_model_card
 from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
-from .robust import RobustESD, check_resume_retain, is_robust
+from .robust import RobustESD, check_resume_robust, is_robust
 from .sampling import Conditioning, encode_erasure_prompts, sampler_scheduler
 from .views import TrainedRows, UNetViews
 from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
@@ -86,7 +86,7 @@ class ESDTrainer:
         if conflicts:  # includes an --iterations below the recorded one, which is >= the checkpoint's iteration
             raise ValueError(f"--resume {cfg.resume!r} was trained with other settings: {'; '.join(conflicts)} "
                              "(a resumed run keeps its settings; only --iterations may grow)")
-        check_resume_retain(cfg, state)
+        check_resume_robust(cfg, state)
         return state
 
     def _check_output_dir(self) -> None:

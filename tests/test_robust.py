@@ -83,6 +83,23 @@ def test_adversarial_memory_trains_on_past_rounds_and_resumes_exactly(tiny_model
     assert json.loads((full.output_dir / "args.json").read_text())["adv_memory"] == 2
 
 
+def test_a_checkpoint_from_before_adv_memory_resumes_only_as_it_was_trained(tiny_models, tmp_path):
+    """Such a checkpoint (no adv_memory in its settings, the last round's slot rows as "vectors") trained on
+    its last round only: the new default is refused in one line, and --adv_memory 1 continues it exactly."""
+    kw = {"adversarial": "prefix", "adv_memory": 1}
+    full = train(tiny_models, tmp_path, "full", **kw)
+    part = train(tiny_models, tmp_path, "part", save_every=2, **kw)
+    state = torch.load(part.output_dir / "checkpoints" / "checkpoint-2.pt", weights_only=False)
+    del state["config"]["adv_memory"]
+    state["robust"]["vectors"] = state["robust"].pop("memory")[-1]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    with pytest.raises(ValueError, match="trained before --adv_memory existed.*resume it with --adv_memory 1"):
+        train(tiny_models, tmp_path, "resumed", resume=str(old), adversarial="prefix")
+    resumed = train(tiny_models, tmp_path, "resumed", resume=str(old), **kw)
+    assert same(weights(full), weights(resumed)) and resumed.losses == full.losses
+
+
 def test_resume_refuses_a_retain_file_edited_since_the_checkpoint(tiny_models, tmp_path, retain):
     """The checkpoint's retain images belong to the prompts the file held then; the same path with other
     prompts is refused in one line before any model loads, and the checkpoint is left as it was."""
