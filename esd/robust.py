@@ -160,11 +160,10 @@ class RobustESD:
         self.cfg, self.prompts, self.latent_shape = cfg, prompts, latent_shape
         self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps)  # its own copy
         self.noise_scheduler = DDPMScheduler.from_config(models.scheduler.config)  # forward noising q(x_t | x_0)
-        self.retain = None
+        self.retain = self.retain_prompt_list = None
         if cfg.retain_prompts is not None:
             self.retain_prompt_list = read_retain_prompts(cfg.retain_prompts, cfg.words)
             self.retain = encode_prompts(models, self.retain_prompt_list, image_size)  # (R, 77, D)
-            self.retain_count = len(self.retain_prompt_list)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
         self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
         self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
@@ -256,7 +255,7 @@ class RobustESD:
             self.references = torch.empty(0)
         if self.retain is not None:
             self.retain_latents = torch.cat([sample(Conditioning(self.retain.prompt_embeds[i:i + cfg.batch_size]))
-                                             for i in range(0, self.retain_count, cfg.batch_size)])
+                                             for i in range(0, len(self.retain_prompt_list), cfg.batch_size)])
 
     def _attack(self, views) -> None:
         """One attack round against the current trained model, continuing from the last round's state, with
@@ -303,7 +302,7 @@ class RobustESD:
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "generator": self.generator.get_state(), "references": self.references,
                 "retain_latents": self.retain_latents, "start": self.start, "memory": self.memory,
-                "last": self.last, "retain_prompts": getattr(self, "retain_prompt_list", None)}
+                "last": self.last, "retain_prompts": self.retain_prompt_list}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state is None:
@@ -322,7 +321,7 @@ class RobustESD:
     def record(self) -> dict:
         """What args.json adds about the robust terms beyond the flags."""
         out = {"attack_lr_absolute": getattr(self, "attack_lr", None), "attack_seed": self.cfg.seed + 1,
-               "retain_prompt_count": getattr(self, "retain_count", 0), "last_attack": self.last}
+               "retain_prompt_count": len(self.retain_prompt_list or []), "last_attack": self.last}
         if self.target is not None:
             out["adversarial_prompt"] = self.prompt
         return out
