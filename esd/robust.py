@@ -148,6 +148,15 @@ def check_resume_robust(cfg, state: dict) -> None:
                          f"{changed + 1}); resume with the file as it was, or start a new run")
 
 
+def forward_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:
+    """x_t of x_0 at the engine's ``timesteps``: the UNets' q(x_t | x_0) (``noise_scheduler``, a DDPMScheduler),
+    or, where it is None, the flow-matching path x_t = (1 - s) x_0 + s eps at s = timestep / 1000 (esd.flow)."""
+    if noise_scheduler is not None:
+        return noise_scheduler.add_noise(x0, noise, timesteps)
+    s = (timesteps.float() / 1000).to(x0.device).view(-1, *[1] * (x0.dim() - 1))
+    return ((1 - s) * x0 + s * noise).to(x0.dtype)
+
+
 class RobustESD:
     """The adversarial and preservation terms of one robust run, and their state (checkpointed)."""
 
@@ -158,12 +167,16 @@ class RobustESD:
         from diffusers import DDPMScheduler
 
         self.cfg, self.prompts, self.latent_shape = cfg, prompts, latent_shape
-        self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps)  # its own copy
-        self.noise_scheduler = DDPMScheduler.from_config(models.scheduler.config)  # forward noising q(x_t | x_0)
+        self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps,  # its own copy
+                                         latent_shape[2:], models.family == "flux")
+        # the UNets' forward noising q(x_t | x_0), for the attacks and the retain term; None: flow matching's
+        flow = models.family in FLOW_FAMILIES
+        self.noise_scheduler = None if flow else DDPMScheduler.from_config(models.scheduler.config)
         self.retain = self.retain_prompt_list = None
         if cfg.retain_prompts is not None:
             self.retain_prompt_list = read_retain_prompts(cfg.retain_prompts, cfg.words)
-            self.retain = encode_prompts(models, self.retain_prompt_list, image_size)  # (R, 77, D)
+            # encoded as the erasure's prompts are (SDXL's pooled embeddings and time ids, SD3's and FLUX's too)
+            self.retain = encode_prompts(models, self.retain_prompt_list, image_size, guidance=cfg.start_guidance)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
         self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
         self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
@@ -221,13 +234,14 @@ class RobustESD:
     def _retain_rows(self, views, batch, generator) -> TrainedRows:
         """AdvUnlearn's retain loss: at x_t = q(x_t | x_0) of the frozen model's own image of a retain prompt
         (one prompt drawn per row, fresh noise, the batch's timesteps), the trained prediction for that prompt
-        should stay the frozen one (epsilon space, MSE), weighted by ``retain_weight``."""
+        should stay the frozen one (MSE in the space of the ESD loss: epsilon for the UNets, velocity for the
+        flow models), weighted by ``retain_weight``."""
         b = len(batch.latents)
         rows = torch.randint(len(self.retain_latents), (b,), generator=generator)
         noise = torch.randn(batch.latents.shape, generator=generator).to(views.device)
         x0 = self.retain_latents[rows].to(views.device)
-        latents = self.noise_scheduler.add_noise(x0, noise, batch.timesteps)
-        cond = Conditioning(self.retain.prompt_embeds[rows.to(self.retain.prompt_embeds.device)]).to(views.device)
+        latents = forward_noise(x0, noise, batch.timesteps, self.noise_scheduler)
+        cond = self.retain.take(rows).to(views.device)
         with views.autocast():
             frozen = views.frozen(latents, batch.timesteps, cond).float()
         return TrainedRows("retain_loss", latents, batch.timesteps, cond,
@@ -245,17 +259,18 @@ class RobustESD:
             n = cond.prompt_embeds.shape[0]
             noise = torch.randn((n, *shape[1:]), generator=generator).to(views.device)
             self.sampler.set_timesteps(cfg.ddim_steps)
-            with views.autocast():
+            with views.autocast():  # FLUX: the guidance is in the conditioning (see XtSource)
                 return denoise(views.frozen, self.sampler, noise, cond, prompts.uncond_rows(n),
-                               cfg.start_guidance, self.sampler.timesteps).float()
+                               cfg.start_guidance if views.true_cfg else None, self.sampler.timesteps).float()
 
         if cfg.adversarial is not None:
             self.references = sample(prompts.concept(torch.zeros(cfg.adv_references, dtype=torch.long)))
         else:
             self.references = torch.empty(0)
         if self.retain is not None:
-            self.retain_latents = torch.cat([sample(Conditioning(self.retain.prompt_embeds[i:i + cfg.batch_size]))
-                                             for i in range(0, len(self.retain_prompt_list), cfg.batch_size)])
+            n = len(self.retain_prompt_list)
+            self.retain_latents = torch.cat([sample(self.retain.take(torch.arange(i, min(i + cfg.batch_size, n))))
+                                             for i in range(0, n, cfg.batch_size)])
 
     def _attack(self, views) -> None:
         """One attack round against the current trained model, continuing from the last round's state, with

@@ -38,6 +38,12 @@ class Conditioning:
             extra = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}
         return Conditioning(self.prompt_embeds.to(device=device, dtype=dtype), extra)
 
+    def take(self, rows: torch.Tensor) -> "Conditioning":
+        """The prompts at ``rows`` (B,) indices, with their extra inputs (SDXL, SD3, FLUX)."""
+        rows = rows.to(self.prompt_embeds.device)
+        extra = {k: v[rows] for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
+        return Conditioning(self.prompt_embeds[rows], extra)
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         extra = None
@@ -60,22 +66,16 @@ class PromptConditioning:
                                   None if self.erase_from is None else self.erase_from.to(device))
 
     def uncond_rows(self, n: int) -> Conditioning:
-        return _rows(self.uncond, torch.zeros(n, dtype=torch.long))
+        return self.uncond.take(torch.zeros(n, dtype=torch.long))
 
     def concept(self, rows: torch.Tensor) -> Conditioning:
-        return _rows(self.concepts, rows)
+        return self.concepts.take(rows)
 
     def source(self, rows: torch.Tensor) -> Conditioning:
         """The prompt that x_t is sampled with and that the trained model sees: e_from's, else the concept."""
         if self.erase_from is None:
             return self.concept(rows)
-        return _rows(self.erase_from, torch.zeros_like(rows))
-
-
-def _rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
-    rows = rows.to(cond.prompt_embeds.device)
-    extra = {k: v[rows] for k, v in cond.added_cond_kwargs.items()} if cond.added_cond_kwargs else None
-    return Conditioning(cond.prompt_embeds[rows], extra)
+        return self.erase_from.take(torch.zeros_like(rows))
 
 
 def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from: str | None, image_size: int,
@@ -85,8 +85,8 @@ def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from
     prompts = ["", *words] + ([erase_from] if erase_from else [])
     cond = encode_prompts(models, prompts, image_size, zero_empty=sdxl_uncond == "zeros", guidance=guidance)
     n = len(words)
-    return PromptConditioning(_rows(cond, torch.tensor([0])), _rows(cond, torch.arange(1, n + 1)),
-                              _rows(cond, torch.tensor([n + 1])) if erase_from else None)
+    return PromptConditioning(cond.take(torch.tensor([0])), cond.take(torch.arange(1, n + 1)),
+                              cond.take(torch.tensor([n + 1])) if erase_from else None)
 
 
 @torch.no_grad()

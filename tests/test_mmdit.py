@@ -132,6 +132,20 @@ def test_seeded_runs_are_identical_and_resume_is_exact(kind, pool, flow_models, 
     assert timesteps.str.contains(r"\.").any()  # flow-matching timesteps s * 1000 are not rounded to integers
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_retain_prompts_keep_flow_predictions(kind, flow_models, tmp_path):
+    """esd train --retain_prompts on a transformer: the retain rows are noised on the flow-matching path and
+    carry the pooled projections (and FLUX-dev's guidance); theta = theta* at first, so the first retain
+    loss is zero up to rounding; the next are not."""
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a photo of a dog\nchurch\n")
+    out = esd_train(flow_models[kind], tmp_path, "--train_method", "mmdit-x", "--iterations", "3",
+                    "--retain_prompts", str(retain), "--retain_weight", "2", "--name", "run")
+    losses = pd.read_csv(out / "loss.csv")
+    assert losses["retain_loss"].iloc[0] < 1e-10 and losses["retain_loss"].iloc[1:].gt(1e-12).all()
+    assert json.loads((out / "args.json").read_text())["robust"]["retain_prompt_count"] == 2
+
+
 def test_sd3_without_t5_trains_on_one_zero_token_standing_for_its_256(flow_models, tmp_path):
     """Without T5, SD3's pipeline conditions every prompt on 256 identical zero tokens; training passes one, with
     ln(256) added to its attention logit (esd.flow.merge_zero_t5_tokens). The trained view's prediction and its

@@ -16,10 +16,10 @@ from esd.robust import read_retain_prompts
 ROBUST = {"adv_every": 3, "adv_steps": 2, "adv_tokens": 2, "adv_references": 2}  # plumbing, not strength
 
 
-def train(tiny_models, tmp_path, name, **kw):
+def train(tiny_models, tmp_path, name, family="sd1", **kw):
     settings = {"prompt": "cat", "train_method": "xattn", "iterations": 4, "lr": 1e-3, "ddim_steps": 4, "seed": 0,
                 **(ROBUST if "adversarial" in kw else {}), **kw}  # --adv_* without --adversarial is refused
-    return train_esd(ESDConfig(base_model=tiny_models["sd1"], save_path=str(tmp_path), name=name,
+    return train_esd(ESDConfig(base_model=tiny_models[family], save_path=str(tmp_path), name=name,
                                save_format="trained", **settings))
 
 
@@ -162,3 +162,25 @@ def test_sdxl_is_refused_for_adversarial_training_in_one_cli_line(tiny_models, t
     assert code == 2 and err.count("\n") == 1
     assert "--adversarial supports SD 1.x and 2.x models (one text encoder)" in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_retain_prompts_train_on_sdxl_with_its_pooled_embeddings_and_time_ids(tiny_models, tmp_path, retain):
+    """The retain rows carry SDXL's extra inputs (they went missing once and the step failed). theta = theta*
+    at first, so the first retain loss is zero up to rounding; the next are not."""
+    r = train(tiny_models, tmp_path, "xl", "sdxl", retain_prompts=retain, iterations=3)
+    losses = pd.read_csv(r.output_dir / "loss.csv")["retain_loss"]
+    assert losses.iloc[0] < 1e-10 and losses.iloc[1:].gt(1e-12).all()
+
+
+def test_forward_noise_follows_ddpm_for_unets_and_the_straight_path_for_flow_models():
+    from diffusers import DDPMScheduler
+
+    from esd.robust import forward_noise
+
+    x0, eps = torch.full((3, 1, 2, 2), 2.0), torch.full((3, 1, 2, 2), -1.0)
+    flow = forward_noise(x0, eps, torch.tensor([0.0, 250.0, 1000.0]), None)  # s = 0, 1/4, 1
+    assert torch.allclose(flow[:, 0, 0, 0], torch.tensor([2.0, 1.25, -1.0]))
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    t = torch.tensor([0, 500, 999])
+    abar = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(forward_noise(x0, eps, t, ddpm), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
