@@ -34,7 +34,6 @@ from esd.records import atomic_write, check_output_folder, environment_record  #
 
 KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
         "presence_esd", "presence_robust", "preserved_esd", "preserved_robust", "seconds_esd", "seconds_robust")
-RETAIN_TEMPLATES = ("{colour} {shape}", "a {colour} shape", "a photo of a {colour} {shape}")
 REFERENCE_SEED = 10_000  # attack references use seeds 10000 + i, apart from the judged images' seeds + i
 
 
@@ -62,13 +61,6 @@ class Settings:
     inversion_steps: int = 300  # esd attack's default
     screen: bool = False  # robust ESD only, prefix attack only (see the module docstring)
     overwrite: bool = False
-
-
-def retain_prompts(concept: str) -> list[str]:
-    from esd.toy.world import COLOURS, SHAPES
-
-    return [t.format(colour=c, shape=s) for t in RETAIN_TEMPLATES for c in COLOURS if c != concept
-            for s in SHAPES]
 
 
 def train(s: Settings, name: str, **robust) -> tuple[float, Path]:
@@ -171,7 +163,7 @@ def base_references(s: Settings) -> dict:
 
 
 def run(s: Settings, log=print) -> dict:
-    from esd.toy.demo import prompts_for
+    from esd.toy.demo import prompts_for, retain_phrasings
     from esd.weights import load_erased_unet
 
     begin = time.perf_counter()
@@ -182,7 +174,7 @@ def run(s: Settings, log=print) -> dict:
         raise SystemExit(f"--out {s.out!r} already holds {done}; choose a new folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     retain_file = out / "retain_prompts.txt"
-    atomic_write(retain_file, lambda p: Path(p).write_text("\n".join(retain_prompts(s.concept)) + "\n"))
+    atomic_write(retain_file, lambda p: Path(p).write_text("\n".join(retain_phrasings(s.concept)) + "\n"))
 
     def train_robust():
         log("training robust ESD")

@@ -138,6 +138,7 @@ CASES = [
     # -- esd demo, toy-train, toy-eval -------------------------------------------------------------
     (["demo", "--concept", "purple", "--out", "{t}/demo"], "unknown toy concept 'purple'"),
     (["demo", "--samples", "some", "--out", "{t}/demo"], "invalid int value: 'some'"),
+    (["demo", "--retain_weight", "-1", "--out", "{t}/demo"], "--retain_weight must be a finite number >= 0"),
     (["toy-train", "--out", "{t}/inputs"], "is not empty"),
     (["toy-eval", "--base_model", "/no/such/model"], "base model folder '/no/such/model' does not exist"),
     (["erase"], "invalid choice: 'erase'"),

@@ -103,7 +103,13 @@ def test_demo_erases_with_the_mmdit_analogue_of_esd_x_on_a_flow_matching_toy(tmp
 
     model = toy_dit_train(tmp_path / "dit", DitRecipeConfig(**TINY), log=lambda m: None)
     report = run_demo(DemoConfig(concept="red", out=str(tmp_path / "demo"), base_model=str(model), iterations=2,
-                                 batch_size=2, samples=2), log=lambda m: None)
+                                 batch_size=2, samples=2, retain_weight=10.0), log=lambda m: None)
     assert report["erasure"]["train_method"] == "mmdit-x" and report["erasure"]["family"] == "sd3"
     assert set(report["erased"]) >= {"red", "a red circle"} and report["samples_per_prompt"] == 2
-    assert "(mmdit-x)" in (tmp_path / "demo" / "report.md").read_text()
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "(mmdit-x)" in md and "retain weight 10.0" in md
+    # --retain_weight: the other colours' phrasings that the demo does not measure, kept as theta* draws them
+    retain = (tmp_path / "demo" / "retain_prompts.txt").read_text().splitlines()
+    assert report["erasure"]["retain_weight"] == 10.0 and report["erasure"]["robust"]["retain_prompt_count"] == 27
+    assert "blue circle" in retain and not any("red" in p for p in retain)
+    assert not set(retain) & (set(report["erased"]) | set(report["others"]))

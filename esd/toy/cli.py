@@ -50,10 +50,10 @@ def register(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, prompts_for, run_demo
+    from .demo import DemoConfig, check_demo, run_demo
 
     cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
-    prompts_for(cfg.concept)  # validate before any work
+    check_demo(cfg)  # validate before any work
     run_demo(cfg)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0

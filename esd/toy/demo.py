@@ -7,6 +7,10 @@ held-out templates, held-out combinations too); presence is the share of images 
 to have it. Other prompts: "a {colour} {shape}" for every scene without the concept and the other
 values of the concept's axis alone ("blue", "a square"); accuracy is "right in what the prompt
 names".
+
+``--retain_weight W`` (> 0) adds robust ESD's preservation term (``esd train --retain_prompts``): the
+trained model's predictions for phrasings without the concept that the demo does not measure
+(:func:`retain_phrasings`) are kept at the frozen model's, weighted by W.
 """
 
 import json
@@ -41,6 +45,7 @@ class DemoConfig:
     negative_guidance: float = 1.0  # the paper's eta
     samples: int = 100  # images per prompt, before and after
     seed: int = 0
+    retain_weight: float = 0.0  # > 0: keep retain_phrasings() as theta* draws them (esd train --retain_prompts)
 
 
 def prompts_for(concept: str) -> tuple[list[Phrasing], list[Phrasing], str]:
@@ -56,6 +61,26 @@ def prompts_for(concept: str) -> tuple[list[Phrasing], list[Phrasing], str]:
     others = [p for p in phrasings if getattr(p, axis) not in (concept, None)
               and (p.text == f"a {p.colour} {p.shape}" or p.text in (p.colour, f"a {p.shape}"))]
     return erased, others, axis
+
+
+RETAIN_TEMPLATES = ("{colour} {shape}", "a {colour} shape", "a photo of a {colour} {shape}")
+
+
+def retain_phrasings(concept: str) -> list[str]:
+    """Phrasings of the scenes without the concept in templates that the demo's other prompts do not use
+    (one per template, colour and shape, so "a {colour} shape" once per shape): the prompts the
+    preservation term keeps, none of them a measured prompt."""
+    prompts_for(concept)  # a known concept
+    return [t.format(colour=c, shape=s) for t in RETAIN_TEMPLATES for c in COLOURS for s in SHAPES
+            if concept not in (c, s)]
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """One line per bad setting, before any image is drawn."""
+    prompts_for(cfg.concept)
+    w = cfg.retain_weight
+    if not (isinstance(w, (int, float)) and np.isfinite(w) and w >= 0):
+        raise ValueError(f"--retain_weight must be a finite number >= 0 (0: off), got {w!r}")
 
 
 def concept_presence(images, axis: str, concept: str) -> float:
@@ -83,10 +108,15 @@ def esd_x_of(base_model: str) -> str:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     start = time.perf_counter()
+    check_demo(cfg)
     cfg.train_method = cfg.train_method or esd_x_of(cfg.base_model)
     erased, others, axis = prompts_for(cfg.concept)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    retain = {}
+    if cfg.retain_weight > 0:
+        (out / "retain_prompts.txt").write_text("\n".join(retain_phrasings(cfg.concept)) + "\n")
+        retain = {"retain_prompts": str(out / "retain_prompts.txt"), "retain_weight": cfg.retain_weight}
     before_pipe = load_toy_pipeline(cfg.base_model)
 
     def images(pipe, phrasings):
@@ -98,7 +128,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                                  iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
                                  negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=cfg.seed,
                                  devices="cpu", save_path=str(out / "weights"), save_format="trained",
-                                 overwrite=True))  # the demo's own folder: a rerun replaces its run
+                                 overwrite=True, **retain))  # the demo's own folder: a rerun replaces its run
     unet = load_erased_unet(run_weight_files(result.output_dir)["trained"], base_model=cfg.base_model)
     after = images(load_toy_pipeline(cfg.base_model, unet=unet), erased + others)
 
@@ -133,7 +163,9 @@ def render_markdown(report: dict) -> str:
     c, ax = report["concept"], report["axis"]
     lines = [f"# ESD demo: erasing \"{c}\" from the toy model ({report['settings']['base_model']})", "",
              f"ESD-x ({report['settings']['train_method']}) of the prompt \"{c}\", eta "
-             f"{report['settings']['negative_guidance']}, {report['settings']['iterations']} iterations; "
+             f"{report['settings']['negative_guidance']}, {report['settings']['iterations']} iterations"
+             + (f", retain weight {report['settings']['retain_weight']} (the other values' unmeasured phrasings, "
+                "retain_prompts.txt)" if report["settings"].get("retain_weight") else "") + "; "
              f"{report['samples_per_prompt']} images per prompt before and after with the same seeds; "
              f"{report['seconds']} s in all ({report['training_seconds']} s of training).", "",
              f"## Erased prompts: share of images whose {ax} is judged \"{c}\"", "",
