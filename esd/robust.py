@@ -86,6 +86,12 @@ def read_retain_prompts(path: str, concepts: list[str]) -> list[str]:
     return prompts
 
 
+def check_retain_weight(w) -> None:
+    """--retain_weight (esd train's and esd demo's): a finite number >= 0."""
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+        raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
+
+
 def check_robust_settings(cfg) -> None:
     """One line per bad robust setting, before any model loads (called by ESDConfig.validate)."""
     choices = adversarial_choices()
@@ -95,9 +101,7 @@ def check_robust_settings(cfg) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
-    w = cfg.retain_weight
-    if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-        raise ValueError(f"--retain_weight must be a finite number >= 0, got {w!r}")
+    check_retain_weight(cfg.retain_weight)
     if cfg.adversarial is None:
         changed = [f"--{n}" for n in ROUND_SETTINGS
                    if getattr(cfg, n) != type(cfg).__dataclass_fields__[n].default]

@@ -24,6 +24,7 @@ from PIL import Image
 from ..config import ESDConfig
 from ..models import FLOW_FAMILIES, pipeline_family
 from ..records import environment_record
+from ..robust import check_retain_weight
 from ..train import train_esd
 from ..weights import load_erased_unet, run_weight_files
 from .judge import judge_batch
@@ -78,9 +79,7 @@ def retain_phrasings(concept: str) -> list[str]:
 def check_demo(cfg: DemoConfig) -> None:
     """One line per bad setting, before any image is drawn."""
     prompts_for(cfg.concept)
-    w = cfg.retain_weight
-    if not (isinstance(w, (int, float)) and np.isfinite(w) and w >= 0):
-        raise ValueError(f"--retain_weight must be a finite number >= 0 (0: off), got {w!r}")
+    check_retain_weight(cfg.retain_weight)  # 0: off
 
 
 def concept_presence(images, axis: str, concept: str) -> float:
