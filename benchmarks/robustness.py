@@ -55,6 +55,7 @@ class Settings:
     adv_references: int = 8
     adv_memory: int = 10
     retain_weight: float = 1.0
+    text_encoder: bool = False  # robust ESD also trains the text encoder's layers (esd train --train_text_encoder)
     samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
     prefix_steps: int = 40  # UnlearnDiffAtk's default
@@ -99,8 +100,9 @@ def reference_latents(pipe, prompt: str, n: int) -> torch.Tensor:
                 output_type="latent").images
 
 
-def measure(s: Settings, unet, references: dict, attacks: tuple[str, ...], log) -> dict:
-    """Per prompt: literal presence, other prompts' accuracy, and presence under each attack in ``attacks``."""
+def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[str, ...], log) -> dict:
+    """Per prompt: literal presence, other prompts' accuracy, and presence under each attack in ``attacks``, on
+    the toy model with ``weights`` loaded (its text encoder's too, for --train_text_encoder; None: the base)."""
     from diffusers import DDPMScheduler
 
     from esd.attack.inversion import TOKEN, inversion_attack, inversion_prompt
@@ -109,9 +111,12 @@ def measure(s: Settings, unet, references: dict, attacks: tuple[str, ...], log) 
     from esd.attack.target import Target, add_placeholders
     from esd.toy.demo import accuracy, concept_presence, prompts_for
     from esd.toy.quality import load_toy_pipeline
+    from esd.weights import apply_erased_weights
 
     erased, others, axis = prompts_for(s.concept)
-    pipe = load_toy_pipeline("toy", unet=unet)
+    pipe = load_toy_pipeline("toy")
+    if weights is not None:
+        apply_erased_weights(pipe.unet, weights, base_model="toy", text_encoder=pipe.text_encoder)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)
     target = Target(pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config),
@@ -164,7 +169,6 @@ def base_references(s: Settings) -> dict:
 
 def run(s: Settings, log=print) -> dict:
     from esd.toy.demo import prompts_for, retain_phrasings
-    from esd.weights import load_erased_unet
 
     begin = time.perf_counter()
     out = Path(s.out)
@@ -180,7 +184,7 @@ def run(s: Settings, log=print) -> dict:
         log("training robust ESD")
         return train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every, adv_steps=s.adv_steps,
                      adv_references=s.adv_references, adv_memory=s.adv_memory, retain_prompts=str(retain_file),
-                     retain_weight=s.retain_weight)
+                     retain_weight=s.retain_weight, train_text_encoder=s.text_encoder)
 
     if s.screen:
         return screen(s, train_robust, begin, log)
@@ -202,8 +206,7 @@ def run(s: Settings, log=print) -> dict:
     for name, weights, attacks in [("base", None, ("prefix",)), ("esd", esd_weights, ("prefix", "inversion")),
                                    ("robust", robust_weights, ("prefix", "inversion"))]:
         log(f"measuring {name}")
-        unet = None if weights is None else load_erased_unet(weights, base_model="toy")
-        per_model[name] = measure(s, unet, references, attacks, log)
+        per_model[name] = measure(s, weights, references, attacks, log)
         progress(per_prompt=per_model, elapsed=round(time.perf_counter() - begin, 1))
 
     m = per_model
@@ -236,11 +239,10 @@ def run(s: Settings, log=print) -> dict:
 
 def screen(s: Settings, train_robust, begin: float, log) -> dict:
     """``--screen``: robust ESD's training seconds, literal presence, other prompts and prefix ASR only."""
-    from esd.weights import load_erased_unet
 
     seconds, weights = train_robust()
     log(f"  {seconds:.0f} s; measuring robust")
-    m = measure(s, load_erased_unet(weights, base_model="toy"), base_references(s), ("prefix",), log)
+    m = measure(s, weights, base_references(s), ("prefix",), log)
     figures = {"presence_robust": mean(m["literal"]), "asr_prefix_robust": mean(m["prefix"]),
                "preserved_robust": mean(m["others"]), "seconds_robust": round(seconds, 1)}
     results = {**figures, "settings": asdict(s), "samples_per_prompt": s.samples, "environment": environment_record(),

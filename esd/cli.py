@@ -158,6 +158,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "line, or a prompt CSV with a 'prompt' column; adds weight x MSE(trained, frozen) on them")
     p.add_argument("--retain_weight", type=float, default=d["retain_weight"].default,
                    help="weight of the --retain_prompts term (AdvUnlearn's gamma) (default: %(default)s)")
+    p.add_argument("--train_text_encoder", action="store_true",
+                   help="also train the text encoder's transformer layers (AdvUnlearn's robust module; SD 1.x/2.x, "
+                   "--save_format trained: its tensors are saved beside the UNet's under 'text_encoder.')")
 
 
 def config_from_args(args: argparse.Namespace) -> ESDConfig:

@@ -124,6 +124,7 @@ class ESDConfig:
     adv_memory: int = 10  # train on the last N rounds' adversarial conditionings (RECE keeps all); 1: the last only
     retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
     retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
+    train_text_encoder: bool = False  # also train the text encoder's layers (esd/text_encoder.py; AdvUnlearn)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):
@@ -212,6 +213,9 @@ class ESDConfig:
         from .robust import check_robust_settings  # here: esd.robust imports esd.attack, which imports this module
 
         check_robust_settings(self)
+        from .text_encoder import check_text_encoder_settings
+
+        check_text_encoder_settings(self)
 
     def _validate_lora_and_exports(self) -> None:
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)

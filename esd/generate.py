@@ -422,7 +422,8 @@ def build_pipeline(cfg: GenerationConfig, device: torch.device):
         raise ValueError(f"--safety_checker asked for, but {cfg.base_model!r} has no safety checker")
     if cfg.weights_path:
         denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-        apply_erased_weights(denoiser, cfg.weights_path, base_model=cfg.base_model)
+        apply_erased_weights(denoiser, cfg.weights_path, base_model=cfg.base_model,
+                             text_encoder=getattr(pipe, "text_encoder", None))  # --train_text_encoder's tensors
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.pipeline == "sld":
         from diffusers import StableDiffusionPipelineSafe

@@ -92,6 +92,16 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
                     f"{layout}; the files above hold the same erasure merged into the weights")
             load = [*_base_pipeline_lines(record), f"pipe.load_lora_weights({path!r})  # needs peft",
                     "pipe.fuse_lora()  # optional: merge it into the weights"]
+        elif w.suffix == ".safetensors" and record.get("train_text_encoder"):
+            what = ("the trained tensors only, the text encoder's under 'text_encoder.' (--train_text_encoder); "
+                    "the others stay the base model's")
+            load = ["from safetensors.torch import load_file", *_base_pipeline_lines(record),
+                    f"state = load_file({path!r})",
+                    "encoder = {k.removeprefix('text_encoder.'): v for k, v in state.items() "
+                    "if k.startswith('text_encoder.')}",
+                    "unet = {k: v for k, v in state.items() if not k.startswith('text_encoder.')}",
+                    "assert not pipe.unet.load_state_dict(unet, strict=False).unexpected_keys",
+                    "assert not pipe.text_encoder.load_state_dict(encoder, strict=False).unexpected_keys"]
         elif w.suffix == ".safetensors":
             what = "the trained tensors only; the others stay the base model's"
             load = ["from safetensors.torch import load_file", *_base_pipeline_lines(record),
@@ -107,6 +117,11 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
                for f in record.get("export") or ()]
     if exports:
         lines += ["Written by `esd train --export` at the end of training: " + ", ".join(exports) + ".", ""]
+    if record.get("train_text_encoder"):
+        return lines + [
+            "With esd installed, `esd.apply_erased_weights(pipe.unet, path, text_encoder=pipe.text_encoder)` loads "
+            "it strictly, and `esd generate --esd_path PATH` makes images from it. `esd export` does not take it: "
+            "its formats hold the UNet alone and would drop the text encoder's erasure."]
     return lines + [
         f"With esd installed, `esd.apply_erased_weights(pipe.{denoiser}, path)` loads either format strictly, and "
         "`esd generate --esd_path PATH` makes images from it. For AUTOMATIC1111 and ComfyUI, "
@@ -188,6 +203,9 @@ def write_model_card(run_dir: str | os.PathLike, weights: list[Path] | None = No
                 ("trained parameters", f"{record.get('trained_parameters', 0):,} in "
                                        f"{record.get('trained_tensors')} tensors"),
                 *lora_rows(record),
+                *([("text encoder", f"trained too (--train_text_encoder): {record.get('text_encoder_tensors')} tensors "
+                                    "of its transformer layers and final layer norm; the embeddings stay the base's")]
+                  if record.get("train_text_encoder") else []),
                 ("training time", f"{record['seconds']:.1f} s" if "seconds" in record else "not recorded"),
                 ("made with", f"esd {env.get('esd')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
                               f"git {env.get('git_hash')}, {env.get('date')}")]

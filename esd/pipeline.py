@@ -72,7 +72,8 @@ class ESDPipeline:
         self.pipe = load_pipeline(model_id)
         self.pipe.set_progress_bar_config(disable=True)
         if load_path is not None:
-            apply_erased_weights(self.pipe.unet, load_path, base_model=model_id)
+            apply_erased_weights(self.pipe.unet, load_path, base_model=model_id,
+                                 text_encoder=getattr(self.pipe, "text_encoder", None))
         elif trainer is not None:
             self._erase(trainer, None if save_path is None else Path(save_path))
         self.pipe.to(self.device, self.dtype)

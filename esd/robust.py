@@ -37,6 +37,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .attack.target import slot_embeddings
 from .generate import read_prompt_table
 from .models import FLOW_FAMILIES
 from .records import error_summary
@@ -111,25 +112,25 @@ def check_robust_settings(cfg) -> None:
         if cfg.separator is not None or cfg.erase_from is not None:
             raise ValueError("--adversarial attacks one concept erased from itself; it cannot be combined with "
                              "--separator or --erase_from")
-        check_one_text_encoder(cfg)
+        check_one_text_encoder(cfg, "--adversarial")
     if cfg.retain_prompts is not None:
         read_retain_prompts(cfg.retain_prompts, cfg.words)
 
 
-def check_one_text_encoder(cfg) -> None:
-    """The attacks work through one text encoder: SDXL (two, plus pooled embeddings) and SD3/FLUX (CLIP and
-    T5) are refused. A local folder or a single file is checked now (configs, tensor names); other sources once
-    loaded (see RobustESD)."""
+def check_one_text_encoder(cfg, flag_name: str) -> None:
+    """The attacks and --train_text_encoder work through one text encoder: SDXL (two, plus pooled embeddings)
+    and SD3/FLUX (CLIP and T5) are refused, naming ``flag_name``. A local folder or a single file is checked now
+    (configs, tensor names); other sources once loaded (see RobustESD and ESDTrainer.setup)."""
     from .models import resolve_source
 
     flag, model = ("--base_model", cfg.base_model) if cfg.ckpt_path is None else ("--ckpt_path", cfg.ckpt_path)
     if cfg.family in FLOW_FAMILIES:
-        raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is a "
+        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is a "
                          f"{cfg.family} transformer")
     if cfg.ckpt_path is None:
         config = Path(resolve_source(cfg.base_model)) / "unet" / "config.json"
         if config.is_file() and '"text_time"' in config.read_text():
-            raise ValueError(f"--adversarial supports SD 1.x and 2.x models (one text encoder); --base_model "
+            raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); --base_model "
                              f"{cfg.base_model!r} is SDXL")
 
 
@@ -164,13 +165,16 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 class RobustESD:
     """The adversarial and preservation terms of one robust run, and their state (checkpointed)."""
 
-    def __init__(self, cfg, models, prompts: PromptConditioning, latent_shape: tuple, image_size: int):
+    def __init__(self, cfg, models, prompts: PromptConditioning, latent_shape: tuple, image_size: int,
+                 text_encoder=None):
         """Takes what it needs from ``models`` before the trainer drops the text encoders: the retain prompts
-        encoded once, and, for ``--adversarial``, the first text encoder and tokenizer, kept frozen.
-        ``prompts``: the trainer's encoded prompts; ``latent_shape``: (B, C, h, w)."""
+        encoded once, and, for ``--adversarial``, the first text encoder and tokenizer (frozen, unless
+        ``text_encoder``, the run's :class:`esd.text_encoder.TrainedTextEncoder`, trains it: then the trained
+        rows' conditioning is encoded anew, with gradient, at every step). ``prompts``: the trainer's encoded
+        prompts; ``latent_shape``: (B, C, h, w)."""
         from diffusers import DDPMScheduler
 
-        self.cfg, self.prompts, self.latent_shape = cfg, prompts, latent_shape
+        self.cfg, self.prompts, self.latent_shape, self.text_encoder = cfg, prompts, latent_shape, text_encoder
         self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps,  # its own copy
                                          latent_shape[2:], models.family == "flux")
         # the UNets' forward noising q(x_t | x_0), for the attacks and the retain term; None: flow matching's
@@ -181,6 +185,8 @@ class RobustESD:
             self.retain_prompt_list = read_retain_prompts(cfg.retain_prompts, cfg.words)
             # encoded as the erasure's prompts are (SDXL's pooled embeddings and time ids, SD3's and FLUX's too)
             self.retain = encode_prompts(models, self.retain_prompt_list, image_size, guidance=cfg.start_guidance)
+            if text_encoder is not None:
+                self.retain_ids = text_encoder.ids(self.retain_prompt_list)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # the attacks' starts, timesteps and noise
         self.iteration = 0  # iterations seen: an attack runs before every adv_every-th
         self.references = self.retain_latents = None  # x_0 of the concept / of each retain prompt, made at first use
@@ -228,7 +234,12 @@ class RobustESD:
                 self._attack(views)
             m, b = len(self.memory), len(batch.latents)
             pick = torch.zeros(b, dtype=torch.long) if m == 1 else torch.randint(m, (b,), generator=generator)
-            cond = Conditioning(self.adversarial[pick.to(self.adversarial.device)].to(views.device))
+            if self.text_encoder is None:
+                cond = Conditioning(self.adversarial[pick.to(self.adversarial.device)].to(views.device))
+            else:  # the trained encoder's answer to the rounds' slot vectors, with gradient
+                vectors = torch.stack([self.memory[i] for i in pick.tolist()]).to(self.target.device)  # (B, k, D)
+                with slot_embeddings(self.target, self.slot_ids, vectors):
+                    cond = self.text_encoder(self.ids.repeat(b, 1))
             out.append(TrainedRows("adversarial_loss", batch.latents, batch.timesteps, cond, batch.target))
         if self.retain is not None:
             out.append(self._retain_rows(views, batch, generator))
@@ -248,6 +259,8 @@ class RobustESD:
         cond = self.retain.take(rows).to(views.device)
         with views.autocast():
             frozen = views.frozen(latents, batch.timesteps, cond).float()
+        if self.text_encoder is not None:  # theta's own encoding of the prompts; theta*'s stays the frozen one
+            cond = self.text_encoder(self.retain_ids[rows.to(self.retain_ids.device)])
         return TrainedRows("retain_loss", latents, batch.timesteps, cond,
                            views.to_eps(frozen, latents, batch.timesteps), self.cfg.retain_weight)
 
@@ -283,7 +296,8 @@ class RobustESD:
         from .attack.prefix import prefix_attack
 
         cfg, target = self.cfg, self.target
-        trained = [p for p in views.unet.parameters() if p.requires_grad]
+        encoder = [] if self.text_encoder is None else self.text_encoder.params
+        trained = [p for p in [*views.unet.parameters(), *encoder] if p.requires_grad]
         for p in trained:
             p.requires_grad_(False)
         try:
@@ -309,8 +323,10 @@ class RobustESD:
 
     @torch.no_grad()
     def _encode_adversarial(self) -> None:
-        from .attack.target import slot_embeddings
-
+        """The memory's conditionings, encoded once per round (a frozen text encoder's; a trained one encodes
+        them at every step instead, see :meth:`rows`)."""
+        if self.text_encoder is not None:
+            return
         rows = []
         for vectors in self.memory:
             with slot_embeddings(self.target, self.slot_ids, vectors):

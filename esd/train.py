@@ -26,6 +26,7 @@ from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
 from .robust import RobustESD, check_resume_robust, is_robust
 from .sampling import Conditioning, encode_erasure_prompts, sampler_scheduler
+from .text_encoder import TrainedTextEncoder
 from .views import TrainedRows, UNetViews
 from .weights import run_weight_files, save_full_state_dict, save_trained_parameters
 from .xt_sources import make_source
@@ -137,8 +138,16 @@ class ESDTrainer:
             enc.to(self.device, self.dtype)
         self.prompts = encode_erasure_prompts(m, cfg.words, cfg.erase_from, self.image_size,
                                               cfg.sdxl_uncond, cfg.start_guidance).to(self.device)
+        # theta*'s prompts stay the ones just encoded; with --train_text_encoder theta encodes its own at every step
+        self.text_encoder = None
+        if cfg.train_text_encoder:
+            if len(m.text_encoders) != 1:
+                raise ValueError(f"--train_text_encoder supports SD 1.x and 2.x models (one text encoder); "
+                                 f"{m.source} has {len(m.text_encoders)}")
+            self.text_encoder = TrainedTextEncoder(m.text_encoders[0], m.tokenizers[0], cfg.words, cfg.erase_from)
         # Robust training (esd/robust.py) keeps what it needs: its retain prompts, encoded, and its own encoder.
-        self.robust = RobustESD(cfg, m, self.prompts, latent_shape, self.image_size) if is_robust(cfg) else None
+        self.robust = (RobustESD(cfg, m, self.prompts, latent_shape, self.image_size, self.text_encoder)
+                       if is_robust(cfg) else None)
         m.text_encoders.clear()
 
         self.unet = m.unet.to(self.device)
@@ -155,6 +164,8 @@ class ESDTrainer:
                                getattr(scheduler, "alphas_cumprod", None), m.prediction_type, frozen)
         trained = set(self.trained_names)
         self.params = [p for n, p in self.unet.named_parameters() if n in trained]
+        if self.text_encoder is not None:
+            self.params += self.text_encoder.params
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers' blocks checkpoint when grad is enabled
         if cfg.compile:
@@ -201,7 +212,8 @@ class ESDTrainer:
         against the target, one optimizer step. Returns the iteration's loss.csv row. Robust ESD adds
         rows with their own targets; all rows go through the trained view in one forward."""
         batch = self.source.next_batch()
-        groups = [TrainedRows("esd", batch.latents, batch.timesteps, self.prompts.source(batch.concept), batch.target)]
+        encoder = self.prompts if self.text_encoder is None else self.text_encoder  # theta's conditioning
+        groups = [TrainedRows("esd", batch.latents, batch.timesteps, encoder.source(batch.concept), batch.target)]
         if self.robust is not None:  # robust ESD's adversarial and retain rows, predicted in the same forward
             groups += self.robust.rows(self.views, batch, self.generator)
         latents = torch.cat([g.latents for g in groups])
@@ -228,7 +240,8 @@ class ESDTrainer:
         n_params = sum(p.numel() for p in self.params)
         print("***** Running ESD training *****")
         print(f"  concept(s) = {cfg.words}  method = {resolve_method(cfg.train_method).name}  "
-              f"trained parameters = {n_params:,} in {len(self.params)} tensors")
+              f"trained parameters = {n_params:,} in {len(self.params)} tensors"
+              + ("" if self.text_encoder is None else f" (the text encoder's: {len(self.text_encoder.names)})"))
         if self.lora:
             print(self.lora.describe())
         print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
@@ -267,8 +280,10 @@ class ESDTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict:
+        """The trained tensors (fp32, CPU): the UNet's by name, the text encoder's under ``text_encoder.``."""
         params = dict(self.unet.named_parameters())
-        return {n: params[n].detach().float().cpu() for n in self.trained_names}
+        state = {n: params[n].detach().float().cpu() for n in self.trained_names}
+        return state if self.text_encoder is None else {**state, **self.text_encoder.state()}
 
     def save_checkpoint(self) -> Path:
         iteration = self.history[-1]["iteration"] if self.history else self.start_iteration
@@ -283,13 +298,16 @@ class ESDTrainer:
         return path
 
     def _load_checkpoint(self, state: dict) -> None:
-        if sorted(state["trained"]) != sorted(self.trained_names):
+        names = sorted(self.trained_state())
+        if sorted(state["trained"]) != names:
             raise ValueError(f"checkpoint {self.config.resume!r} was trained with another train method or model "
-                             f"({len(state['trained'])} tensors vs {len(self.trained_names)} selected now)")
+                             f"({len(state['trained'])} tensors vs {len(names)} selected now)")
         params = dict(self.unet.named_parameters())
         with torch.no_grad():
-            for n, v in state["trained"].items():
-                params[n].copy_(v)
+            for n in self.trained_names:
+                params[n].copy_(state["trained"][n])
+        if self.text_encoder is not None:
+            self.text_encoder.load(state["trained"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.start_iteration = state["iteration"]
@@ -333,6 +351,7 @@ class ESDTrainer:
                   "prediction_type": self.models.prediction_type, "resolved_image_size": self.image_size,
                   "trained_parameters": sum(v.numel() for v in trained.values()),
                   "trained_tensors": len(trained), **(self.lora.record() if self.lora else {}),
+                  "text_encoder_tensors": 0 if self.text_encoder is None else len(self.text_encoder.names),
                   "environment": environment_record()}
         if result is not None:
             record.update(seconds=result.seconds, unet_evals=result.unet_evals)

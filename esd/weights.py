@@ -98,13 +98,26 @@ def _describe(names, limit=3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model") -> list[str]:
+def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model",
+                         text_encoder: torch.nn.Module | None = None) -> list[str]:
     """Load an erased-weights file into ``unet`` in place, strictly.
 
     Full state dicts (diffusers or CompVis keys) must match every key and shape;
-    trained-parameter files must name only existing keys with matching shapes.
-    Returns the names of the tensors loaded."""
+    trained-parameter files must name only existing keys with matching shapes. A file trained with
+    ``--train_text_encoder`` also holds text-encoder tensors (``text_encoder.*``): they go into
+    ``text_encoder`` (a pipeline's), under the same checks, and without one the file is refused.
+    Nothing is loaded unless everything fits. Returns the names of the tensors loaded."""
+    from .text_encoder import PREFIX
+
     state_dict, meta = read_weights(path)
+    encoder_part = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PREFIX)}
+    trained_from = meta.get("base_model") or "unknown"
+    if encoder_part and text_encoder is None:
+        raise ModelLoadError(f"weights file {str(path)!r} also erases the text encoder ({len(encoder_part)} tensors "
+                             f"'{PREFIX}*', trained with --train_text_encoder); load it into a pipeline (esd "
+                             f"generate, esd attack, ESDPipeline, or apply_erased_weights(pipe.unet, path, "
+                             f"text_encoder=pipe.text_encoder)), not into a UNet alone")
     if any(k.startswith(COMPVIS_PREFIX) for k in state_dict):
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -112,27 +125,41 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
         partial = False
     else:
         partial = meta.get("format") == TRAINED_FORMAT
-    own = unet.state_dict()
-    missing = set() if partial else set(own) - set(state_dict)
-    unexpected = set(state_dict) - set(own)
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatched or not state_dict:
-        trained_from = meta.get("base_model") or "unknown"
+    if not state_dict:
+        raise ModelLoadError(f"weights file {str(path)!r} does not fit {base_model}: no tensors; the file was "
+                             f"trained from {trained_from}")
+    loads = [(unet, state_dict, partial, "")]
+    if encoder_part:
+        loads.append((text_encoder, encoder_part, True, PREFIX))
+    for module, tensors, part, prefix in loads:
+        _check_fits(module, tensors, part, prefix, path, base_model, trained_from)
+    with torch.no_grad():
+        for module, tensors, _, _ in loads:
+            own = module.state_dict()
+            for k, v in tensors.items():
+                own[k].copy_(v)
+    return list(state_dict) + [PREFIX + k for k in encoder_part]
+
+
+def _check_fits(module: torch.nn.Module, tensors: dict, partial: bool, prefix: str, path, base_model: str,
+                trained_from: str) -> None:
+    """Every key of ``tensors`` in ``module`` with its shape (and, unless ``partial``, every key of the module
+    in ``tensors``), and every value finite; else one line naming what does not fit (keys shown with ``prefix``)."""
+    own = module.state_dict()
+    missing = set() if partial else {prefix + k for k in set(own) - set(tensors)}
+    unexpected = {prefix + k for k in set(tensors) - set(own)}
+    mismatched = [f"{prefix}{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
         parts = [f"{len(missing)} missing keys ({_describe(missing)})" if missing else "",
                  f"{len(unexpected)} unexpected keys ({_describe(unexpected)})" if unexpected else "",
-                 f"{len(mismatched)} shape mismatches ({_describe(mismatched, 2)})" if mismatched else "",
-                 "no tensors" if not state_dict else ""]
+                 f"{len(mismatched)} shape mismatches ({_describe(mismatched, 2)})" if mismatched else ""]
         raise ModelLoadError(f"weights file {str(path)!r} does not fit {base_model}: "
                              f"{'; '.join(p for p in parts if p)}; the file was trained from {trained_from}")
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [prefix + k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged erasure: its images would be noise, not evidence
         raise ModelLoadError(f"weights file {str(path)!r} holds NaN or Inf in {len(bad)} tensors "
                              f"({_describe(bad)}); refusing to load it")
-    with torch.no_grad():
-        for k, v in state_dict.items():
-            own[k].copy_(v)
-    return list(state_dict)
 
 
 def load_erased_unet(weights_path, base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = None,

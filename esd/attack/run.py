@@ -247,7 +247,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     for case, row in rows.items():
         reference[case], images = draw(pipe, cfg, case, row["prompt"], row["seed"])
         files[case] = save_images(out / "images" / "reference", case, images)
-    apply_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model)
+    apply_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model, text_encoder=pipe.text_encoder)
     for case, row in rows.items():
         save_images(out / "images" / "before", case, draw(pipe, cfg, case, row["prompt"], row["seed"])[1])
 

@@ -1,0 +1,116 @@
+"""esd train --train_text_encoder: the text encoder's layers train beside the UNet's parameters (AdvUnlearn's robust
+module). theta's conditioning starts as theta*'s, the file holds both modules' tensors and loads only where a text
+encoder is given, robust runs with it resume exactly, and settings it cannot work with are refused in one line."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from esd import ESDConfig, ModelLoadError, apply_erased_weights, train_esd
+from esd.models import load_models, load_pipeline
+from esd.sampling import encode_prompts
+from esd.text_encoder import PREFIX, TrainedTextEncoder, trainable_names
+
+ROBUST = {"adversarial": "prefix", "adv_every": 3, "adv_steps": 2, "adv_tokens": 2, "adv_references": 2}
+
+
+def train(tiny_models, tmp_path, name, **kw):
+    settings = {"prompt": "cat", "train_method": "xattn", "iterations": 4, "lr": 1e-3, "ddim_steps": 4, "seed": 0,
+                "save_format": "trained", **kw}
+    return train_esd(ESDConfig(base_model=tiny_models["sd1"], save_path=str(tmp_path), name=name, **settings))
+
+
+def weights(result):
+    return load_file(result.output_dir / f"{result.output_dir.name}.safetensors")
+
+
+def test_the_trained_encoder_starts_where_the_frozen_prompts_are(tiny_models):
+    """At the first step theta = theta*: the trained encoder's conditioning of the concept (and of --erase_from)
+    is the frozen encoding the targets use, bit for bit, and only the layers and final norm train."""
+    models = load_models(tiny_models["sd1"])
+    frozen = encode_prompts(models, ["cat", "a dog"], 64).prompt_embeds
+    encoder = models.text_encoders[0]
+    names = trainable_names(encoder)
+    assert names and all(".layers." in n or "final_layer_norm" in n for n in names)
+    assert not any("embeddings" in n for n in names)
+    trained = TrainedTextEncoder(encoder, models.tokenizers[0], ["cat"], None)
+    assert torch.equal(trained.source(torch.tensor([0, 0])).prompt_embeds, frozen[[0, 0]])
+    assert torch.equal(TrainedTextEncoder(encoder, models.tokenizers[0], ["cat"], "a dog")
+                       .source(torch.tensor([0])).prompt_embeds, frozen[[1]])
+    assert {n for n, p in encoder.named_parameters() if p.requires_grad} == set(names)
+
+
+def test_weights_hold_both_modules_and_load_only_with_a_text_encoder(tiny_models, tmp_path):
+    plain = train(tiny_models, tmp_path, "plain")
+    run = train(tiny_models, tmp_path, "te", train_text_encoder=True)
+    # the first step is plain ESD's (same batch, theta = theta*); then the encoder's training changes the run
+    assert run.losses[0] == pytest.approx(plain.losses[0], rel=1e-6) and run.losses[1:] != plain.losses[1:]
+    state = weights(run)
+    pipe = load_pipeline(tiny_models["sd1"])
+    base_encoder = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    encoder_keys = {k for k in state if k.startswith(PREFIX)}
+    assert encoder_keys == {PREFIX + n for n in trainable_names(pipe.text_encoder)}
+    assert set(state) - encoder_keys == set(weights(plain))  # the UNet's: the train method's, as without it
+    assert any(not torch.equal(state[PREFIX + n], base_encoder[n]) for n in trainable_names(pipe.text_encoder))
+    args = json.loads((run.output_dir / "args.json").read_text())
+    assert args["train_text_encoder"] is True and args["text_encoder_tensors"] == len(encoder_keys)
+    assert "text_encoder.' (--train_text_encoder)" in (run.output_dir / "README.md").read_text()
+
+    with pytest.raises(ModelLoadError, match="also erases the text encoder") as e:
+        apply_erased_weights(pipe.unet, run.output_dir / "te.safetensors")
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, base_encoder[k]) for k, v in pipe.text_encoder.state_dict().items())  # untouched
+    loaded = apply_erased_weights(pipe.unet, run.output_dir / "te.safetensors", text_encoder=pipe.text_encoder)
+    assert set(loaded) == set(state)
+    now = pipe.text_encoder.state_dict()
+    assert all(torch.equal(now[k[len(PREFIX):]], state[k]) for k in encoder_keys)
+    assert torch.equal(now["embeddings.token_embedding.weight"],
+                       base_encoder["embeddings.token_embedding.weight"])
+    # an encoder tensor the model lacks: refused under the same strict checks as the UNet's, nothing loaded
+    bad = tmp_path / "bad.safetensors"
+    save_file({**state, PREFIX + "encoder.layers.9.mlp.fc1.weight": torch.zeros(2, 2)}, str(bad),
+              metadata={"format": "esd-trained-parameters"})
+    fresh = load_pipeline(tiny_models["sd1"])
+    before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+    with pytest.raises(ModelLoadError, match=r"does not fit .*1 unexpected keys \(text_encoder.encoder.layers.9"):
+        apply_erased_weights(fresh.unet, bad, text_encoder=fresh.text_encoder)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.unet.state_dict().items())
+
+
+def test_robust_runs_with_the_text_encoder_resume_exactly(tiny_models, tmp_path):
+    """The adversarial and retain rows are encoded by the trained encoder at every step; a run resumed mid-round
+    ends bit-identical to a straight one, and resuming without the flag is refused."""
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a photo of a dog\nchurch\n")
+    kw = {**ROBUST, "retain_prompts": str(retain), "train_text_encoder": True}
+    full = train(tiny_models, tmp_path, "full", **kw)
+    part = train(tiny_models, tmp_path, "part", save_every=2, **kw)
+    checkpoint = str(part.output_dir / "checkpoints" / "checkpoint-2.pt")
+    resumed = train(tiny_models, tmp_path, "resumed", resume=checkpoint, **kw)
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and resumed.losses == full.losses
+    losses = pd.read_csv(full.output_dir / "loss.csv")
+    assert losses["adversarial_loss"].gt(0).all()
+    assert losses["retain_loss"].iloc[0] < 1e-10 and losses["retain_loss"].iloc[1:].gt(1e-10).all()
+    without = {k: v for k, v in kw.items() if k != "train_text_encoder"}
+    with pytest.raises(ValueError, match="--train_text_encoder False vs True"):
+        train(tiny_models, tmp_path, "again", resume=checkpoint, **without)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"save_format": "both"}, "it needs --save_format trained, not 'both'"),
+    ({"lora_rank": 2}, "cannot be combined with --lora_rank"),
+    ({"preset": "paper"}, "needs x_t sampled by the frozen model"),
+    ({"export": ["lora"]}, "--export writes the UNet alone"),
+    ({"family": "sdxl"}, "--train_text_encoder supports SD 1.x and 2.x models (one text encoder); --base_model"),
+])
+def test_settings_it_cannot_work_with_are_refused_before_loading(extra, message, tiny_models, tmp_path):
+    family = extra.pop("family", "sd1")
+    settings = {"prompt": "cat", "train_method": "xattn", "save_format": "trained", "save_path": str(tmp_path),
+                "base_model": tiny_models[family], "train_text_encoder": True, **extra}
+    with pytest.raises(ValueError) as e:
+        ESDConfig(**settings)
+    assert message in str(e.value) and "\n" not in str(e.value)
