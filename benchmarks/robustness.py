@@ -3,6 +3,7 @@ base settings), attack the base model, the plain and the robust erasure with bot
 
     python benchmarks/robustness.py --out robustness-out [--samples 100] [--concept red]
     python benchmarks/robustness.py --out screen-out --screen --samples 30 --adv_every 20   # one robust setting
+    python benchmarks/robustness.py --out robustness-out --no-text_encoder   # robust ESD without the text encoder
 
 ``--screen`` compares robust settings quickly: it trains robust ESD alone and measures only its literal
 presence, other prompts and prefix ASR (the benchmark's own training and measurement), writing screen.json.
@@ -55,7 +56,7 @@ class Settings:
     adv_references: int = 8
     adv_memory: int = 10
     retain_weight: float = 1.0
-    text_encoder: bool = False  # robust ESD also trains the text encoder's layers (esd train --train_text_encoder)
+    text_encoder: bool = True  # robust ESD also trains the text encoder's layers (esd train --train_text_encoder)
     samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
     prefix_steps: int = 40  # UnlearnDiffAtk's default
@@ -271,7 +272,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in fields(Settings):
         if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true")
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default) if f.name != "out" else str,
                            required=f.name == "out", default=None if f.name == "out" else f.default,
