@@ -30,8 +30,10 @@ def uses_true_cfg(model: torch.nn.Module) -> bool:
     return not isinstance(model, FluxTransformer2DModel)
 
 
-def _tokens(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+def tokenize(tokenizer, prompts: list[str], device, length: int | None = None) -> torch.Tensor:
+    """(B, L) token ids padded (and cut) to ``length``, default the tokenizer's own, as diffusers' pipelines
+    tokenize; every text encoder's input in this package goes through here."""
+    return tokenizer(prompts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
 
@@ -47,12 +49,12 @@ def encode_sd3(tokenizers: list, text_encoders: list, prompts: list[str], joint_
     device = text_encoders[0].device
     hidden, pooled = [], []
     for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2]):
-        out = encoder(_tokens(tokenizer, prompts, tokenizer.model_max_length, device), output_hidden_states=True)
+        out = encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled.append(out[0])
     clip = torch.cat(hidden, dim=-1)
     if len(text_encoders) == 3:
-        t5 = text_encoders[2](_tokens(tokenizers[2], prompts, SD3_T5_TOKENS, device))[0]
+        t5 = text_encoders[2](tokenize(tokenizers[2], prompts, device, SD3_T5_TOKENS))[0]
     else:
         t5 = torch.zeros(len(prompts), zero_tokens, joint_attention_dim, device=device, dtype=clip.dtype)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -134,8 +136,8 @@ def encode_flux(tokenizers: list, text_encoders: list, prompts: list[str], guida
     device = text_encoders[0].device
     clip_tok, t5_tok = tokenizers
     clip, t5 = text_encoders
-    pooled = clip(_tokens(clip_tok, prompts, clip_tok.model_max_length, device)).pooler_output
-    embeds = t5(_tokens(t5_tok, prompts, FLUX_T5_TOKENS, device))[0]
+    pooled = clip(tokenize(clip_tok, prompts, device)).pooler_output
+    embeds = t5(tokenize(t5_tok, prompts, device, FLUX_T5_TOKENS))[0]
     extra = {"pooled_projections": pooled}
     if guidance is not None:
         extra["guidance"] = torch.full((len(prompts),), float(guidance), device=device)

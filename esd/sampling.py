@@ -17,6 +17,7 @@ from .flow import (
     flow_scheduler,
     is_flow_model,
     merges_zero_t5_tokens,
+    tokenize,
 )
 from .models import DiffusionModels
 
@@ -114,8 +115,7 @@ def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
     device = models.text_encoders[0].device
     hidden, pooled = [], None
     for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = tokenize(tokenizer, prompts, device)
         if models.family != "sdxl":
             hidden.append(encoder(ids)[0])
             continue

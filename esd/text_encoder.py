@@ -20,6 +20,7 @@ One CLIP text encoder only (SD 1.x, 2.x), as the attacks.
 
 import torch
 
+from .flow import tokenize
 from .sampling import Conditioning
 
 PREFIX = "text_encoder."  # of the text encoder's tensors in a weights file
@@ -70,9 +71,7 @@ class TrainedTextEncoder:
 
     def ids(self, prompts: list[str]) -> torch.Tensor:
         """(B, L) token ids, as the pipelines and :func:`esd.sampling.encode_prompts` tokenize."""
-        tok = self.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.encoder.device)
+        return tokenize(self.tokenizer, prompts, self.encoder.device)
 
     def __call__(self, ids: torch.Tensor) -> Conditioning:
         """The trained encoder's last hidden state for ``ids`` (what SD 1.x/2.x condition on), with gradient."""
@@ -84,11 +83,16 @@ class TrainedTextEncoder:
         rows = torch.zeros_like(concept) if self.erase_from else concept
         return self(self.source_ids[rows.to(self.source_ids.device)])
 
+    @property
+    def keys(self) -> list[str]:
+        """The names its tensors have in a weights file or checkpoint."""
+        return [PREFIX + n for n in self.names]
+
     def state(self) -> dict:
         """Its trained tensors under :data:`PREFIX` (fp32, on the CPU)."""
-        return {PREFIX + n: p.detach().float().cpu() for n, p in zip(self.names, self.params)}
+        return {k: p.detach().float().cpu() for k, p in zip(self.keys, self.params)}
 
     def load(self, state: dict) -> None:
         with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(state[PREFIX + n])
+            for k, p in zip(self.keys, self.params):
+                p.copy_(state[k])

@@ -298,7 +298,7 @@ class ESDTrainer:
         return path
 
     def _load_checkpoint(self, state: dict) -> None:
-        names = sorted(self.trained_state())
+        names = sorted(self.trained_names + ([] if self.text_encoder is None else self.text_encoder.keys))
         if sorted(state["trained"]) != names:
             raise ValueError(f"checkpoint {self.config.resume!r} was trained with another train method or model "
                              f"({len(state['trained'])} tensors vs {len(names)} selected now)")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..flow import tokenize
+
 
 @dataclass
 class Target:
@@ -63,9 +65,7 @@ def slot_embeddings(target: Target, ids: list[int], vectors: torch.Tensor):
 
 def token_ids(target: Target, prompts: list[str]) -> torch.Tensor:
     """(B, L) ids padded to the tokenizer's length, as diffusers' pipelines tokenize."""
-    tok = target.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids.to(target.device)
+    return tokenize(target.tokenizer, prompts, target.device)
 
 
 def denoising_loss(target: Target, ids: torch.Tensor, latents: torch.Tensor, generator: torch.Generator):
