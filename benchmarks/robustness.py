@@ -57,6 +57,7 @@ class Settings:
     adv_memory: int = 10
     retain_weight: float = 1.0
     text_encoder: bool = True  # robust ESD also trains the text encoder's layers (esd train --train_text_encoder)
+    text_encoder_lr: float = 0.0  # its learning rate (esd train --text_encoder_lr); 0: --lr
     samples: int = 100  # judged images per prompt in every stage (the issue asks >= 100)
     references: int = 8  # base-model images per erased prompt that the evaluation attacks explain
     prefix_steps: int = 40  # UnlearnDiffAtk's default
@@ -185,7 +186,8 @@ def run(s: Settings, log=print) -> dict:
         log("training robust ESD")
         return train(s, "robust", adversarial=s.adversarial, adv_every=s.adv_every, adv_steps=s.adv_steps,
                      adv_references=s.adv_references, adv_memory=s.adv_memory, retain_prompts=str(retain_file),
-                     retain_weight=s.retain_weight, train_text_encoder=s.text_encoder)
+                     retain_weight=s.retain_weight, train_text_encoder=s.text_encoder,
+                     text_encoder_lr=(s.text_encoder_lr or None) if s.text_encoder else None)
 
     if s.screen:
         return screen(s, train_robust, begin, log)

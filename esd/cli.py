@@ -161,6 +161,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_text_encoder", action="store_true",
                    help="also train the text encoder's transformer layers (AdvUnlearn's robust module; SD 1.x/2.x, "
                    "--save_format trained: its tensors are saved beside the UNet's under 'text_encoder.')")
+    p.add_argument("--text_encoder_lr", type=float,
+                   help="with --train_text_encoder: the text encoder's learning rate (default: --lr)")
 
 
 def config_from_args(args: argparse.Namespace) -> ESDConfig:

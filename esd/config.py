@@ -125,6 +125,7 @@ class ESDConfig:
     retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
     retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
     train_text_encoder: bool = False  # also train the text encoder's layers (esd/text_encoder.py; AdvUnlearn)
+    text_encoder_lr: float | None = None  # the text encoder's learning rate; None: --lr (one rate for both)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):

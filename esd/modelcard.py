@@ -204,7 +204,9 @@ def write_model_card(run_dir: str | os.PathLike, weights: list[Path] | None = No
                                        f"{record.get('trained_tensors')} tensors"),
                 *lora_rows(record),
                 *([("text encoder", f"trained too (--train_text_encoder): {record.get('text_encoder_tensors')} tensors "
-                                    "of its transformer layers and final layer norm; the embeddings stay the base's")]
+                                    "of its transformer layers and final layer norm, at lr "
+                                    f"{record.get('text_encoder_lr') or record.get('lr')}; the embeddings stay the "
+                                    "base's")]
                   if record.get("train_text_encoder") else []),
                 ("training time", f"{record['seconds']:.1f} s" if "seconds" in record else "not recorded"),
                 ("made with", f"esd {env.get('esd')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "

@@ -134,6 +134,14 @@ def check_one_text_encoder(cfg, flag_name: str) -> None:
                              f"{cfg.base_model!r} is SDXL")
 
 
+def check_loaded_text_encoders(models, flag_name: str) -> None:
+    """Once loaded, what :func:`check_one_text_encoder` could not read before (a hub id's SDXL): one text
+    encoder, or ``flag_name`` is refused in one line."""
+    if len(models.text_encoders) != 1:
+        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {models.source} is "
+                         f"{models.family} with {len(models.text_encoders)}")
+
+
 def check_resume_robust(cfg, state: dict) -> None:
     """What a resumed robust run must keep beyond the flags ``resume_conflicts`` compares. A checkpoint from
     before --adv_memory trained on its last round only, which --adv_memory 1 continues. And the checkpoint's
@@ -204,8 +212,7 @@ class RobustESD:
         from .attack.run import ATTACKS
         from .attack.target import Target, add_placeholders, token_ids
 
-        if models.family == "sdxl":
-            raise ValueError("--adversarial supports SD 1.x and 2.x models (one text encoder); this model is SDXL")
+        check_loaded_text_encoders(models, "--adversarial")
         cfg, encoder = self.cfg, models.text_encoders[0]
         self.target = Target(models.unet, encoder, models.tokenizers[0], self.noise_scheduler, encoder.device)
         word = cfg.words[0]

@@ -34,7 +34,11 @@ def trainable_names(encoder: torch.nn.Module) -> list[str]:
 def check_text_encoder_settings(cfg) -> None:
     """One line per setting --train_text_encoder cannot work with, before any model loads."""
     if not cfg.train_text_encoder:
+        if cfg.text_encoder_lr is not None:
+            raise ValueError("--text_encoder_lr is the rate of --train_text_encoder, which is not set")
         return
+    if cfg.text_encoder_lr is not None and not cfg.text_encoder_lr > 0:
+        raise ValueError(f"--text_encoder_lr must be a positive number, not {cfg.text_encoder_lr}")
     if cfg.lora_rank is not None:
         raise ValueError("--train_text_encoder trains the text encoder's own weights; it cannot be combined with "
                          "--lora_rank")

@@ -24,7 +24,7 @@ from .modelcard import write_model_card
 from .models import DiffusionModels, load_denoiser, load_models, parse_devices, resolve_source, vae_scale_factor_of
 from .objective import esd_loss
 from .records import check_free_space, check_output_folder, environment_record, torch_save, write_run_record
-from .robust import RobustESD, check_resume_robust, is_robust
+from .robust import RobustESD, check_loaded_text_encoders, check_resume_robust, is_robust
 from .sampling import Conditioning, encode_erasure_prompts, sampler_scheduler
 from .text_encoder import TrainedTextEncoder
 from .views import TrainedRows, UNetViews
@@ -41,10 +41,11 @@ class ESDResult:
     unet_evals: int = 0  # latent rows through the UNet (sampling, frozen targets, trained forward)
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     """The paper's Adam (default betas), or bitsandbytes' 8-bit Adam: the same update with both moments
     stored block-wise quantised in uint8. bitsandbytes keeps tensors under 4,096 elements (biases, norms)
-    in fp32, where quantising saves nothing worth the error."""
+    in fp32, where quantising saves nothing worth the error. ``params``: tensors, or torch's parameter groups
+    (dicts; a group's own "lr" overrides ``lr``)."""
     if name == "adam8bit":
         import bitsandbytes as bnb
 
@@ -141,9 +142,7 @@ class ESDTrainer:
         # theta*'s prompts stay the ones just encoded; with --train_text_encoder theta encodes its own at every step
         self.text_encoder = None
         if cfg.train_text_encoder:
-            if len(m.text_encoders) != 1:
-                raise ValueError(f"--train_text_encoder supports SD 1.x and 2.x models (one text encoder); "
-                                 f"{m.source} has {len(m.text_encoders)}")
+            check_loaded_text_encoders(m, "--train_text_encoder")
             self.text_encoder = TrainedTextEncoder(m.text_encoders[0], m.tokenizers[0], cfg.words, cfg.erase_from)
         # Robust training (esd/robust.py) keeps what it needs: its retain prompts, encoded, and its own encoder.
         self.robust = (RobustESD(cfg, m, self.prompts, latent_shape, self.image_size, self.text_encoder)
@@ -172,7 +171,11 @@ class ESDTrainer:
             # One compiled forward serves both views: the module's parameters are inputs of the traced
             # graph (or guarded on), so the frozen values functional_call swaps in are used, never baked in.
             self.unet.forward = torch.compile(self.unet.forward)
-        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr)
+        groups = self.params
+        if self.text_encoder is not None and cfg.text_encoder_lr is not None:  # the encoder's own rate
+            groups = [{"params": self.params[:-len(self.text_encoder.params)]},
+                      {"params": self.text_encoder.params, "lr": cfg.text_encoder_lr}]
+        self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.source = make_source(cfg, self.views, scheduler, self.prompts, latent_shape, self.generator)
         self.start_iteration = 0

@@ -114,3 +114,47 @@ def test_settings_it_cannot_work_with_are_refused_before_loading(extra, message,
     with pytest.raises(ValueError) as e:
         ESDConfig(**settings)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_text_encoder_trains_at_its_own_rate(tiny_models, tmp_path):
+    """--text_encoder_lr is the encoder's rate in a parameter group of its own: equal to --lr it changes nothing
+    (bit for bit), far below it the encoder barely moves while the UNet's tensors train at --lr."""
+    one = weights(train(tiny_models, tmp_path, "one", train_text_encoder=True))
+    same = weights(train(tiny_models, tmp_path, "same", train_text_encoder=True, text_encoder_lr=1e-3))
+    assert one.keys() == same.keys() and all(torch.equal(one[k], same[k]) for k in one)
+    slow = weights(train(tiny_models, tmp_path, "slow", train_text_encoder=True, text_encoder_lr=1e-9))
+    base_encoder = load_pipeline(tiny_models["sd1"]).text_encoder.state_dict()
+
+    def moved(state, prefix):  # the largest change of a tensor under ``prefix`` from the base model
+        return max((state[k] - base_encoder[k[len(PREFIX):]]).abs().max().item() for k in state
+                   if k.startswith(prefix))
+
+    assert moved(one, PREFIX) > 1e-4 and moved(slow, PREFIX) < 1e-7  # 4 Adam steps of at most ~lr each
+    unet = [k for k in slow if not k.startswith(PREFIX)]
+    assert any(not torch.equal(slow[k], one[k]) for k in unet)  # the UNet trained beside an encoder that barely did
+    assert json.loads((tmp_path / "slow" / "args.json").read_text())["text_encoder_lr"] == 1e-9
+    assert "final layer norm, at lr 1e-09;" in (tmp_path / "slow" / "README.md").read_text()  # the model card
+    assert "final layer norm, at lr 0.001;" in (tmp_path / "one" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"text_encoder_lr": 1e-4}, "--text_encoder_lr is the rate of --train_text_encoder, which is not set"),
+    ({"train_text_encoder": True, "text_encoder_lr": -1.0}, "--text_encoder_lr must be a positive number, not -1.0"),
+])
+def test_a_text_encoder_rate_it_cannot_use_is_refused(extra, message, tiny_models, tmp_path):
+    with pytest.raises(ValueError) as e:
+        ESDConfig(prompt="cat", train_method="xattn", save_format="trained", save_path=str(tmp_path),
+                  base_model=tiny_models["sd1"], **extra)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_loaded_model_with_two_text_encoders_is_refused_in_one_line(tiny_models):
+    """Sources the settings check cannot read before loading (a hub id) are checked once loaded, by the one
+    check both --train_text_encoder and --adversarial use."""
+    from esd.robust import check_loaded_text_encoders
+
+    check_loaded_text_encoders(load_models(tiny_models["sd1"]), "--train_text_encoder")  # one encoder: passes
+    with pytest.raises(ValueError) as e:
+        check_loaded_text_encoders(load_models(tiny_models["sdxl"]), "--adversarial")
+    assert "--adversarial supports SD 1.x and 2.x models (one text encoder);" in str(e.value)
+    assert "is sdxl with 2" in str(e.value) and "\n" not in str(e.value)
