@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,8 @@ import torch  # noqa: E402
 from esd import ESDConfig, train_esd  # noqa: E402
 from esd.flow import tokenize  # noqa: E402
 from esd.records import atomic_write, check_output_folder, environment_record  # noqa: E402
+from esd.sampling import Conditioning, call_unet, guided_prediction  # noqa: E402
+from esd.toy.demo import concept_presence  # noqa: E402
 from esd.toy.judge import judge_batch  # noqa: E402
 from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS, load_toy_pipeline, sample  # noqa: E402
 from esd.toy.world import COLOURS, SHAPES  # noqa: E402
@@ -63,17 +66,13 @@ def swapped(pipe, text: str, shape: str, other: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def draw(pipe, embeds: torch.Tensor, n: int, seed: int) -> np.ndarray:
-    """``n`` images of the given text states, image i from seed + i, as esd.toy.quality.sample draws."""
-    uncond, _ = states(pipe, "")
+def draw(pipe, embeds: torch.Tensor, uncond: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    """``n`` images of the given text states (``uncond``: the empty caption's), image i from seed + i, as
+    esd.toy.quality.sample draws."""
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     return pipe(prompt_embeds=embeds.expand(n, -1, -1), negative_prompt_embeds=uncond.expand(n, -1, -1),
                 num_inference_steps=QUALITY_STEPS, guidance_scale=QUALITY_GUIDANCE, generator=gens,
                 output_type="np").images
-
-
-def share(images, axis: str, value: str) -> float:
-    return sum(getattr(j, axis) == value for j in judge_batch(images)) / len(images)
 
 
 @torch.no_grad()
@@ -83,21 +82,26 @@ def erasure_signal(pipe, shape: str, colour: str, n: int, seed: int, steps: int 
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    uncond, scene, word = (states(pipe, t)[0] for t in ("", f"a {colour} {shape}", shape))
+    uncond, scene, word = (Conditioning(states(pipe, t)[0]) for t in ("", f"a {colour} {shape}", shape))
+
+    def unet(latents, timesteps, cond):
+        return call_unet(pipe.unet, latents, timesteps, cond)
+
+    def rows(cond, m):
+        return Conditioning(cond.prompt_embeds.expand(m, -1, -1))
+
     size = pipe.unet.config.sample_size
     x = torch.randn((n, pipe.unet.config.in_channels, size, size), generator=g)
     stops = torch.randint(1, steps, (n,), generator=g)
     pushes = []
     for k, t in enumerate(scheduler.timesteps):
-        e0, e = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat(
-            [uncond.expand(n, -1, -1), scene.expand(n, -1, -1)])).sample.chunk(2)
+        guided, _, _ = guided_prediction(unet, x, t, rows(scene, n), rows(uncond, n), guidance)
         here = stops == k
         if here.any():
             m = int(here.sum())
-            u, c = pipe.unet(torch.cat([x[here]] * 2), t, encoder_hidden_states=torch.cat(
-                [uncond.expand(m, -1, -1), word.expand(m, -1, -1)])).sample.chunk(2)
+            _, u, c = guided_prediction(unet, x[here], t, rows(word, m), rows(uncond, m), 1.0)
             pushes += (c - u).pow(2).flatten(1).mean(1).tolist()
-        x = scheduler.step(e0 + guidance * (e - e0), t, x).prev_sample
+        x = scheduler.step(guided, t, x).prev_sample
     return float(np.mean(pushes))
 
 
@@ -131,18 +135,18 @@ def main() -> None:
              "erased": load_toy_pipeline("toy", unet=load_erased_unet(weights, base_model="toy"))}
     swaps = {}
     for text in captions(a.concept):
-        swaps[text] = {name: {k: share(draw(pipe, e, a.samples, a.seed), "shape", a.concept)
-                              for k, e in swapped(pipe, text, a.concept, a.other).items()}
-                       for name, pipe in pipes.items()}
+        swaps[text] = {}
+        for name, pipe in pipes.items():
+            uncond, _ = states(pipe, "")
+            swaps[text][name] = {k: concept_presence(draw(pipe, e, uncond, a.samples, a.seed), "shape", a.concept)
+                                 for k, e in swapped(pipe, text, a.concept, a.other).items()}
     print(json.dumps({"swaps": swaps}))
     base = pipes["base"]
     drawn = judge_batch(sample(base, a.concept, 100, a.seed, guidance=3.0))
     unconditional = judge_batch(sample(base, "", 200, a.seed, guidance=1.0))
-    pairs = {}
-    for j in unconditional:
-        pairs[f"{j.colour} {j.shape}"] = pairs.get(f"{j.colour} {j.shape}", 0) + 1
+    pairs = Counter(f"{j.colour} {j.shape}" for j in unconditional)
     priors = {"colours_of_the_bare_word_guidance_3": {c: sum(j.colour == c for j in drawn) for c in COLOURS},
-              "unconditional_pairs_guidance_1": dict(sorted(pairs.items(), key=lambda kv: -kv[1]))}
+              "unconditional_pairs_guidance_1": dict(pairs.most_common())}
     print(json.dumps({"priors": priors}))
     signal = {c: erasure_signal(base, a.concept, c, 32, a.seed) for c in COLOURS}
     print(json.dumps({"erasure_signal": signal}))
