@@ -93,14 +93,30 @@ def describe_os_error(e: OSError, path) -> str:
     return f"cannot write {path}: {e.strerror or e}"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o666 & ~umask), as any other tool's would."""
+    try:  # Linux states the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file.
 
     The temporary file is created exclusively (O_EXCL, no symlink followed) under an unpredictable
-    name in the target folder, flushed to disk, then renamed; a planted symlink cannot redirect the
-    write. Temporary files of killed writes in the folder are removed first (:func:`remove_orphans`).
-    A failed write (full disk, no permission) raises :class:`OutputError` naming ``path`` and leaves
-    no partial file."""
+    name in the target folder, flushed to disk, given the umask's mode (a writer such as safetensors'
+    ``save_file`` makes its file 0600, which another user's ComfyUI could not read), then renamed; a
+    planted symlink cannot redirect the write. With ``replace=False`` the file is linked into place
+    instead, which fails if ``path`` exists by then: the exists-check and the write are one step, so of
+    two concurrent writers one gets an OutputError and nothing is replaced. Temporary files of killed
+    writes in the folder are removed first (:func:`remove_orphans`). A failed write (full disk, no
+    permission) raises :class:`OutputError` naming ``path`` and leaves no partial file."""
     path = Path(path)
     remove_orphans(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
@@ -109,11 +125,58 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, file_mode())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError as e:
+                raise OutputError(f"{path} already exists (written by another process meanwhile?); nothing was "
+                                  "replaced; pass --overwrite to replace it") from e
+    except OutputError:
+        raise
     except OSError as e:
         raise OutputError(describe_os_error(e, path)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_inside(path: str | os.PathLike, folder: str | os.PathLike, flag: str) -> Path:
+    """``path`` (an output under the named ``folder``) if writing it stays inside ``folder``: no part of
+    it below ``folder`` is a symlink, and it resolves inside ``folder``'s own resolved path. Otherwise an
+    OutputError naming the link: a planted link would make the write land, or a clean-up delete, elsewhere."""
+    path, folder = Path(path), Path(folder)
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        rel = None
+    if rel is not None:
+        part = folder
+        for name in rel.parts:
+            part = part / name
+            if part.is_symlink():
+                raise OutputError(f"{flag}: {part} is a symbolic link; this tool writes only inside "
+                                  f"{folder}, so it refuses to write through it (remove the link or choose "
+                                  "another folder)")
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise OutputError(f"{flag}: {path} resolves to {path.resolve()}, outside {root}; refused")
+    return path
+
+
+def check_not_input(out: str | os.PathLike, inputs: dict, flag: str = "--out") -> None:
+    """Refuse an output that is one of the command's inputs, lies inside an input folder, or holds an
+    input (``inputs``: flag -> path; None entries skipped): replacing it would destroy what the command
+    reads, ``--overwrite`` or not."""
+    out_r = Path(out).resolve()
+    for name, value in inputs.items():
+        if value is None or not Path(value).exists():
+            continue
+        src = Path(value).resolve()
+        if out_r == src or out_r.is_relative_to(src) and src.is_dir() or src.is_relative_to(out_r):
+            raise OutputError(f"{flag} {str(out)!r} is {name} {str(value)!r} or overlaps it; writing there would "
+                              "replace an input of this command; choose another path")
 
 
 def torch_save(obj, path) -> None:

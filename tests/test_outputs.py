@@ -274,3 +274,102 @@ def test_kill_during_generation_then_a_rerun_gives_the_uninterrupted_files(tiny_
     assert not list(killed.glob(f"*{records.TMP_SUFFIX}"))
     pngs = {p.name: p.read_bytes() for p in killed.glob("*.png")}
     assert len(pngs) == 4 and pngs == {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.png")}
+
+
+def test_atomic_write_gives_the_umask_mode_and_refuses_to_clobber(tmp_path):
+    """A writer that makes its file 0600 (safetensors' save_file) still leaves a file of the umask's
+    mode; replace=False refuses a path that exists and leaves it unchanged."""
+    import os
+    import stat
+
+    from esd.records import OutputError, atomic_write, file_mode
+
+    def write_private(p):
+        with open(p, "w") as f:
+            f.write("new")
+        os.chmod(p, 0o600)
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "w.safetensors"
+        atomic_write(target, write_private)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644 == file_mode()
+        target.write_text("mine")
+        with pytest.raises(OutputError, match="already exists"):
+            atomic_write(target, write_private, replace=False)
+        assert target.read_text() == "mine"
+        assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    finally:
+        os.umask(old)
+
+
+def test_check_inside_refuses_a_symlink_out_of_the_folder(tmp_path):
+    from esd.records import OutputError, check_inside, check_not_input
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "after").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_inside(out / "images" / "after" / "0.png", out, "--out")
+    assert check_inside(out / "images" / "before" / "0.png", out, "--out") == out / "images" / "before" / "0.png"
+    base = tmp_path / "base"
+    base.mkdir()
+    with pytest.raises(OutputError, match="replace an input"):
+        check_not_input(base, {"--base_model": base})
+    check_not_input(out / "x.safetensors", {"--base_model": base})
+
+
+def test_attack_refuses_an_image_folder_that_links_elsewhere(tmp_path):
+    """A planted images/after link: the attack would write through it and delete the other PNGs there."""
+    from esd.attack.run import AttackConfig
+    from esd.records import OutputError
+
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    (elsewhere / "holiday.png").write_bytes(b"png")
+    out = tmp_path / "o"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "after").symlink_to(elsewhere)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed\n0,a red circle,1\n")
+    with pytest.raises(OutputError, match="symbolic link"):
+        AttackConfig(weights=str(weights), prompts=str(prompts), attack="prefix", concept="red", out=str(out),
+                     base_model="toy")
+    assert (elsewhere / "holiday.png").read_bytes() == b"png"
+
+
+def test_attack_clean_up_leaves_files_it_did_not_name(tmp_path):
+    """The --overwrite clean-up removes only stale images under the names the attack gives (case_i.png)."""
+    from esd.attack import run
+
+    out = tmp_path / "o"
+    for stage in run.STAGES:
+        (out / "images" / stage).mkdir(parents=True)
+        (out / "images" / stage / "holiday.png").write_bytes(b"mine")
+        (out / "images" / stage / "7_3.png").write_bytes(b"stale")
+    stage_files = [p for p in (out / "images").rglob("*.png")]
+    assert len(stage_files) == 6
+    run.remove_stale_images(out, set())
+    assert sorted(p.name for p in (out / "images").rglob("*.png")) == ["holiday.png"] * 3
+
+
+@pytest.mark.parametrize("planted", ["own_report", "link"])
+def test_demo_keeps_a_report_it_did_not_write(tmp_path, planted):
+    from esd.records import OutputError
+    from esd.toy.demo import DemoConfig, run_demo
+
+    out = tmp_path / "d"
+    out.mkdir()
+    if planted == "own_report":
+        (out / "report.md").write_text("my notes")
+    else:
+        (tmp_path / "elsewhere.md").write_text("my notes")
+        (out / "report.md").symlink_to(tmp_path / "elsewhere.md")
+    with pytest.raises(OutputError):
+        run_demo(DemoConfig(out=str(out), iterations=1, samples=1))
+    assert (tmp_path / ("elsewhere.md" if planted == "link" else "d/report.md")).read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]

@@ -19,6 +19,7 @@ so adversarial_prompts.csv, given to ``esd generate`` with those flags, draws th
 import csv
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ import torch
 from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
 from ..models import DEFAULT_BASE_MODEL, resolve_source
 from ..models import load_pipeline as load_base_pipeline
-from ..records import atomic_write, check_output_folder, environment_record, error_summary
+from ..records import atomic_write, check_inside, check_output_folder, environment_record, error_summary
 from .inversion import TOKEN, inversion_attack, inversion_prompt
 from .prefix import prefix_attack, word_tokens
 from .target import Target, add_placeholders
@@ -107,6 +108,8 @@ class AttackConfig:
         check_concept(self.judge, self.concept)
         check_family(self.base_model)
         check_output_folder(Path(self.out), "--out")
+        for name in (*OUTPUTS, *(f"images/{stage}/0.png" for stage in STAGES)):  # no link leads a write or
+            check_inside(Path(self.out) / name, Path(self.out), "--out")  # the clean-up of stale PNGs elsewhere
         taken = [n for n in OUTPUTS if (Path(self.out) / n).exists()]
         if taken and not self.overwrite:
             raise ValueError(f"--out {self.out!r} already holds {', '.join(taken)}; choose a new folder or pass "
@@ -333,6 +336,15 @@ def summarise(cfg, rows, results, learned, lr, std, weights_sha256, seconds) -> 
     }
 
 
+def remove_stale_images(out: Path, kept: set[str]) -> None:
+    """After an --overwrite of a larger run: remove its extra images, which are not this run's. Only files
+    under the names this tool gives its images (CASE_I.png) go; a user's own holiday.png stays."""
+    for stage in STAGES:
+        for stale in (out / "images" / stage).glob("*.png"):
+            if stale.name not in kept and re.fullmatch(r"[\w.+=-]+_\d+\.png", stale.name) and not stale.is_symlink():
+                stale.unlink()
+
+
 def write_outputs(out: Path, cfg, rows, adversarial, results, losses, summary) -> None:
     from ..eval.report import image_grid
 
@@ -345,9 +357,5 @@ def write_outputs(out: Path, cfg, rows, adversarial, results, losses, summary) -
                 f"erased, {cfg.attack}": out / "images" / "after"}, out / "grid.png", n=min(len(results), 16))
     if cfg.attack != "inversion":  # an --overwrite of an inversion run: its token no longer matches the results
         (out / "token.safetensors").unlink(missing_ok=True)
-    kept = {r["file"] for r in results}
-    for stage in STAGES:  # an --overwrite of a larger run: its extra images are not this run's
-        for stale in (out / "images" / stage).glob("*.png"):
-            if stale.name not in kept:
-                stale.unlink()
+    remove_stale_images(out, {r["file"] for r in results})
     atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2, allow_nan=False)))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..config import ESDConfig
 from ..models import FLOW_FAMILIES, pipeline_family
-from ..records import environment_record
+from ..records import OutputError, atomic_write, check_inside, environment_record
 from ..robust import check_retain_weight
 from ..train import train_esd
 from ..weights import load_erased_unet, run_weight_files
@@ -111,6 +111,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     cfg.train_method = cfg.train_method or esd_x_of(cfg.base_model)
     erased, others, axis = prompts_for(cfg.concept)
     out = Path(cfg.out)
+    for name in ("report.json", "report.md", "retain_prompts.txt", "weights"):  # no link leads a write elsewhere
+        check_inside(out / name, out, "--out")
+    if ((out / "report.md").exists() or (out / "report.json").exists()) and not _demo_report(out / "report.json"):
+        raise OutputError(f"--out {str(out)!r} holds a report.md or report.json that no earlier esd demo wrote; "
+                          "choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     retain = {}
     if cfg.retain_weight > 0:
@@ -152,10 +157,19 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         for when, imgs in [("before", before), ("after", after)]:
             _grid([imgs[p.text] for p in phrasings]).save(out / f"{name}_{when}.png")
     report["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
+    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(render_markdown(report)))
     log(summary(report))
     return report
+
+
+def _demo_report(path: Path) -> bool:
+    """Whether ``path`` is a report an earlier esd demo wrote (which a rerun may replace)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and {"erased", "others", "settings", "concept"} <= report.keys()
 
 
 def render_markdown(report: dict) -> str:
