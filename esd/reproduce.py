@@ -27,7 +27,7 @@ from .eval.nudenet import NUDENET_EXPOSED
 from .eval.protocols import PROTOCOLS
 from .generate import GenerationConfig, digest, generate_images, read_prompt_table, read_record
 from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
-from .records import atomic_write, check_output_folder, environment_record, read_json, safe_name
+from .records import OutputError, atomic_write, check_output_folder, environment_record, read_json, safe_name
 from .weights import run_weight_files
 
 MACE = "Lu et al. 2024 (MACE, CVPR), Table 1"
@@ -310,6 +310,12 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     eval_cfgs = {(m, metric): eval_cfg(m, metric) for m in models for metric in metrics}  # checks settings
     if cfg.limit:
         text = table.to_csv(index=False)
+        if prompts.exists() and prompts.resolve() == Path(cfg.prompts).resolve():
+            raise OutputError(f"--prompts {cfg.prompts!r} is OUT/prompts.csv, which --limit rewrites to its first "
+                              "rows; put the prompt CSV outside --out")
+        if prompts.exists() and not (out / "report.json").is_file() and prompts.read_text() != text:
+            raise OutputError(f"--out {str(out)!r} holds a prompts.csv that no earlier esd reproduce wrote; "
+                              "choose another folder")
         if not prompts.is_file() or prompts.read_text() != text:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(prompts, lambda p: Path(p).write_text(text))

@@ -222,3 +222,36 @@ def test_bad_input_is_one_line_and_nothing_is_replaced(tiny_models, tmp_path, ca
     assert main(["export", str(bare), "--format", "lora", "--out", str(tmp_path / "z.safetensors")]) == 2
     assert "pass --base_model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.safetensors", "have.safetensors", "notes", "run"]
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tiny_models, tmp_path, capsys):
+    """--out onto the run's own weights, or onto the base model folder it reads, destroys an input."""
+    import shutil
+
+    base = tmp_path / "toycopy"
+    shutil.copytree(tiny_models["sd1"], base)
+    run, _, _ = make_run(str(base), tmp_path / "red", method="xattn")
+    weights = run / "red.safetensors"
+    before = weights.read_bytes(), (base / "model_index.json").read_text()
+    for args in (["--format", "lora", "--out", weights, "--overwrite"],
+                 ["--format", "diffusers", "--base_model", base, "--out", base, "--overwrite"]):
+        capsys.readouterr()
+        assert main(["export", str(run), *map(str, args)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "replace an input" in err[0], err
+    assert (weights.read_bytes(), (base / "model_index.json").read_text()) == before
+
+
+def test_single_file_export_has_the_umask_mode(tiny_models, tmp_path):
+    import os
+    import stat
+
+    run, _, _ = make_run(tiny_models["sd1"], tmp_path / "run", method="xattn")
+    old = os.umask(0o022)
+    try:
+        for fmt in ("single-file", "lora"):
+            out = tmp_path / f"{fmt}.safetensors"
+            export(run, out, fmt)
+            assert stat.S_IMODE(out.stat().st_mode) == 0o644, fmt
+    finally:
+        os.umask(old)

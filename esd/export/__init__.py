@@ -30,6 +30,7 @@ from ..records import (
     describe_os_error,
     environment_record,
 )
+from ..records import check_not_input
 from ..weights import deterministic_safetensors
 from .ldm import checkpoint_to_ldm
 from .lora import RANK_CHOICES, LoraExport, lora_from_erasure, lora_metadata
@@ -216,6 +217,8 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
     factors and errors for ``lora``."""
     settings.check()
     erasure = find_erasure(source, base_model, ckpt_path, ckpt_config)
+    check_not_input(settings.out, {"the erasure": source, "its weights": erasure.weights, "--base_model":
+                                   erasure.base_model, "--ckpt_path": ckpt_path, "--ckpt_config": ckpt_config})
     check_family([settings.format], erasure.family)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
