@@ -128,3 +128,23 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_limit_keeps_a_prompt_csv_inside_out(tmp_path):
+    """--prompts OUT/prompts.csv with --limit: the user's CSV is not rewritten to its first rows; an
+    OUT/prompts.csv that no earlier reproduce wrote is not replaced either."""
+    import shutil
+
+    from esd.records import OutputError
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    mine = out / "prompts.csv"
+    shutil.copy(DATA / "i2p_layout.csv", mine)
+    text = mine.read_text()
+    with pytest.raises(OutputError, match="put the prompt CSV outside --out"):
+        run(tmp_path, "nudity", out="rep", prompts=str(mine), limit=1)
+    assert mine.read_text() == text
+    with pytest.raises(OutputError, match="no earlier esd reproduce wrote"):
+        run(tmp_path, "nudity", out="rep", prompts=str(DATA / "i2p_layout.csv"), limit=1)
+    assert mine.read_text() == text

@@ -26,11 +26,11 @@ from ..records import (
     OutputError,
     atomic_write,
     check_free_space,
+    check_not_input,
     check_output_folder,
     describe_os_error,
     environment_record,
 )
-from ..records import check_not_input
 from ..weights import deterministic_safetensors
 from .ldm import checkpoint_to_ldm
 from .lora import RANK_CHOICES, LoraExport, lora_from_erasure, lora_metadata
