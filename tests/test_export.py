@@ -255,3 +255,26 @@ def test_single_file_export_has_the_umask_mode(tiny_models, tmp_path):
             assert stat.S_IMODE(out.stat().st_mode) == 0o644, fmt
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("fmt", ["lora", "single-file"])
+def test_a_file_that_appears_during_the_export_is_kept(tiny_models, tmp_path, monkeypatch, fmt):
+    """Two concurrent exports to one path without --overwrite: the exists-check and the write are one
+    step, so the second fails in one line and the first's file stays."""
+    import esd.export as export_module
+    from esd.records import OutputError
+
+    run, _, _ = make_run(tiny_models["sd1"], tmp_path / "run", method="xattn")
+    out = tmp_path / "conc.safetensors"
+    original = export_module.load_erasure
+
+    def racing(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        out.write_bytes(b"the other export")  # lands after the check, before the write
+        return loaded
+
+    monkeypatch.setattr(export_module, "load_erasure", racing)
+    with pytest.raises(OutputError, match="already exists"):
+        export(run, out, fmt)
+    assert out.read_bytes() == b"the other export"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -132,17 +132,18 @@ def header_metadata(record: dict) -> dict[str, str]:
             "esd_train_method": record["train_method"], "esd_export": json.dumps(record, sort_keys=True)}
 
 
-def write_safetensors(tensors: dict, metadata: dict, out: Path) -> None:
+def write_safetensors(tensors: dict, metadata: dict, out: Path, replace: bool = True) -> None:
+    """``replace=False``: fail if ``out`` appeared meanwhile (a concurrent export), replacing nothing."""
     data = deterministic_safetensors(tensors, metadata)
     check_free_space(out.parent, len(data), str(out))
-    atomic_write(out, lambda p: Path(p).write_bytes(data))
+    atomic_write(out, lambda p: Path(p).write_bytes(data), replace=replace)
 
 
 def write_lora(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> LoraExport:
     export = lora_from_erasure(loaded.models.unet, loaded.changed, loaded.models.family, settings.rank,
                                settings.max_rel_error, settings.torch_dtype)
     metadata = {**header_metadata(record), **lora_metadata(export, settings.rank, settings.max_rel_error)}
-    write_safetensors(export.tensors, metadata, settings.out)
+    write_safetensors(export.tensors, metadata, settings.out, replace=settings.overwrite)
     return export
 
 
@@ -153,7 +154,8 @@ def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSetti
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
     check_free_space(settings.out.parent, sum(v.nbytes for v in tensors.values()), str(settings.out))
     # Written straight to disk (save_file), not through bytes in memory: an SDXL file is 7 GB in fp16.
-    atomic_write(settings.out, lambda p: save_file(tensors, p, metadata=header_metadata(record)))
+    atomic_write(settings.out, lambda p: save_file(tensors, p, metadata=header_metadata(record)),
+                 replace=settings.overwrite)  # no --overwrite: a file that appeared meanwhile is kept
 
 
 def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, settings: ExportSettings) -> None:
