@@ -93,19 +93,6 @@ def describe_os_error(e: OSError, path) -> str:
     return f"cannot write {path}: {e.strerror or e}"
 
 
-def file_mode() -> int:
-    """The mode a new file gets under this process's umask (0o666 & ~umask), as any other tool's would."""
-    try:  # Linux states the umask without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file.
 
@@ -122,10 +109,11 @@ def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+        mode = os.stat(tmp).st_mode  # 0o666 less the umask, as os.open made it
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, mode)  # the writer may have replaced the file with a 0600 one
         if replace:
             os.replace(tmp, path)
         else:
@@ -134,8 +122,6 @@ def atomic_write(path: str | os.PathLike, write, replace: bool = True) -> None:
             except FileExistsError as e:
                 raise OutputError(f"{path} already exists (written by another process meanwhile?); nothing was "
                                   "replaced; pass --overwrite to replace it") from e
-    except OutputError:
-        raise
     except OSError as e:
         raise OutputError(describe_os_error(e, path)) from e
     finally:
@@ -174,7 +160,7 @@ def check_not_input(out: str | os.PathLike, inputs: dict, flag: str = "--out") -
         if value is None or not Path(value).exists():
             continue
         src = Path(value).resolve()
-        if out_r == src or out_r.is_relative_to(src) and src.is_dir() or src.is_relative_to(out_r):
+        if out_r == src or (src.is_dir() and out_r.is_relative_to(src)) or src.is_relative_to(out_r):
             raise OutputError(f"{flag} {str(out)!r} is {name} {str(value)!r} or overlaps it; writing there would "
                               "replace an input of this command; choose another path")
 

@@ -313,10 +313,11 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         if prompts.exists() and prompts.resolve() == Path(cfg.prompts).resolve():
             raise OutputError(f"--prompts {cfg.prompts!r} is OUT/prompts.csv, which --limit rewrites to its first "
                               "rows; put the prompt CSV outside --out")
-        if prompts.exists() and not (out / "report.json").is_file() and prompts.read_text() != text:
+        existing = prompts.read_text() if prompts.is_file() else None
+        if existing not in (None, text) and not (out / "report.json").is_file():
             raise OutputError(f"--out {str(out)!r} holds a prompts.csv that no earlier esd reproduce wrote; "
                               "choose another folder")
-        if not prompts.is_file() or prompts.read_text() != text:
+        if existing != text:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(prompts, lambda p: Path(p).write_text(text))
 

@@ -30,7 +30,7 @@ import torch
 from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
 from ..models import DEFAULT_BASE_MODEL, resolve_source
 from ..models import load_pipeline as load_base_pipeline
-from ..records import atomic_write, check_inside, check_output_folder, environment_record, error_summary
+from ..records import PLAIN_NAME, atomic_write, check_inside, check_output_folder, environment_record, error_summary
 from .inversion import TOKEN, inversion_attack, inversion_prompt
 from .prefix import prefix_attack, word_tokens
 from .target import Target, add_placeholders
@@ -108,8 +108,8 @@ class AttackConfig:
         check_concept(self.judge, self.concept)
         check_family(self.base_model)
         check_output_folder(Path(self.out), "--out")
-        for name in (*OUTPUTS, *(f"images/{stage}/0.png" for stage in STAGES)):  # no link leads a write or
-            check_inside(Path(self.out) / name, Path(self.out), "--out")  # the clean-up of stale PNGs elsewhere
+        for name in (*OUTPUTS, *(f"images/{stage}" for stage in STAGES)):  # no link leads a write or the
+            check_inside(Path(self.out) / name, Path(self.out), "--out")  # clean-up of stale PNGs elsewhere
         taken = [n for n in OUTPUTS if (Path(self.out) / n).exists()]
         if taken and not self.overwrite:
             raise ValueError(f"--out {self.out!r} already holds {', '.join(taken)}; choose a new folder or pass "
@@ -205,6 +205,9 @@ def draw(pipe, cfg: AttackConfig, case: str, prompt: str, seed: int) -> tuple[to
               guidance_scale=cfg.guidance_scale, output_type="latent").images
     pixels = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     return x0, pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+IMAGE_NAME = re.compile(PLAIN_NAME.pattern + r"_\d+\.png")  # save_images' names: CASE_I.png, CASE a plain name
 
 
 def save_images(folder: Path, case: str, images: list) -> list[str]:
@@ -341,7 +344,7 @@ def remove_stale_images(out: Path, kept: set[str]) -> None:
     under the names this tool gives its images (CASE_I.png) go; a user's own holiday.png stays."""
     for stage in STAGES:
         for stale in (out / "images" / stage).glob("*.png"):
-            if stale.name not in kept and re.fullmatch(r"[\w.+=-]+_\d+\.png", stale.name) and not stale.is_symlink():
+            if stale.name not in kept and IMAGE_NAME.fullmatch(stale.name) and not stale.is_symlink():
                 stale.unlink()
 
 
