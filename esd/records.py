@@ -151,16 +151,18 @@ def check_inside(path: str | os.PathLike, folder: str | os.PathLike, flag: str) 
     return path
 
 
-def check_not_input(out: str | os.PathLike, inputs: dict, flag: str = "--out") -> None:
+def check_not_input(out: str | os.PathLike, inputs: dict, flag: str = "--out", may_hold: tuple = ()) -> None:
     """Refuse an output that is one of the command's inputs, lies inside an input folder, or holds an
     input (``inputs``: flag -> path; None entries skipped): replacing it would destroy what the command
-    reads, ``--overwrite`` or not."""
+    reads, ``--overwrite`` or not. The folders named in ``may_hold`` (a run folder, whose ``export/`` is
+    where its exports go) may hold the output; its files the command reads are to be named as inputs."""
     out_r = Path(out).resolve()
     for name, value in inputs.items():
         if value is None or not Path(value).exists():
             continue
         src = Path(value).resolve()
-        if out_r == src or (src.is_dir() and out_r.is_relative_to(src)) or src.is_relative_to(out_r):
+        inside = src.is_dir() and out_r.is_relative_to(src) and name not in may_hold
+        if out_r == src or inside or src.is_relative_to(out_r):
             raise OutputError(f"{flag} {str(out)!r} is {name} {str(value)!r} or overlaps it; writing there would "
                               "replace an input of this command; choose another path")
 

@@ -319,6 +319,15 @@ def test_check_inside_refuses_a_symlink_out_of_the_folder(tmp_path):
     with pytest.raises(OutputError, match="replace an input"):
         check_not_input(base, {"--base_model": base})
     check_not_input(out / "x.safetensors", {"--base_model": base})
+    with pytest.raises(OutputError, match="replace an input"):
+        check_not_input(base / "unet" / "w.safetensors", {"--base_model": base})
+    run = tmp_path / "run"
+    (run / "args.json").parent.mkdir()
+    (run / "args.json").write_text("{}")
+    check_not_input(run / "export" / "lora.safetensors", {"the erasure": run}, may_hold=("the erasure",))
+    for bad in (run, run / "args.json", tmp_path):
+        with pytest.raises(OutputError, match="replace an input"):
+            check_not_input(bad, {"the erasure": run, "its args.json": run / "args.json"}, may_hold=("the erasure",))
 
 
 def test_attack_refuses_an_image_folder_that_links_elsewhere(tmp_path):

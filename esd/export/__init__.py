@@ -142,7 +142,9 @@ def write_safetensors(tensors: dict, metadata: dict, out: Path, replace: bool = 
 def write_lora(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> LoraExport:
     export = lora_from_erasure(loaded.models.unet, loaded.changed, loaded.models.family, settings.rank,
                                settings.max_rel_error, settings.torch_dtype)
-    metadata = {**header_metadata(record), **lora_metadata(export, settings.rank, settings.max_rel_error)}
+    metadata = {**header_metadata(record), **lora_metadata(export, settings.rank, settings.max_rel_error,
+                                                           loaded.models.family, settings.out.stem,
+                                                           str(record.get("base_model", "")))}
     write_safetensors(export.tensors, metadata, settings.out, replace=settings.overwrite)
     return export
 
@@ -219,8 +221,11 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
     factors and errors for ``lora``."""
     settings.check()
     erasure = find_erasure(source, base_model, ckpt_path, ckpt_config)
-    check_not_input(settings.out, {"the erasure": source, "its weights": erasure.weights, "--base_model":
-                                   erasure.base_model, "--ckpt_path": ckpt_path, "--ckpt_config": ckpt_config})
+    run = Path(source) if Path(source).is_dir() else None
+    check_not_input(settings.out, {"the erasure": source, "its weights": erasure.weights,
+                                   "its args.json": run / "args.json" if run else None, "--base_model":
+                                   erasure.base_model, "--ckpt_path": ckpt_path, "--ckpt_config": ckpt_config},
+                    may_hold=("the erasure",))  # a run's exports go into its export/ folder
     check_family([settings.format], erasure.family)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
