@@ -7,6 +7,9 @@ Formats written by :mod:`esd.train`:
 * ``<name>.safetensors``: only the trained parameters (small), with metadata
   naming the base model and train method.
 
+It also loads the official ESD code's ``esd-<concept>-from-<concept>-<method>.safetensors`` (the
+trained tensors alone, diffusers names, bf16, no metadata) over the base model.
+
 :func:`load_erased_unet` also reads CompVis-format ``.pt`` / ``.ckpt`` files
 (keys ``model.diffusion_model.*``, as the paper's original code saved them).
 Loading is strict and never unpickles arbitrary objects.
@@ -124,7 +127,10 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
         state_dict = convert_ldm_unet_checkpoint(state_dict, dict(unet.config))
         partial = False
     else:
-        partial = meta.get("format") == TRAINED_FORMAT
+        # This project's trained-parameters file, or the official ESD code's output (esd_sd.py and its
+        # siblings save_file() only the trained tensors, with diffusers names and no metadata): both are
+        # loaded over the base, strictly (every key in the base, with its shape).
+        partial = meta.get("format") == TRAINED_FORMAT or (Path(path).suffix == ".safetensors" and not meta)
     if not state_dict:
         raise ModelLoadError(f"weights file {str(path)!r} does not fit {base_model}: no tensors; the file was "
                              f"trained from {trained_from}")
