@@ -22,6 +22,7 @@ W' = W + (alpha / r) B A, with A (r, in[, kh, kw]) and B (out, r[, 1, 1]).
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -145,7 +146,9 @@ class LoraTraining:
                   "base_model": config.ckpt_path or config.base_model, "concept": config.prompt,
                   "train_method": resolve_method(config.train_method).name, "erasure": config.record(),
                   "excluded": self.excluded, "environment": environment_record()}
-        write_safetensors(export.tensors, {**header_metadata(record), **lora_metadata(export, self.rank, 0.0)}, path)
+        write_safetensors(export.tensors, {**header_metadata(record), **lora_metadata(export, self.rank, 0.0, family,
+                                                                                Path(path).stem,
+                                                                                str(record["base_model"]))}, path)
 
     def record(self) -> dict:
         """What args.json adds about the adapters."""

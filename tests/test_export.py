@@ -278,3 +278,57 @@ def test_a_file_that_appears_during_the_export_is_kept(tiny_models, tmp_path, mo
         export(run, out, fmt)
     assert out.read_bytes() == b"the other export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_official_codes_metadata_less_partial_file_loads_in_every_command(tmp_path):
+    """esd_sd.py's output: only the trained tensors, diffusers names, bf16, no metadata. generate, export and
+    attack load it over the base model; a key the base lacks is an error naming it, and nothing is written."""
+    from esd.models import ModelLoadError
+    from esd.weights import apply_erased_weights
+
+    _, base_sd, erased = make_run(str(TOY_MODEL_DIR), tmp_path / "run", method="esd-x")
+    official = tmp_path / "esd-red-from-red-esd-x.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in erased.items()}, str(official))  # no metadata, as esd_sd.py
+    with safe_open(str(official), framework="pt") as f:
+        assert not f.metadata()
+    unet = DiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR)).unet
+    assert sorted(apply_erased_weights(unet, official, base_model="toy")) == sorted(erased)
+    own = unet.state_dict()
+    for k, v in erased.items():
+        assert torch.equal(own[k], v.to(torch.bfloat16).float()), k
+    untouched = [k for k in base_sd if k not in erased]
+    assert untouched and all(torch.equal(own[k], base_sd[k]) for k in untouched)
+
+    out = tmp_path / "lora.safetensors"
+    assert main(["export", str(official), "--base_model", "toy", "--format", "lora", "--out", str(out)]) == 0
+    assert out.is_file()
+
+    bad = tmp_path / "esd-red-from-red-esd-x-bad.safetensors"
+    save_file({**{k: v.to(torch.bfloat16) for k, v in erased.items()}, "not.a.unet.key": torch.zeros(2)}, str(bad))
+    with pytest.raises(ModelLoadError, match="1 unexpected keys \\(not.a.unet.key\\)"):
+        apply_erased_weights(DiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR)).unet, bad, base_model="toy")
+    wrong = tmp_path / "esd-wrong-shape.safetensors"
+    name = next(iter(erased))
+    save_file({name: torch.zeros(3, 3, 3)}, str(wrong))
+    with pytest.raises(ModelLoadError, match="1 shape mismatches"):
+        apply_erased_weights(DiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR)).unet, wrong, base_model="toy")
+
+
+@pytest.mark.parametrize("family,version,v2", [("sd1", "sd_v1", "False"), ("sd2", "sd_v2", "True"),
+                                               ("sdxl", "sdxl_base_v1-0", "False")])
+def test_lora_carries_the_kohya_labels_automatic1111_lists_it_by(family, version, v2, tiny_models, tmp_path):
+    """A1111's Lora extension: ss_base_model_version 'sdxl_*' -> SDXL, ss_v2 'True' -> SD2, else SD1; only
+    the LoRAs of the loaded checkpoint's version are listed. Ours stand beside kohya's."""
+    run, _, _ = make_run(model_folder(family, tiny_models), tmp_path / "run", method="esd-x")
+    for rank, dim in ((2, "2"), ("full", None)):
+        out = tmp_path / f"erase-cat-{rank}.safetensors"
+        export(run, out, "lora", rank=rank)
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+            ranks = {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith(".lora_down.weight")}
+        assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_module"]) == (version, v2,
+                                                                                            "networks.lora")
+        assert meta["ss_network_dim"] == (dim or (str(ranks.pop()) if len(ranks) == 1 else "Dynamic"))
+        assert float(meta["ss_network_alpha"]) == one_alpha(out)
+        assert meta["ss_output_name"] == out.stem and meta["ss_sd_model_name"] == model_folder(family, tiny_models)
+        assert meta["esd_lora_rank"] == str(rank) and meta["esd_concept"] == "cat"

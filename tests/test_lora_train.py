@@ -70,6 +70,8 @@ def test_only_factors_train_and_the_files_agree_with_them(tiny_models, tmp_path,
     full = torch.load(run / "diffusers-run.pt", weights_only=True)
     assert all(torch.equal(full[k], merged[k] if k in merged else before[k]) for k in before)
     assert header["esd_lora_rank"] == "2" and header["esd_train_method"] == "noxattn"
+    assert (header["ss_base_model_version"], header["ss_v2"], header["ss_network_dim"], header["ss_network_alpha"],
+            header["ss_output_name"]) == ("sd_v1", "False", "2", "3", "lora-run")
     record = json.loads((run / "args.json").read_text())
     assert (record["lora_rank"], record["lora_alpha"]) == (2, 3.0)
     assert record["trained_parameters"] == sum(v.numel() for k, v in factors.items() if not k.endswith("alpha"))

@@ -159,8 +159,25 @@ def lora_tensors(layers: dict[str, LayerFactors], alpha: float | None, unet_conf
     return tensors
 
 
-def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float) -> dict[str, str]:
-    """The safetensors header's strings: how the factors were made and how far they are from the erasure."""
+KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya-ss sd-scripts' names
+
+
+def kohya_metadata(export: LoraExport, family: str, output_name: str, base: str) -> dict[str, str]:
+    """The ``ss_*`` strings kohya-ss writes and AUTOMATIC1111's Lora extension reads: it labels a LoRA SDXL by
+    ``ss_base_model_version`` (``sdxl_...``), SD2 by ``ss_v2``, and SD1 otherwise, and lists only the LoRAs of
+    the loaded checkpoint's version. None for SD3/FLUX (diffusers layout, no kohya names)."""
+    if export.alpha is None or family not in KOHYA_BASE_VERSION:
+        return {}
+    ranks = {f.rank for f in export.layers.values()}
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": KOHYA_BASE_VERSION[family],
+            "ss_v2": str(family == "sd2"), "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": f"{export.alpha:g}", "ss_output_name": output_name, "ss_sd_model_name": base}
+
+
+def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float, family: str, output_name: str,
+                  base: str) -> dict[str, str]:
+    """The safetensors header's strings: how the factors were made and how far they are from the erasure,
+    and kohya's labels beside them."""
     kohya = export.alpha is not None
     return {"esd_lora_rank": str(rank), "esd_lora_alpha": str(export.alpha) if kohya else "",
             "esd_lora_layout": "kohya" if kohya else "diffusers (transformer.<module>.lora_A/B, scale 1)",
@@ -169,7 +186,7 @@ def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float) -> 
             "esd_lora_layers": json.dumps({m: {"rank": f.rank, "rel_error": round(f.rel_error, 6)}
                                            for m, f in export.layers.items()}, sort_keys=True),
             "esd_lora_dropped": json.dumps({n: round(v, 6) for n, v in export.dropped.items()}, sort_keys=True),
-            **({"ss_network_module": "networks.lora"} if kohya else {})}  # kohya-ss's key: LoRA lists read it
+            **kohya_metadata(export, family, output_name, base)}
 
 
 @torch.no_grad()
