@@ -48,8 +48,10 @@ class OutputError(ValueError):
     """An output could not be written (no space left, no permission, not a folder); the message names the path."""
 
 
-TMP_SUFFIX = ".esd-tmp"
-_TMP_NAME = re.compile(r"\.(?P<pid>\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX) + "$")
+TMP_SUFFIX = ".esd-tmp"  # atomic_write's temporary file
+TMPDIR_SUFFIX = ".esd-tmpdir"  # a folder written whole, then renamed into place (a diffusers export)
+_TMP_NAME = re.compile(r"\.(?P<pid>\d+)\.[0-9a-f]{16}(" + re.escape(TMP_SUFFIX) + "|" + re.escape(TMPDIR_SUFFIX)
+                       + "(-old)?)$")
 _swept: set[str] = set()
 
 
@@ -64,18 +66,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_orphans(folder: Path) -> list[Path]:
-    """Remove the temporary files of writes whose process is gone (killed mid-write). Once per folder
-    per process: a generation folder can hold 30,000 images. A live process's temporary file (a
-    concurrent writer) is left alone."""
+    """Remove the temporary files and folders of writes whose process is gone (killed mid-write). Once per
+    folder per process: a generation folder can hold 30,000 images. A live process's temporary file (a
+    concurrent writer) is left alone; only names this tool makes are touched, and a link is unlinked, never
+    followed."""
     key = os.path.abspath(folder)
     if key in _swept or not folder.is_dir():
         return []
     _swept.add(key)
     removed = []
-    for p in folder.glob(f".*{TMP_SUFFIX}"):
+    for p in folder.glob(f".*{TMP_SUFFIX}*"):
         m = _TMP_NAME.search(p.name)
         if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 

@@ -106,6 +106,30 @@ def test_orphans_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert [p.name for p in tmp_path.glob(f"*{records.TMP_SUFFIX}")] == [live.name]
 
 
+def test_a_killed_diffusers_exports_folder_goes_with_the_next_export(tmp_path):
+    """kill -9 during --format diffusers leaves .NAME.PID.HEX.esd-tmpdir (and, mid-replace, its -old): the
+    next folder write there removes them; a live writer's folder and a planted link's target stay."""
+    from esd.export import write_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".model.{dead.pid}.{'3' * 16}{records.TMPDIR_SUFFIX}"
+    old = tmp_path / f".model.{dead.pid}.{'4' * 16}{records.TMPDIR_SUFFIX}-old"
+    live = tmp_path / f".model.{os.getppid()}.{'5' * 16}{records.TMPDIR_SUFFIX}"
+    for d in (orphan, old, live):
+        (d / "unet").mkdir(parents=True)
+        (d / "unet" / "w.safetensors").write_bytes(b"half")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    link = tmp_path / f".x.{dead.pid}.{'6' * 16}{records.TMPDIR_SUFFIX}"
+    link.symlink_to(precious)
+    write_folder(tmp_path / "model", lambda f: (f / "model_index.json").write_text("{}"))
+    assert not orphan.exists() and not old.exists() and not link.is_symlink() and live.is_dir()
+    assert (precious / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "model" / "model_index.json").read_text() == "{}"
+
+
 def test_a_write_that_fails_leaves_no_partial_file_and_names_the_path(tmp_path):
     def half_then_full(p):
         Path(p).write_bytes(b"x" * 100)

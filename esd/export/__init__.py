@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..config import SAVE_PRECISIONS
 from ..models import FLOW_FAMILIES
 from ..records import (
+    TMPDIR_SUFFIX,
     OutputError,
     atomic_write,
     check_free_space,
@@ -30,6 +31,7 @@ from ..records import (
     check_output_folder,
     describe_os_error,
     environment_record,
+    remove_orphans,
 )
 from ..weights import deterministic_safetensors
 from .ldm import checkpoint_to_ldm
@@ -199,8 +201,9 @@ def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, setti
 def write_folder(out: Path, write) -> None:
     """``write(tmp_folder)`` then rename it to ``out``: ``out`` is never a half-written folder. A replaced
     folder is renamed away just before (a directory cannot be renamed onto a full one) and removed after.
-    The temporary folder's suffix differs from atomic_write's, whose sweep of killed writes removes files."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(8)}.esd-tmpdir")
+    Temporary folders of killed exports in the same folder are removed first (remove_orphans)."""
+    remove_orphans(out.parent)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(8)}{TMPDIR_SUFFIX}")
     old = tmp.with_name(tmp.name + "-old")
     try:
         tmp.mkdir()
