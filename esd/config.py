@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .flow_checkpoint import checkpoint_family
-from .methods import resolve_method
+from .flow_checkpoint import checkpoint_family, checkpoint_keys
+from .methods import ALIASES, resolve_method
 from .models import (
     DEFAULT_BASE_MODEL,
     FLOW_FAMILIES,
@@ -29,7 +29,12 @@ SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.b
 SAMPLER_MODELS = ("frozen", "trained")  # which weights sample x_t
 SAMPLER_SCHEDULERS = ("ddim", "model")  # DDIM (the paper's sampler) or the model's own scheduler class
 TIMESTEP_MODES = ("matched", "original")  # the query timestep: x_t's own, or the paper code's pairing
-SDXL_UNCONDS = ("empty", "zeros")  # SDXL's e0: the encoded "" (official esd_sdxl.py) or zero embeddings
+# SDXL's unconditional prompt, for e0 (the target) and for the sampler's unconditional branch (x_t):
+# "empty": "" encoded through both text encoders, for both (what esd_sdxl.py builds e0 from: negative_prompt="");
+# "zeros": zero embeddings (hidden states and pooled; time ids kept) for both, diffusers' force_zeros_for_empty_prompt;
+# "official": esd_sdxl.py's mix: x_t sampled with zero embeddings (its pipeline call passes no negative prompt,
+#   so SDXL's force_zeros_for_empty_prompt applies), e0 from the encoded "". Other families ignore the setting.
+SDXL_UNCONDS = ("empty", "zeros", "official")
 SAVE_FORMATS = ("both", "full", "trained")
 OPTIMIZERS = ("adam", "adam8bit")
 
@@ -41,25 +46,47 @@ PRESETS: dict[str, dict] = {
     # original code's DDPM query draw, a whole frozen UNet copy, Adam lr 1e-5 for 1,000 iterations.
     "paper": dict(sampler_model="trained", sampler_scheduler="ddim", timestep_mode="original", pool_size=0,
                   frozen_copy=True, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=1e-5,
-                  iterations=1000),
+                  iterations=1000, sdxl_uncond="empty"),
     # The current official code (esd_sd.py): the frozen model samples x_t with the model's own scheduler
     # (PNDM for SD1.4), a fresh trajectory every iteration, the query at x_t's own timestep, lr 5e-5 for
     # 200 iterations; its eta 2 is our 1 (see esd/objective.py). It renders 1024 px and trains in bf16:
     # here the native size and fp32 trained weights (--image_size 1024 for the former).
+    # On SDXL it takes esd_sdxl.py's own settings instead where they differ (SDXL_OFFICIAL below).
     "official": dict(sampler_model="frozen", sampler_scheduler="model", timestep_mode="matched", pool_size=0,
                      frozen_copy=False, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=5e-5,
-                     iterations=200),
+                     iterations=200, sdxl_uncond="empty"),
     # This project's default: trajectory reuse. pool_size whole trajectories from the frozen DDIM sampler,
     # every (x_t, t, e0, ep) on them trained on once; one UNet in memory.
     "fast": dict(sampler_model="frozen", sampler_scheduler="ddim", timestep_mode="matched", pool_size=8,
                  frozen_copy=False, ddim_steps=50, start_guidance=3.0, negative_guidance=1.0, lr=1e-5,
-                 iterations=1000),
+                 iterations=1000, sdxl_uncond="empty"),
 }
+# --preset official on an SDXL model: the current official SDXL code (esd_sdxl.py) where its defaults differ
+# from esd_sd.py's. Its argparse: guidance_scale 2, negative_guidance 1 (its eta_off; our eta = eta_off - 1 = 0:
+# the target is e0 itself, see esd/objective.py), lr 2e-4, iterations 200 and num_inference_steps 50 (as
+# esd_sd.py's); then lr = 1e-5 for every method but esd-x and esd-x-strict (its `if 'esd-x' not in
+# train_method`). (The file holds its __main__ block twice; the second copy, which runs after the first and
+# overwrites its output file, lacks that line: the author's rule is taken, not that leftover.) Its x_t is
+# sampled with zero unconditional embeddings and its e0 built from the encoded "" (sdxl_uncond "official").
+SDXL_OFFICIAL = dict(start_guidance=2.0, negative_guidance=0.0, lr=2e-4, sdxl_uncond="official")
+SDXL_OFFICIAL_X_METHODS = ("xattn", "xattn-strict")  # esd-x, esd-x-strict: esd_sdxl.py keeps --lr for them
+SDXL_OFFICIAL_OTHER_LR = 1e-5  # esd_sdxl.py's lr for the other methods (esd-u, esd-all)
 DEFAULT_PRESET = "fast"
 # FLUX.1 (12 B parameters) defaults to the path that fits one 80 GB GPU with mmdit-x and mmdit-x-single
 # (README, "Memory"): frozen weights in bf16, gradient checkpointing. An explicit flag overrides them.
 FLUX_DEFAULTS = {"mixed_precision": "bf16", "gradient_checkpointing": True}
 PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
+
+
+def preset_values(preset: str, sdxl: bool | None = False, train_method: str | None = None) -> dict:
+    """Every preset field's value under ``preset`` on a model that is SDXL (``sdxl`` True) or not (False, or
+    None: not known yet), for ``train_method`` (esd_sdxl.py's learning rate depends on it)."""
+    values = dict(PRESETS[preset])
+    if sdxl and preset == "official":
+        values.update(SDXL_OFFICIAL)
+        if ALIASES.get(train_method, train_method) not in SDXL_OFFICIAL_X_METHODS:
+            values["lr"] = SDXL_OFFICIAL_OTHER_LR
+    return values
 
 
 # Settings a resumed run may change: where outputs go and how fast, never what is computed.
@@ -98,7 +125,7 @@ class ESDConfig:
     seed: int | None = None  # None: drawn at random and recorded
     devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
     mixed_precision: str | None = None  # no | fp16 | bf16: dtype of the frozen parts; None: FLUX_DEFAULTS or "no"
-    sdxl_uncond: str = "empty"  # SDXL's unconditional prompt: "empty" encodes "" (official), "zeros" zeroes it
+    sdxl_uncond: str | None = None  # SDXL's "" for e0 and the sampler (SDXL_UNCONDS); None: the preset's
     save_path: str = "models/"
     save_every: int = 0  # checkpoint every N iterations (0: never)
     save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
@@ -132,9 +159,7 @@ class ESDConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
         self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        self._apply_preset(self.is_sdxl)
         by_family = FLUX_DEFAULTS if self.family == "flux" else {}
         for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
             if getattr(self, name) is None:
@@ -153,6 +178,42 @@ class ESDConfig:
             return checkpoint_family(self.ckpt_path)
         except Exception:  # noqa: BLE001 - validate names the file; loading says what is wrong with it
             return None
+
+    @property
+    def is_sdxl(self) -> bool | None:
+        """Whether the model is an SDXL UNet (text-time added conditioning, as esd.models.detect_family tells
+        it), from its UNet config or the checkpoint's tensor names (nothing loads); None when unreadable yet
+        (a hub id not cached): :meth:`resolve_for` settles it once the model is loaded."""
+        family = self.family
+        if family != "unet":
+            return None if family is None else False
+        try:
+            if self.ckpt_path is None:
+                from diffusers import UNet2DConditionModel
+
+                unet = UNet2DConditionModel.load_config(resolve_source(self.base_model), subfolder="unet")
+                return unet.get("addition_embed_type") == "text_time"
+            from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+            keys = checkpoint_keys(self.ckpt_path)
+            return any(CHECKPOINT_KEY_NAMES[k] in keys for k in ("xl_base", "xl_refiner"))
+        except Exception:  # noqa: BLE001 - unreadable here; loading says why
+            return None
+
+    def _apply_preset(self, sdxl: bool | None) -> bool:
+        """Give every preset field not set explicitly its preset value on this kind of model; True when a
+        value changed."""
+        changed = False
+        for name, value in preset_values(self.preset, sdxl, self.train_method).items():
+            if name not in self.preset_overrides and getattr(self, name) != value:
+                setattr(self, name, value)
+                changed = True
+        return changed
+
+    def resolve_for(self, family: str) -> bool:
+        """Settle the preset for the loaded model's ``family`` (esd.models.FAMILIES), which the settings may
+        not have been able to read (a hub id not cached, a caller's own models); True when a value changed."""
+        return self._apply_preset(family == "sdxl")
 
     def validate(self) -> None:
         """Raise ValueError on any bad setting before a model is loaded."""

@@ -24,6 +24,14 @@ The current official code (``esd_sd.py``) selects modules, not parameter names: 
 them. These differ from the paper code's ``noxattn`` and ``full``, so they are methods of
 their own; ``esd-x`` and ``esd-x-strict`` select what ``xattn`` and ``xattn-strict`` do.
 
+The official SDXL code (``esd_sdxl.py``) selects its ``esd-u`` and ``esd-all`` otherwise: of those
+``Linear``/``Conv2d`` layers, only the ones whose module name holds ``block`` and not ``emb``, which on
+the SDXL UNet are the layers of ``down_blocks``, ``mid_block`` and ``up_blocks`` less the resnets'
+``time_emb_proj``: no ``time_embedding``, ``add_embedding``, ``conv_in`` or ``conv_out``. On an SDXL UNet
+(text-time added conditioning) ``esd-u`` and ``esd-all`` select that (``sdxl_selects``). The paper
+code's names keep their rule there: the paper never ran SDXL, and ``noxattn``/``full`` are its rules
+on diffusers names, whatever the UNet.
+
 Transformers (diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``) have no
 cross-attention. Their joint (MMDiT) blocks, ``transformer_blocks.N``, keep a text stream and an
 image stream with separate weights and run one attention over both: image tokens get keys and
@@ -94,6 +102,7 @@ class TrainMethod:
     # (parameter name, the module holding it, layers_per_block) -> trained?
     selects: Callable[[str, torch.nn.Module, int], bool]
     families: tuple[str, ...] = ("unet",)  # the FAMILIES whose parameter names `selects` understands
+    sdxl_selects: Callable[[str, torch.nn.Module, int], bool] | None = None  # on SDXL UNets (None: `selects`)
 
 
 def _xlayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
@@ -122,6 +131,19 @@ def _linear_or_conv(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
 
 
+_UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
+def _sdxl_official(name: str, module: torch.nn.Module) -> bool:
+    # esd_sdxl.py's esd-all: Linear/Conv2d layers of the down, mid and up blocks, less the resnets' time_emb_proj.
+    return _linear_or_conv(module) and name.startswith(_UNET_BLOCKS) and ".time_emb_proj." not in name
+
+
+def is_sdxl_unet(model: torch.nn.Module) -> bool:
+    """An SDXL UNet: a UNet2DConditionModel with the text-time added conditioning (as esd.models.detect_family)."""
+    return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
+
+
 TRAIN_METHODS: dict[str, TrainMethod] = {
     m.name: m
     for m in [
@@ -142,10 +164,14 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
         TrainMethod("xattn-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)",
                     lambda n, m, _: "attn2.to_k." in n or "attn2.to_v." in n),
         TrainMethod("esd-u", "the official code's ESD-u: every Linear/Conv2d layer but cross-attention (time embedding "
-                    "and output conv included, norm layers not)",
-                    lambda n, m, _: _linear_or_conv(m) and "attn2" not in n),
-        TrainMethod("esd-all", "the official code's ESD-all: every Linear/Conv2d layer (norm layers not)",
-                    lambda n, m, _: _linear_or_conv(m)),
+                    "and output conv included, norm layers not); on SDXL esd_sdxl.py's: only those in the down/mid/up "
+                    "blocks, less the resnets' time_emb_proj",
+                    lambda n, m, _: _linear_or_conv(m) and "attn2" not in n,
+                    sdxl_selects=lambda n, m, _: _sdxl_official(n, m) and "attn2" not in n),
+        TrainMethod("esd-all", "the official code's ESD-all: every Linear/Conv2d layer (norm layers not); on SDXL "
+                    "esd_sdxl.py's: only those in the down/mid/up blocks, less the resnets' time_emb_proj",
+                    lambda n, m, _: _linear_or_conv(m),
+                    sdxl_selects=lambda n, m, _: _sdxl_official(n, m)),
         TrainMethod("mmdit-x", "SD3/FLUX transformer, the ESD-x analogue: text keys and values of the joint "
                     "blocks (attn.add_k_proj, attn.add_v_proj); for styles and artists",
                     lambda n, m, _: _joint_text_kv(n), _TRANSFORMERS),
@@ -191,12 +217,13 @@ def model_family(model: torch.nn.Module) -> str:
 def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
     """Names of the parameters of ``model`` (a UNet or transformer) that ``method`` trains (never empty)."""
     m = resolve_method(method, model_family(model))
+    selects = m.sdxl_selects if m.sdxl_selects is not None and is_sdxl_unet(model) else m.selects
     lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
     if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value
         lpb = lpb[0]
     owner = {f"{prefix}.{p}" if prefix else p: module for prefix, module in model.named_modules()
              for p, _ in module.named_parameters(recurse=False)}
-    names = [n for n, _ in model.named_parameters() if m.selects(n, owner[n], lpb)]
+    names = [n for n, _ in model.named_parameters() if selects(n, owner[n], lpb)]
     if not names:
         raise ValueError(f"train method {m.name!r} selects no parameters in this {type(model).__name__} "
                          f"(it has {len(list(model.parameters()))} parameter tensors)")

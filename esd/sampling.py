@@ -58,16 +58,25 @@ class PromptConditioning:
     """The prompts of one erasure, encoded once, by role. ``concept(rows)`` and ``source(rows)``
     take one concept index per latent row (B,)."""
 
-    uncond: Conditioning  # "" (1 row): e0, and the sampler's unconditional branch
+    uncond: Conditioning  # "" (1 row): e0, and the sampler's unconditional branch unless sampler_uncond is set
     concepts: Conditioning  # one row per concept word: ep
     erase_from: Conditioning | None = None  # --erase_from (1 row): e_from, and what x_t and theta see
+    # The sampler's unconditional branch (1 row) where it is not e0's: SDXL --sdxl_uncond official (zeros)
+    sampler_uncond: Conditioning | None = None
 
     def to(self, device) -> "PromptConditioning":
         return PromptConditioning(self.uncond.to(device), self.concepts.to(device),
-                                  None if self.erase_from is None else self.erase_from.to(device))
+                                  None if self.erase_from is None else self.erase_from.to(device),
+                                  None if self.sampler_uncond is None else self.sampler_uncond.to(device))
 
     def uncond_rows(self, n: int) -> Conditioning:
+        """e0's unconditional prompt, ``n`` rows."""
         return self.uncond.take(torch.zeros(n, dtype=torch.long))
+
+    def sampler_uncond_rows(self, n: int) -> Conditioning:
+        """The unconditional prompt of the guided sampler that makes x_t, ``n`` rows."""
+        uncond = self.uncond if self.sampler_uncond is None else self.sampler_uncond
+        return uncond.take(torch.zeros(n, dtype=torch.long))
 
     def concept(self, rows: torch.Tensor) -> Conditioning:
         return self.concepts.take(rows)
@@ -82,12 +91,26 @@ class PromptConditioning:
 def encode_erasure_prompts(models: DiffusionModels, words: list[str], erase_from: str | None, image_size: int,
                            sdxl_uncond: str = "empty", guidance: float | None = None) -> PromptConditioning:
     """Encode "", the concept words and the erase-from prompt in one call (``guidance``: see
-    :func:`encode_prompts`)."""
+    :func:`encode_prompts`). ``sdxl_uncond`` (SDXL only; see esd.config.SDXL_UNCONDS): "empty" encodes "" for
+    e0 and the sampler, "zeros" gives both zero embeddings, "official" gives the sampler zero embeddings and
+    e0 the encoded "" (esd_sdxl.py)."""
     prompts = ["", *words] + ([erase_from] if erase_from else [])
     cond = encode_prompts(models, prompts, image_size, zero_empty=sdxl_uncond == "zeros", guidance=guidance)
     n = len(words)
-    return PromptConditioning(cond.take(torch.tensor([0])), cond.take(torch.arange(1, n + 1)),
-                              cond.take(torch.tensor([n + 1])) if erase_from else None)
+    uncond = cond.take(torch.tensor([0]))
+    sampler_uncond = zero_conditioning(uncond) if sdxl_uncond == "official" and models.family == "sdxl" else None
+    return PromptConditioning(uncond, cond.take(torch.arange(1, n + 1)),
+                              cond.take(torch.tensor([n + 1])) if erase_from else None, sampler_uncond)
+
+
+def zero_conditioning(cond: Conditioning) -> Conditioning:
+    """``cond`` with zero text embeddings, hidden states and SDXL's pooled ``text_embeds``, its time ids kept:
+    what SDXL's pipeline gives a missing negative prompt (``encode_prompt`` with
+    ``force_zeros_for_empty_prompt``; the negative branch shares the prompt's ``add_time_ids``)."""
+    extra = None
+    if cond.added_cond_kwargs is not None:
+        extra = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.added_cond_kwargs.items()}
+    return Conditioning(torch.zeros_like(cond.prompt_embeds), extra)
 
 
 @torch.no_grad()
@@ -99,7 +122,7 @@ def encode_prompts(models: DiffusionModels, prompts: list[str], image_size: int,
     time ids (original size, crop (0, 0), target size). ``zero_empty`` (SDXL only) gives
     the empty prompt zero embeddings, as SDXL's pipeline does for a missing negative
     prompt (``force_zeros_for_empty_prompt``); without it "" is encoded like any prompt,
-    as the official esd_sdxl.py does (``negative_prompt=""``). SD3 and FLUX: see
+    as the official esd_sdxl.py does for e0 (``negative_prompt=""``). SD3 and FLUX: see
     :func:`esd.flow.encode_sd3` and :func:`esd.flow.encode_flux`; FLUX.1-dev's guidance embedding gets
     ``guidance`` with every prompt, the empty one too (its e0 is the empty prompt's prediction at that
     guidance, computed explicitly, as the model has no unguided pass)."""

@@ -59,6 +59,8 @@ class ESDTrainer:
 
     def __init__(self, config: ESDConfig, models: DiffusionModels | None = None):
         config.validate()
+        if models is not None:  # the preset as it is on these models' family (SDXL: esd_sdxl.py's official)
+            config.resolve_for(models.family)
         self.config = config
         self.models = models
         self.attention_before = None  # an SD3 transformer's attention processors before setup() merged its zero tokens
@@ -121,6 +123,10 @@ class ESDTrainer:
                 self._check_image_size(cfg.image_size, vae_scale_factor_of(resolve_source(cfg.base_model)))
             self.models = load_models(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config, torch_dtype=self.dtype)
         m = self.models
+        if cfg.resolve_for(m.family):  # the family was unreadable before loading (a hub id not cached) or the
+            # models were handed over after construction (ESDPipeline): the run's name follows its settings
+            self.output_dir = Path(cfg.save_path) / cfg.run_name
+            self._check_output_dir()
         self.image_size = cfg.image_size or m.native_resolution
         self._check_image_size(self.image_size, m.size_multiple, "the VAE factor" if m.size_multiple ==
                                m.vae_scale_factor else "the VAE factor times the 2x2 patch size,")

@@ -93,7 +93,7 @@ class FreshTrajectory(XtSource):
         sampler = views.frozen if cfg.sampler_model == "frozen" else views.trained
         with views.autocast():
             latents = denoise(sampler, self.scheduler, noise, self.prompts.source(concept),
-                              self.prompts.uncond_rows(b), cfg.start_guidance if views.true_cfg else None, run)
+                              self.prompts.sampler_uncond_rows(b), cfg.start_guidance if views.true_cfg else None, run)
         if cfg.timestep_mode == "original":
             timesteps = torch.randint(low, high, (b,), generator=g)
         else:
@@ -131,8 +131,13 @@ class TrajectoryPool(XtSource):
             xs.append(x)
             ts.append(timesteps.cpu())
             # The sampler's own guided step: "" and the prompt x_t is sampled with (FLUX: that prompt's
-            # prediction alone, its guidance being in the embedding or distilled away).
-            guided = classifier_free_guidance(predictions.uncond, predictions.source, cfg.start_guidance) \
+            # prediction alone, its guidance being in the embedding or distilled away). SDXL's --sdxl_uncond
+            # official samples with another unconditional prompt than e0's: its prediction is one more call.
+            uncond = predictions.uncond
+            if views.true_cfg and self.prompts.sampler_uncond is not None:
+                with views.autocast():
+                    uncond = views.frozen(x, timesteps, self.prompts.sampler_uncond_rows(k)).float()
+            guided = classifier_free_guidance(uncond, predictions.source, cfg.start_guidance) \
                 if views.true_cfg else predictions.source
             x = self.scheduler.step(guided, t, x).prev_sample
         steps = len(xs)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from tiny import sd14_unet
+from tiny import sd14_unet, sdxl_base_unet
 
 from esd import PRESETS, ESDConfig, select_parameters
 from esd.methods import TRAIN_METHODS
 from esd.models import load_models
-from esd.sampling import encode_erasure_prompts
+from esd.sampling import Conditioning, encode_erasure_prompts, encode_prompts
 from esd.train import ESDTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,36 @@ def test_official_method_names_select_the_official_codes_parameters():
     assert select_parameters(unet, "esd-x") == select_parameters(unet, "xattn")
 
 
+def test_official_method_names_select_esd_sdxl_py_parameters_on_the_sdxl_unet():
+    """On the SDXL base 1.0 UNet config: esd-u and esd-all select what esd_sdxl.py selects (Linear/Conv2d
+    modules whose name holds 'block' and not 'emb', esd-u also not 'attn2'), so no time or added embedding,
+    conv_in, conv_out or resnet time_emb_proj; esd-x is xattn; the paper code's noxattn and full keep their
+    rule (they never ran on SDXL). Counts pinned."""
+    unet = sdxl_base_unet()
+    params = dict(unet.named_parameters())
+
+    def count(names):
+        return len(names), sum(params[n].numel() for n in names)
+
+    counts = {m: count(select_parameters(unet, m)) for m in ("esd-u", "esd-all", "esd-x", "esd-x-strict",
+                                                                 "noxattn", "full")}
+    assert counts == {"esd-u": (772, 1_996_259_200), "esd-all": (1_122, 2_541_929_600),
+                      "esd-x": (350, 545_670_400), "esd-x-strict": (140, 340_787_200),
+                      "noxattn": (1_318, 2_014_485_120), "full": (1_680, 2_567_463_684)}
+    # esd_sdxl.py's rule, written here on module names as it is written there
+    official = {m: [f"{name}.{p}" for name, module in unet.named_modules()
+                    if type(module).__name__ in ("Linear", "Conv2d") and "emb" not in name and "block" in name
+                    and (m == "esd-all" or "attn2" not in name)
+                    for p, _ in module.named_parameters(recurse=False)] for m in ("esd-u", "esd-all")}
+    for m, names in official.items():
+        assert sorted(select_parameters(unet, m)) == sorted(names), m
+    esd_all = set(select_parameters(unet, "esd-all"))
+    dropped = {n for n in params if n.startswith(("time_embedding.", "add_embedding.", "conv_in.", "conv_out."))
+               or ".time_emb_proj." in n}
+    assert not esd_all & dropped and sum(params[n].numel() for n in dropped) == 24_945_924
+    assert select_parameters(unet, "esd-x") == select_parameters(unet, "xattn")
+
+
 def test_sdxl_uncond_empty_encodes_the_empty_prompt_and_zeros_zeroes_it(tiny_models, tmp_path):
     """Hand computation: diffusers' own SDXL encode_prompt with negative_prompt="" (what the official
     esd_sdxl.py passes) and with no negative prompt (force_zeros_for_empty_prompt)."""
@@ -207,3 +237,110 @@ def test_sdxl_uncond_empty_encodes_the_empty_prompt_and_zeros_zeroes_it(tiny_mod
         trainer.step()
         weights[kind] = trainer.trained_state()
     assert any(not torch.equal(weights["empty"][k], weights["zeros"][k]) for k in weights["empty"])
+
+
+def test_official_preset_on_sdxl_takes_esd_sdxl_py_settings_and_flags_override_them(tiny_models):
+    """esd_sdxl.py's argparse: guidance 2, negative guidance 1 (its eta_off: our 0), lr 2e-4, 200 iterations,
+    50 steps; lr 1e-5 for every method but esd-x and esd-x-strict; x_t from zeros, e0 from "". An explicit
+    flag wins; the other presets, and SD 1.x's official, are unchanged."""
+    from esd.cli import build_parser, config_from_args
+    from esd.config import preset_values
+
+    sdxl = tiny_models["sdxl"]
+    x = ESDConfig("cat", "esd-x", preset="official", base_model=sdxl)
+    assert x.is_sdxl and x.preset_overrides == []
+    assert (x.start_guidance, x.negative_guidance, x.lr, x.iterations, x.ddim_steps, x.sdxl_uncond) == \
+        (2.0, 0.0, 2e-4, 200, 50, "official")
+    assert (x.sampler_model, x.sampler_scheduler, x.timestep_mode, x.pool_size, x.frozen_copy) == \
+        ("frozen", "model", "matched", 0, False)
+    lrs = {m: ESDConfig("cat", m, preset="official", base_model=sdxl).lr
+           for m in ("esd-x", "xattn", "esd-x-strict", "xattn-strict", "esd-u", "esd-all", "noxattn", "full")}
+    assert lrs == {"esd-x": 2e-4, "xattn": 2e-4, "esd-x-strict": 2e-4, "xattn-strict": 2e-4, "esd-u": 1e-5,
+                   "esd-all": 1e-5, "noxattn": 1e-5, "full": 1e-5}
+    mixed = ESDConfig("cat", "esd-u", preset="official", base_model=sdxl, lr=1e-3, negative_guidance=1.0,
+                      sdxl_uncond="empty")
+    assert (mixed.lr, mixed.negative_guidance, mixed.sdxl_uncond, mixed.start_guidance) == (1e-3, 1.0, "empty", 2.0)
+    assert mixed.preset_overrides == ["negative_guidance", "lr", "sdxl_uncond"]
+    args = build_parser().parse_args(["train", "--prompt", "cat", "--train_method", "esd-x", "--base_model", sdxl,
+                                      "--preset", "official", "--start_guidance", "7"])
+    cli = config_from_args(args)
+    assert (cli.start_guidance, cli.lr, cli.sdxl_uncond, cli.preset_overrides) == (7.0, 2e-4, "official",
+                                                                                   ["start_guidance"])
+    for preset in ("paper", "fast"):
+        c = ESDConfig("cat", "esd-u", preset=preset, base_model=sdxl)
+        assert {f: getattr(c, f) for f in PRESETS[preset]} == PRESETS[preset] == preset_values(preset, True, "esd-u")
+    sd1 = ESDConfig("cat", "esd-x", preset="official", base_model=tiny_models["sd1"])
+    assert not sd1.is_sdxl and {f: getattr(sd1, f) for f in PRESETS["official"]} == PRESETS["official"]
+    # A model whose family the settings cannot read yet (a hub id not in the cache) is settled once loaded.
+    late = ESDConfig("cat", "esd-u", preset="official", base_model="someone/not-cached-xl", lr=1e-3)
+    assert late.is_sdxl is None and late.start_guidance == 3.0
+    assert late.resolve_for("sdxl") and not late.resolve_for("sdxl")
+    assert (late.start_guidance, late.negative_guidance, late.lr, late.sdxl_uncond) == (2.0, 0.0, 1e-3, "official")
+
+
+def test_trainer_settles_the_preset_on_the_models_it_is_given(tiny_models, tmp_path):
+    cfg = ESDConfig("cat", "esd-x", preset="official", base_model="someone/not-cached-xl", save_path=str(tmp_path))
+    trainer = ESDTrainer(cfg, load_models(tiny_models["sdxl"]))
+    assert (cfg.start_guidance, cfg.negative_guidance, cfg.lr, cfg.sdxl_uncond) == (2.0, 0.0, 2e-4, "official")
+    assert "-sg_2.0-ng_0.0-" in trainer.output_dir.name
+
+
+def record_conditionings(module):
+    """Every forward of ``module`` as (encoder_hidden_states, added_cond_kwargs, output)."""
+    calls = []
+
+    def hook(_, args, kwargs, output):
+        calls.append((kwargs["encoder_hidden_states"].detach().clone(),
+                      {k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()}, output.sample.detach()))
+
+    module.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def assert_rows(hidden, extra, cond: Conditioning, row: int):
+    """Rows ``row`` of ``cond`` (one encoded prompt) are what the UNet got, at every row of ``hidden``."""
+    assert torch.allclose(hidden, cond.prompt_embeds[row].expand_as(hidden), atol=1e-6)
+    for k in ("text_embeds", "time_ids"):
+        assert torch.allclose(extra[k], cond.added_cond_kwargs[k][row].expand_as(extra[k]), atol=1e-6), k
+
+
+def test_sdxl_uncond_official_samples_x_t_with_zeros_and_builds_e0_from_the_encoded_empty_prompt(
+        tiny_models, tmp_path, monkeypatch):
+    """esd_sdxl.py's mix, on the tensors the UNet is called with: the sampler's unconditional rows are zero
+    hidden states and zero pooled embeddings (the time ids kept), e0's rows the encoded "" (not zero); the
+    concept rows are the encoded prompt in both. The fresh-trajectory loop and the pool alike."""
+    encoded = encode_prompts(load_models(tiny_models["sdxl"]), ["", "cat"], 128)
+    assert torch.count_nonzero(encoded.prompt_embeds[0]) and torch.count_nonzero(encoded.added_cond_kwargs[
+        "text_embeds"][0])
+    zeros = Conditioning(torch.zeros_like(encoded.prompt_embeds), {
+        "text_embeds": torch.zeros_like(encoded.added_cond_kwargs["text_embeds"]),
+        "time_ids": encoded.added_cond_kwargs["time_ids"]})
+
+    trainer = trainer_for(tiny_models, tmp_path, family="sdxl", preset="official", frozen_copy=True, ddim_steps=6)
+    assert trainer.config.sdxl_uncond == "official"
+    calls = record_conditionings(trainer.views.frozen_unet.module)
+    step_at(trainer, monkeypatch, 3)
+    *sampling, (hidden, extra, _) = calls
+    assert len(sampling) == 3
+    for h, e, _ in sampling:  # guided sampler: [uncond, prompt]
+        assert_rows(h[:1], {k: v[:1] for k, v in e.items()}, zeros, 0)
+        assert_rows(h[1:], {k: v[1:] for k, v in e.items()}, encoded, 1)
+    assert_rows(hidden[:1], {k: v[:1] for k, v in extra.items()}, encoded, 0)  # e0: the encoded ""
+    assert_rows(hidden[1:], {k: v[1:] for k, v in extra.items()}, encoded, 1)  # ep
+
+    # The pool: at every step theta*'s e0 and ep (one call), then the sampler's zero-uncond prediction, and the
+    # next x_t is the guided step from that one.
+    pool = trainer_for(tiny_models, tmp_path, family="sdxl", preset="fast", sdxl_uncond="official", frozen_copy=True,
+                       ddim_steps=3, pool_size=1)
+    calls = record_conditionings(pool.views.frozen_unet.module)
+    pool.source.refresh()
+    scheduler, latents = pool.source.scheduler, pool.source.pool["latents"]
+    assert len(calls) == 2 * len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        (h, e, pred), (hz, ez, pred_zero) = calls[2 * i:2 * i + 2]
+        assert_rows(h[:1], {k: v[:1] for k, v in e.items()}, encoded, 0)
+        assert_rows(hz, ez, zeros, 0)
+        if i + 1 < len(latents):
+            guided = pred_zero.float() + 3.0 * (pred[1:].float() - pred_zero.float())
+            step = scheduler.step(guided, t, latents[i:i + 1]).prev_sample
+            assert torch.allclose(latents[i + 1:i + 2], step, atol=1e-5)

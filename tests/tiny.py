@@ -142,6 +142,22 @@ def sd14_unet(device: str = "meta") -> UNet2DConditionModel:
         return UNet2DConditionModel(**SD14_UNET)
 
 
+# SDXL base 1.0's UNet config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), the entries that
+# differ from UNet2DConditionModel's defaults: for parameter counts on the meta device.
+SDXL_BASE_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                      block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                      transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, norm_num_groups=32,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816)
+
+
+def sdxl_base_unet(device: str = "meta") -> UNet2DConditionModel:
+    with torch.device(device):
+        return UNet2DConditionModel(**SDXL_BASE_UNET)
+
+
 # Transformer configs as published in the models' diffusers folders (transformer/config.json), for
 # parameter counts on the meta device. SD3.5-medium: MMDiT-X, dual (image) attention in blocks 0-12.
 SD35_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
