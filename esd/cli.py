@@ -13,6 +13,8 @@ from .config import (
     SAMPLER_SCHEDULERS,
     SAVE_FORMATS,
     SAVE_PRECISIONS,
+    SDXL_OFFICIAL,
+    SDXL_OFFICIAL_OTHER_LR,
     SDXL_UNCONDS,
     TIMESTEP_MODES,
     ESDConfig,
@@ -20,6 +22,11 @@ from .config import (
 from .export.cli import add_train_export_arguments, train_export_config
 from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
 from .models import DEFAULT_BASE_MODEL
+
+# What an interrupted command leaves, whichever it is: every file is written to a temporary name and
+# renamed into place (esd.records.atomic_write, esd.export.write_folder), and the temporary one is removed
+# on the way out, so a file is the old one or the whole new one.
+INTERRUPTED = "no file was left half-written; files completed before it are kept"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,8 +43,18 @@ def _methods_help() -> str:
 
 
 def _preset_default(name: str) -> str:
-    """'(preset: paper X, official Y, fast Z)' for a flag whose default comes from --preset."""
-    return "(from --preset: " + ", ".join(f"{p} {v[name]}" for p, v in PRESETS.items()) + ")"
+    """'(from --preset: paper X, official Y, fast Z)' for a flag whose default comes from --preset, with
+    official's value on SDXL (esd_sdxl.py's) where it differs."""
+    values = []
+    for p, v in PRESETS.items():
+        text = f"{p} {v[name]}"
+        if p == "official" and name in SDXL_OFFICIAL:
+            sdxl = SDXL_OFFICIAL[name]
+            if name == "lr":
+                sdxl = f"{sdxl} for esd-x/esd-x-strict, else {SDXL_OFFICIAL_OTHER_LR}"
+            text += f" (SDXL: {sdxl})"
+        values.append(text)
+    return "(from --preset: " + ", ".join(values) + ")"
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +65,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="'paper': the paper's original code (trained model samples x_t with DDIM, original "
                    "timestep pairing, fresh x_t every iteration, whole frozen copy, lr 1e-5, 1000 iterations); "
                    "'official': the current official esd_sd.py (frozen model samples x_t with the model's own "
-                   "scheduler, query at x_t's timestep, lr 5e-5, 200 iterations); 'fast': trajectory reuse "
-                   "(default). Explicit flags override the preset")
+                   "scheduler, query at x_t's timestep, lr 5e-5, 200 iterations; on SDXL esd_sdxl.py's guidance 2, "
+                   "eta 0, lr 2e-4 for esd-x/esd-x-strict else 1e-5, --sdxl_uncond official); 'fast': trajectory "
+                   "reuse (default). Explicit flags override the preset")
     p.add_argument("--prompt", required=True, help="concept to erase, e.g. 'nudity' or 'Van Gogh'")
     p.add_argument("--train_method", required=True, choices=METHOD_CHOICES, metavar="METHOD",
                    help="which parameters train; " + _methods_help())
@@ -70,7 +88,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative_guidance", type=float,
                    help="eta of the paper's target e0 - eta*(ep - e0), with --erase_from e_from - (eta+1)*(ep - e0) "
                    + _preset_default("negative_guidance") + ". The official codes' eta is ours + 1 (esd_sd.py's "
-                   "default 2 is our 1)")
+                   "default 2 is our 1, esd_sdxl.py's 1 our 0)")
     p.add_argument("--iterations", type=int, help="training iterations " + _preset_default("iterations"))
     p.add_argument("--lr", type=float, help="Adam learning rate " + _preset_default("lr"))
     p.add_argument("--ddim_steps", type=int, help="steps T of the sampler's schedule; the stopping step is drawn "
@@ -85,9 +103,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed_precision", choices=list(PRECISIONS),
                    help="dtype of the frozen weights and text encoders; trained parameters and the loss stay fp32 "
                    "(default: bf16 for FLUX.1, else no)")
-    p.add_argument("--sdxl_uncond", default=d["sdxl_uncond"].default, choices=SDXL_UNCONDS,
-                   help="SDXL's unconditional prompt: 'empty' encodes \"\" (the official esd_sdxl.py), 'zeros' uses "
-                   "zero embeddings (diffusers' force_zeros_for_empty_prompt) (default: %(default)s)")
+    p.add_argument("--sdxl_uncond", choices=SDXL_UNCONDS,
+                   help="SDXL's unconditional prompt, for e0 (the target) and the sampler that makes x_t: 'empty' "
+                   "encodes \"\" for both; 'zeros' uses zero embeddings (hidden states and pooled) for both, "
+                   "diffusers' force_zeros_for_empty_prompt; 'official' is esd_sdxl.py's mix: x_t sampled with zero "
+                   "embeddings, e0 from the encoded \"\" " + _preset_default("sdxl_uncond"))
     p.add_argument("--sampler_model", choices=SAMPLER_MODELS,
                    help="which weights sample x_t: 'frozen' (the current official code) or 'trained' (the "
                    "paper's original code) " + _preset_default("sampler_model"))
@@ -172,8 +192,10 @@ def config_from_args(args: argparse.Namespace) -> ESDConfig:
 
 
 def cmd_train(args) -> int:
+    from .models import parse_devices
     from .train import train_esd
 
+    parse_devices(args.devices)  # first: the settings' checks read the base model's configs (a hub id: the hub)
     result = train_esd(config_from_args(args))
     print(f"saved to {result.output_dir} ({result.seconds:.1f} s of training)")
     return 0
@@ -217,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"esd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, 128 + 2
+        if os.environ.get("ESD_DEBUG"):
+            raise
+        print(f"esd {args.command}: interrupted; {INTERRUPTED}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

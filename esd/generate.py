@@ -46,13 +46,14 @@ from .models import (
     DEFAULT_BASE_MODEL,
     FLOW_FAMILIES,
     FLOW_PIPELINES,
+    check_device,
     load_pipeline,
     native_resolution_of,
     pipeline_family,
     resolve_source,
     vae_scale_factor_of,
 )
-from .records import PLAIN_NAME, atomic_write, check_name, environment_record, read_json
+from .records import PLAIN_NAME, atomic_write, check_name, environment_record, error_summary, read_json
 from .weights import apply_erased_weights, run_weight_files
 
 SCHEDULERS = {
@@ -117,6 +118,8 @@ class GenerationConfig:
             raise ValueError(f"--guidance_scale must be a finite number >= 0, got {g!r}")
         if self.esd_path and self.model_name:
             raise ValueError("give --esd_path or --model_name, not both")
+        if self.device is not None:  # 'tpu9' would otherwise fail in torch after the folder checks
+            self.device = str(check_device(self.device, "--device"))
         if not os.path.isfile(self.prompts_path):
             raise ValueError(f"prompt CSV {self.prompts_path!r} does not exist")
         if self.weights_path and not os.path.isfile(self.weights_path):
@@ -142,11 +145,22 @@ class Job:
         return f"{self.case}_{self.index}.png"
 
 
-def read_prompt_table(path) -> pd.DataFrame:
+def read_prompt_table(path, what: str = "prompt CSV") -> pd.DataFrame:
     """The CSV with every cell the string written in it: case ids keep their leading zeros (COCO),
     a prompt 'None' or 'NA' stays a prompt, and an empty cell is '' rather than NaN (which str()
-    would have turned into the prompt 'nan')."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    would have turned into the prompt 'nan'). A file that is not UTF-8, empty or not CSV is one line
+    naming it (``what``: the flag or kind of file it was given as)."""
+    where = f"{what} {str(path)!r}"
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (undecodable byte 0x{e.object[e.start]:02x}); save it as "
+                         "UTF-8") from e
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"{where} is empty; a prompt CSV starts with a header row (e.g. "
+                         "case_number,prompt,evaluation_seed)") from e
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{where} is not a readable CSV ({error_summary(e)})") from e
 
 
 def parse_seed(value, where: str) -> int:

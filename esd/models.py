@@ -7,6 +7,7 @@ prediction type and the native resolution are read from the loaded configs, neve
 """
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .flow_checkpoint import FLOW_CHECKPOINTS, checkpoint_family, load_flow_transformer
+from .records import read_json
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
@@ -37,6 +39,26 @@ FLOW_FAMILIES = tuple(FLOW_PIPELINES.values())
 # from_pretrained's dtype argument: diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
 DTYPE_ARGUMENT = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # latent pixels; FluxPipeline's default_sample_size (its transformer config has none)
+# What a model folder's model_index.json may name (folders may come from strangers, and diffusers imports
+# whatever module an entry names): the pipelines this tool loads, and per component the [library, class]
+# pairs it loads; ("diffusers", SCHEDULER) stands for any of diffusers' scheduler classes. Every entry may
+# also be [null, null] (a component saved without, as the toy models' safety checker).
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+SCHEDULER = "<a diffusers scheduler, e.g. DDIMScheduler>"
+_TEXT_ENCODERS = tuple(("transformers", c) for c in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"))
+_TOKENIZERS = tuple(("transformers", c) for c in ("CLIPTokenizer", "CLIPTokenizerFast", "T5TokenizerFast",
+                                                  "T5Tokenizer"))
+COMPONENT_CLASSES = {
+    "unet": (("diffusers", "UNet2DConditionModel"),),
+    "transformer": (("diffusers", "SD3Transformer2DModel"), ("diffusers", "FluxTransformer2DModel")),
+    "vae": (("diffusers", "AutoencoderKL"),),
+    "scheduler": (("diffusers", SCHEDULER),),
+    **{f"text_encoder{n}": _TEXT_ENCODERS for n in ("", "_2", "_3")},
+    **{f"tokenizer{n}": _TOKENIZERS for n in ("", "_2", "_3")},
+    "safety_checker": (("stable_diffusion", "StableDiffusionSafetyChecker"),),
+    "feature_extractor": (("transformers", "CLIPImageProcessor"), ("transformers", "CLIPFeatureExtractor")),
+    "image_encoder": (("transformers", "CLIPVisionModelWithProjection"),),
+}
 
 
 class ModelLoadError(ValueError):
@@ -112,8 +134,80 @@ def resolve_source(base_model: str) -> str:
         if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
             raise ModelLoadError(f"{base_model!r} is not a diffusers folder (no model_index.json or unet/); "
                                  "for an original .ckpt/.safetensors file use --ckpt_path")
+        check_model_folder(path, base_model)
         return str(path)
     return base_model
+
+
+def check_model_folder(folder: Path, name: str) -> None:
+    """Refuse, before diffusers reads it, a model folder (perhaps a stranger's) that would make diffusers
+    import or run anything but the classes this tool loads: its model_index.json (:func:`check_model_index`),
+    custom code (a ``.py`` file anywhere in it) and ``auto_map`` entries in its components' configs. Only
+    JSON is read; one line names what is wrong and what is valid."""
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if index_path.exists():
+        check_model_index(_read_config(index_path, name), name)
+    code = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+    if code:
+        raise ModelLoadError(f"model folder {name!r} holds custom code ({', '.join(code[:3])}"
+                             f"{', ...' if len(code) > 3 else ''}); this tool loads diffusers and transformers "
+                             "classes only, never a model folder's own code: remove it, or pass another folder")
+    for config in sorted(folder.glob("*/*config.json")):
+        if "auto_map" in _read_config(config, name):
+            raise ModelLoadError(f"model folder {name!r}: {config.relative_to(folder).as_posix()} has an auto_map "
+                                 "(custom code); this tool loads diffusers and transformers classes only: remove "
+                                 "the entry, or pass another folder")
+
+
+def _read_config(path: Path, name: str) -> dict:
+    try:
+        config = read_json(path)
+    except ValueError as e:
+        raise ModelLoadError(f"model folder {name!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model folder {name!r}: {path.name} is not a JSON object "
+                             f"(it holds a {type(config).__name__})")
+    return config
+
+
+def _allowed_pair(library, cls, allowed) -> bool:
+    if not (isinstance(library, str) and isinstance(cls, str)):
+        return False
+    if (library, SCHEDULER) in allowed and re.fullmatch(r"[A-Za-z0-9]+Scheduler", cls):
+        found = getattr(diffusers, cls, None)
+        return isinstance(found, type) and issubclass(found, SchedulerMixin)
+    return (library, cls) in allowed
+
+
+def check_model_index(index: dict, name: str) -> None:
+    """A model_index.json (a local folder's, or a hub id's from the cache) names a pipeline this tool loads
+    (:data:`PIPELINE_CLASSES`), and each component a [library, class] pair of :data:`COMPONENT_CLASSES` (or
+    [null, null]); other entries are plain settings (true, a number, a string, null). Else one line naming
+    the entry and the valid choices."""
+    where = f"model folder {name!r}: model_index.json"
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{where} is not a JSON object")
+    pipeline = index.get("_class_name")
+    if pipeline is None:
+        raise ModelLoadError(f"{where} has no _class_name; valid: {', '.join(PIPELINE_CLASSES)}")
+    if not (isinstance(pipeline, str) and pipeline in PIPELINE_CLASSES):
+        raise ModelLoadError(f"{where}'s _class_name {pipeline!r} is not a pipeline this tool loads; valid: "
+                             f"{', '.join(PIPELINE_CLASSES)}")
+    for key, value in index.items():
+        allowed = COMPONENT_CLASSES.get(key)
+        if allowed is None and not isinstance(value, (list, tuple, dict)):
+            continue  # a setting (requires_safety_checker, force_zeros_for_empty_prompt, _diffusers_version)
+        if allowed is None:
+            raise ModelLoadError(f"{where} entry {key!r} is {value!r}, not a component this tool loads; valid "
+                                 f"components: {', '.join(COMPONENT_CLASSES)} (settings: true, a number, a string "
+                                 "or null)")
+        pair = list(value) if isinstance(value, (list, tuple)) else None
+        if pair == [None, None] or (pair is not None and len(pair) == 2 and _allowed_pair(*pair, allowed)):
+            continue
+        choices = " or ".join(repr([lib, cls]) for lib, cls in allowed)
+        raise ModelLoadError(f"{where} entry {key!r} is {value!r}, not a component this tool loads; valid: "
+                             f"{choices} or [null, null]")
 
 
 def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=DiffusionPipeline):
@@ -122,6 +216,7 @@ def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=
     (the erasure is what is measured, not the filter)."""
     source = resolve_source(base_model)
     index = DiffusionPipeline.load_config(source)
+    check_model_index(index, base_model)  # a hub id's (a local folder's is checked by resolve_source)
     extra = {"safety_checker": None, "requires_safety_checker": False} \
         if "safety_checker" in index and not safety_checker else {}
     return pipeline_class.from_pretrained(source, **extra, **without_t5(index))
@@ -172,7 +267,8 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
         raise ModelLoadError(f"could not load base model {base_model!r} ({type(e).__name__}): not a local diffusers "
                              "folder and not in the hub cache; offline, pass a local folder as --base_model, "
                              "'toy', or --ckpt_path with --ckpt_config") from e
-    if index.get("_class_name") in FLOW_PIPELINES:
+    check_model_index(index, base_model)  # a hub id's (a local folder's is checked by resolve_source)
+    if index["_class_name"] in FLOW_PIPELINES:
         return _load_flow_pipeline(source, base_model, index, load_vae, torch_dtype)
     is_xl = "text_encoder_2" in index
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
@@ -190,12 +286,15 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
 def pipeline_family(base_model: str) -> str | None:
     """``sd3`` or ``flux`` for a flow-matching transformer pipeline, ``unet`` for another diffusers
     pipeline, from model_index.json alone (nothing is loaded); None when it cannot be read (a hub id
-    not in the cache): the family is then checked once the model is loaded."""
+    not in the cache): the family is then checked once the model is loaded. A local folder that is missing
+    or not one this tool loads (:func:`check_model_folder`) is refused here."""
+    source = resolve_source(base_model)
     try:
-        index = DiffusionPipeline.load_config(resolve_source(base_model))
+        index = DiffusionPipeline.load_config(source)
     except Exception:  # noqa: BLE001 - unreadable here; load_models says why
         return None
-    return FLOW_PIPELINES.get(index.get("_class_name"), "unet")
+    check_model_index(index, base_model)
+    return FLOW_PIPELINES.get(index["_class_name"], "unet")
 
 
 def native_resolution_of(base_model: str) -> int:
@@ -234,7 +333,9 @@ def load_denoiser(base_model: str, ckpt_path: str | None = None, ckpt_config: st
 
 def without_t5(index: dict) -> dict:
     """from_pretrained's arguments for an SD3 folder saved without its optional T5 (no ``text_encoder_3``)."""
-    if FLOW_PIPELINES.get(index.get("_class_name")) == "sd3" and (index.get("text_encoder_3") or [None])[0] is None:
+    name = index.get("_class_name")
+    t5 = index.get("text_encoder_3") or [None]
+    if isinstance(name, str) and FLOW_PIPELINES.get(name) == "sd3" and isinstance(t5, list) and t5[0] is None:
         return {"text_encoder_3": None, "tokenizer_3": None}
     return {}
 
@@ -259,6 +360,8 @@ def single_file_family(ckpt_path: str, ckpt_config: str | None) -> str:
     of its own family (its text encoders, tokenizers, scheduler and VAE are not in the file)."""
     if not os.path.isfile(ckpt_path):
         raise ModelLoadError(f"checkpoint file {ckpt_path!r} does not exist")
+    if ckpt_config is not None:
+        resolve_source(ckpt_config)  # a local folder: checked (check_model_folder) before anything reads it
     try:
         family = checkpoint_family(ckpt_path)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
@@ -331,6 +434,31 @@ def models_from_pipeline(pipe, source: str, vae=None) -> DiffusionModels:
     return DiffusionModels(denoiser, pipe.scheduler, tokenizers, text_encoders, vae, factor, source)
 
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N (N a GPU index, or N alone), mps"
+
+
+def check_device(device, flag: str = "--device") -> torch.device:
+    """The one device a pipeline runs on: ``cpu``, ``cuda``, ``cuda:N`` (or ``N``), ``mps``, or a
+    ``torch.device`` of those; None -> the first GPU if any, else the CPU. Anything else, or a device this
+    machine lacks, is a one-line ValueError naming ``flag`` and the valid choices (before any model loads)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device).strip() if isinstance(device, (str, torch.device)) else None
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]+))?|([0-9]+)", text or "")
+    if match is None:
+        raise ValueError(f"{flag} {device!r} is not a device; valid: {DEVICE_CHOICES}")
+    kind, index = (match[1], match[2]) if match[3] is None else ("cuda", match[3])
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index or 0) >= count:
+            raise ValueError(f"{flag} {device!r} asks for a GPU but {count} CUDA devices are available; valid: "
+                             f"cpu{', cuda:0' if count else ''}{f' to cuda:{count - 1}' if count > 1 else ''}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device!r}: MPS is not available on this machine; valid: cpu"
+                         f"{', cuda' if torch.cuda.is_available() else ''}")
+    return torch.device(kind if index is None else f"{kind}:{index}")
+
+
 def parse_devices(devices: str | None) -> list[torch.device]:
     """``"0,1"`` -> two CUDA devices; ``"cpu"``; ``None`` -> first GPU if any, else CPU."""
     if devices is None:
@@ -340,11 +468,15 @@ def parse_devices(devices: str | None) -> list[torch.device]:
         item = item.strip()
         if item == "cpu":
             out.append(torch.device("cpu"))
-        elif item.isdigit() or item.startswith("cuda"):
+        elif re.fullmatch(r"[0-9]+|cuda(:[0-9]+)?", item):
             index = int(item.removeprefix("cuda").lstrip(":") or 0)
-            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-                raise ValueError(f"device {item!r} requested but {torch.cuda.device_count()} CUDA devices are "
-                                 "available; use 'cpu' or a valid GPU index")
+            if not torch.cuda.is_available():
+                build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+                raise ValueError(f"device {item!r} requested but CUDA is not available ({build}); valid: 'cpu'")
+            if index >= torch.cuda.device_count():
+                count = torch.cuda.device_count()
+                raise ValueError(f"device {item!r} requested but {count} CUDA devices are available; valid: 'cpu', "
+                                 + ", ".join(f"'{i}'" for i in range(count)))
             out.append(torch.device(f"cuda:{index}"))
         else:
             raise ValueError(f"bad device {item!r}; use GPU indices such as '0' or '0,1', or 'cpu'")

@@ -3,14 +3,16 @@
 This is the contract under which benchmarks such as eval-unlearn (its ``ESDTechnique``) call an
 ``esd`` package; it runs on the same engine as ``esd train``."""
 
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_PRESET, ESDConfig
+from .config import DEFAULT_PRESET, PRESETS, ESDConfig
+from .generate import MAX_SEED
 from .modelcard import write_model_card
-from .models import DEFAULT_BASE_MODEL, load_pipeline, models_from_pipeline
+from .models import DEFAULT_BASE_MODEL, check_device, load_pipeline, models_from_pipeline
 from .records import check_name, check_output_folder
 from .train import ESDTrainer
 from .weights import apply_erased_weights, run_weight_files
@@ -18,6 +20,27 @@ from .weights import apply_erased_weights, run_weight_files
 # save_path's suffix -> the trainer's save_format: the whole UNet state dict (the published ESD weights,
 # what the official code writes) or only the trained parameters.
 SAVE_SUFFIXES = {".pt": "full", ".safetensors": "trained"}
+
+
+def _check_integer(name: str, value, low: int, optional: bool = False) -> None:
+    """An int (a bool is not one) >= ``low``; None too when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_number(name: str, value, rule: str, ok, optional: bool = False) -> None:
+    """A finite int or float (a bool is not one) for which ``ok`` holds; None too when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {rule}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_text(name: str, value, what: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} {value!r} is not a string; {what}")
 
 
 class _UnsavedTrainer(ESDTrainer):
@@ -37,7 +60,8 @@ class ESDPipeline:
     The arguments are eval-unlearn's (``ESDTechnique``), which follow the current official code:
 
     * ``negative_guidance`` is the official code's eta (esd_sd.py, default 2.0), which is the paper's
-      and ``esd train``'s eta + 1: 2.0 erases with our eta = 1. None: the preset's (2.0 for each).
+      and ``esd train``'s eta + 1: 2.0 erases with our eta = 1. None: the preset's (2.0 for each; 1.0,
+      esd_sdxl.py's, for ``official`` on SDXL).
     * ``use_fp16`` (default True) casts the frozen weights and the generating pipeline to fp16 on CUDA
       only; on the CPU everything stays fp32.
     * ``save_path`` is the weights file to write: ``.pt`` (the whole UNet state dict, the published ESD
@@ -53,7 +77,29 @@ class ESDPipeline:
                  negative_guidance: float | None = None, train_steps: int | None = None,
                  learning_rate: float | None = None, use_fp16: bool = True, save_path: str | None = None,
                  load_path: str | None = None, preset: str = DEFAULT_PRESET):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Every argument checked, one line each, before any model loads.
+        if not (isinstance(model_id, str) and model_id.strip()):
+            raise ValueError(f"model_id {model_id!r} is not a model; pass a hub id such as "
+                             f"{DEFAULT_BASE_MODEL!r}, a local diffusers folder, or 'toy'")
+        _check_text("erase_concept", erase_concept, "name the concept to erase (e.g. 'Van Gogh'), or pass None "
+                    "(with load_path to load an erasure, or neither for the base model)")
+        _check_text("erase_from", erase_from, "name the prompt to erase the concept from, or pass None (the "
+                    "concept itself)")
+        _check_text("train_method", train_method, "pass a train method such as 'xattn' or 'noxattn'")
+        _check_number("negative_guidance", negative_guidance, "a finite number", lambda v: True, optional=True)
+        _check_integer("train_steps", train_steps, 1, optional=True)
+        _check_number("learning_rate", learning_rate, "a finite number > 0", lambda v: v > 0, optional=True)
+        if not isinstance(use_fp16, bool):
+            raise ValueError(f"use_fp16 must be True or False, got {use_fp16!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset {preset!r} is not one of: {', '.join(PRESETS)}")
+        if save_path is not None and erase_concept is None and load_path is None:
+            raise ValueError(f"save_path {save_path!r} is given without erase_concept: nothing is erased, so "
+                             "nothing would be saved; pass erase_concept to erase and save, or drop save_path")
+        if load_path is not None and not Path(load_path).is_file():
+            raise ValueError(f"load_path {load_path!r} does not exist; pass erased weights (.pt, .safetensors, "
+                             "CompVis .ckpt), or erase_concept to erase")
+        self.device = check_device(device, "device")
         self.dtype = torch.float16 if use_fp16 and self.device.type == "cuda" else torch.float32
         self.output_dir = None
         trainer = None
@@ -108,7 +154,18 @@ class ESDPipeline:
     def generate(self, prompts, seed: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, **kwargs) -> list:
         """Images (PIL) for ``prompts`` (a string or a list); ``seed`` makes them reproducible."""
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"prompts must be a string or a list of strings, got {prompts!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts [] is empty; pass a prompt string or a non-empty list of prompt strings")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompts[{i}] {prompt!r} is not a string; pass prompt strings")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
+            raise ValueError(f"seed must be an integer 0 <= seed < 2**53 or None, got {seed!r}")
+        _check_integer("num_inference_steps", num_inference_steps, 1)
+        _check_number("guidance_scale", guidance_scale, "a finite number >= 0", lambda v: v >= 0)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
         return self.pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          generator=generator, **kwargs).images

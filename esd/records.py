@@ -218,6 +218,23 @@ def check_output_folder(folder: Path, flag: str = "--save_path") -> None:
         raise OutputError(f"{flag}: {probe} is not writable, so {folder} cannot be written")
 
 
+def check_writable(folder: Path, flag: str = "--out") -> None:
+    """:func:`check_output_folder`, then a file actually created and removed in ``folder`` or its nearest
+    existing parent: ``os.access`` answers for the permission bits alone (it says yes to root in a folder
+    where nothing can be created, such as /proc, a read-only bind mount, a squashed NFS share). The probe
+    has a temporary file's name, so a kill in between leaves nothing the next write's sweep keeps."""
+    folder = Path(folder)
+    check_output_folder(folder, flag)
+    where = nearest_existing(folder)
+    probe = where / f".esd-probe.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{flag}: a file cannot be created in {where} ({e.strerror or e}), so {folder} cannot "
+                          "be written") from e
+
+
 def check_free_space(folder: Path, need: int, what: str) -> None:
     """Refuse when the device of ``folder`` (or its nearest existing parent) has less than ``need``
     bytes free: better now than after hours of training."""

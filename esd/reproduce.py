@@ -27,7 +27,15 @@ from .eval.nudenet import NUDENET_EXPOSED
 from .eval.protocols import PROTOCOLS
 from .generate import GenerationConfig, digest, generate_images, read_prompt_table, read_record
 from .models import DEFAULT_BASE_MODEL, parse_devices, resolve_source
-from .records import OutputError, atomic_write, check_output_folder, environment_record, read_json, safe_name
+from .records import (
+    OutputError,
+    atomic_write,
+    check_output_folder,
+    environment_record,
+    error_summary,
+    read_json,
+    safe_name,
+)
 from .weights import run_weight_files
 
 MACE = "Lu et al. 2024 (MACE, CVPR), Table 1"
@@ -141,7 +149,7 @@ class ReproduceConfig:
 # -- the stages ----------------------------------------------------------------------------------
 def prompt_rows(cfg: ReproduceConfig):
     """The CSV's rows (the first --limit), checked for the columns generation and evaluation read."""
-    table = read_prompt_table(cfg.prompts)
+    table = read_prompt_table(cfg.prompts, "--prompts")
     needed = ["prompt", "evaluation_seed", cfg.experiment.case_column] + (["class"] if cfg.name == "objects" else [])
     if missing := [c for c in needed if c not in table.columns]:
         raise ValueError(f"--prompts {cfg.prompts}: no column {', '.join(map(repr, missing))} (reproduce "
@@ -278,6 +286,122 @@ def write_report(cfg: ReproduceConfig, rows: list[dict], complete: bool, summari
     log(f"report: {out / 'report.md'}, {out / 'report.json'}")
 
 
+# -- what the evaluation needs, checked before any training ---------------------------------------------------
+TORCHVISION = "torchvision (the build made for your torch, e.g. pip install 'esd[metrics]')"
+
+
+def metric_packages(metric: str, ecfg: EvalConfig) -> list[tuple[str, str]]:
+    """The packages evaluating ``metric`` with ``ecfg``'s settings imports: [(module, what to pip install)]."""
+    resnet = metric == "classify" and ecfg.classifier == "resnet50"
+    return {"nudenet": [("nudenet", "nudenet==3.4.2 (or esd[eval])"), ("onnxruntime", "onnxruntime")],
+            "classify": [("torchvision", TORCHVISION)] if resnet else [],
+            "lpips": [("torchvision", TORCHVISION), ("lpips", "lpips==0.1.4 (or esd[metrics])")],
+            "fid": [("torch_fidelity", "torch-fidelity==0.4.0 (or esd[metrics])"),
+                    ("torchmetrics", "'torchmetrics>=1.4,<1.10' (or esd[metrics])")]}.get(metric, [])
+
+
+def metric_weights(metric: str, ecfg: EvalConfig) -> list[tuple[str, str, str]]:
+    """The networks' weights evaluating ``metric`` downloads, those not given as local files: [(the flag that
+    gives a local copy, what they are, a torch hub URL or hf:REPO)]. NudeNet's detector ships in its package.
+    Imports the packages of :func:`metric_packages`."""
+    if metric == "classify" and ecfg.classifier == "resnet50" and not ecfg.classifier_weights:
+        import torchvision
+
+        return [("--classifier_weights", "torchvision's ResNet-50 ImageNet weights",
+                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)]
+    if metric == "lpips" and not ecfg.lpips_backbone:
+        import torchvision
+
+        from .eval.config import LPIPS_BACKBONES
+
+        name = LPIPS_BACKBONES[ecfg.lpips_net]
+        return [("--lpips_backbone", f"torchvision's ImageNet {name} weights for LPIPS",
+                 torchvision.models.get_model_weights(name).IMAGENET1K_V1.url)]
+    if metric == "fid" and not ecfg.inception_weights:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        return [("--inception_weights", "torch-fidelity's InceptionV3 weights", URL_INCEPTION_V3)]
+    if metric == "clip":
+        return [("--clip_model", f"the CLIP model {ecfg.clip_model!r}", f"hf:{ecfg.clip_model}")]
+    return []
+
+
+def import_problem(module: str) -> str | None:
+    """None when ``module`` imports; else why not, in a few words."""
+    import importlib
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a torchvision built for another torch fails with RuntimeError
+        return f"it does not import: {error_summary(e)}"
+    return None
+
+
+def unreachable(url: str) -> str | None:
+    """None when ``url``'s server answers a HEAD request (an HTTP error is an answer); else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
+    except urllib.error.HTTPError:
+        return None
+    except Exception as e:  # noqa: BLE001 - URLError, a timeout, a reset connection
+        return error_summary(e)
+    return None
+
+
+def weights_problem(source: str) -> str | None:
+    """None when the weights at ``source`` (a torch hub URL, or hf:REPO / a local folder) can be had: in
+    the local cache, or the server answers; else why not."""
+    if source.startswith("hf:"):
+        repo = source[3:]
+        if os.path.isdir(os.path.expanduser(repo)):
+            return None
+        if repo.startswith((".", "/", "~")) or repo.count("/") > 1:
+            return "no such folder"
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
+            return None
+        if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES",
+                                                                                               "TRUE"):
+            return "not in the Hugging Face cache, and the hub is off (HF_HUB_OFFLINE)"
+        why = unreachable(f"{constants.ENDPOINT}/{repo}/resolve/main/config.json")
+        return why and f"not in the Hugging Face cache, and the hub cannot be reached ({why})"
+    import torch
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(source)
+    if cached.is_file():
+        return None
+    why = unreachable(source)
+    return why and f"not in the torch hub cache ({cached}), and {source} cannot be reached ({why})"
+
+
+def check_evaluation_ready(cfg: ReproduceConfig, eval_cfgs: dict) -> None:
+    """Each metric the protocol measures can run: its packages import and its networks' weights are local
+    (given, or cached) or can be downloaded. Checked before training, so that a missing NudeNet or an
+    offline machine is one line now, not an error after hours of training and generation."""
+    first = {}
+    for (_, metric), ecfg in eval_cfgs.items():
+        first.setdefault(metric, ecfg)
+    for metric, ecfg in first.items():
+        what = f"reproduce {cfg.name} (--protocol {cfg.protocol}) measures {metric}"
+        for module, install in metric_packages(metric, ecfg):
+            if why := import_problem(module):
+                raise ValueError(f"{what}, which needs the {module} package ({why}): pip install {install}; "
+                                 "nothing was trained")
+        for flag, name, source in metric_weights(metric, ecfg):
+            if why := weights_problem(source):
+                local = "a local folder" if flag == "--clip_model" else "a local copy"
+                raise ValueError(f"{what}, which needs {name}: {why}; offline, pass {flag} with {local}; "
+                                 "nothing was trained")
+
+
 # -- the whole run ------------------------------------------------------------------------------
 def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     """Erase, generate, evaluate and report one experiment; returns report.json's figures and flags.
@@ -308,6 +432,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                           case_column=exp.case_column, devices=device, **extra)
 
     eval_cfgs = {(m, metric): eval_cfg(m, metric) for m in models for metric in metrics}  # checks settings
+    check_evaluation_ready(cfg, eval_cfgs)  # packages and weights, before a model is trained
     if cfg.limit:
         text = table.to_csv(index=False)
         if prompts.exists() and prompts.resolve() == Path(cfg.prompts).resolve():

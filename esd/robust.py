@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
 
 from .attack.target import slot_embeddings
@@ -44,6 +45,10 @@ from .records import error_summary
 from .sampling import Conditioning, PromptConditioning, denoise, encode_prompts, sampler_scheduler
 from .views import TrainedRows
 
+# Each retain prompt is drawn once by the frozen model at the start (ddim_steps guided steps) and its
+# conditioning and image stay in memory for the run: 10,000 prompts are ~3 GB at SD1's 512 px.
+MAX_RETAIN_PROMPTS = 10_000
+MAX_RETAIN_BYTES = 16 * 2**20
 ROUND_SETTINGS = ("adv_every", "adv_steps", "adv_tokens", "adv_references", "adv_memory")  # integers >= 1
 
 
@@ -65,19 +70,26 @@ def read_retain_prompts(path: str, concepts: list[str]) -> list[str]:
     where = f"--retain_prompts {path!r}"
     if not os.path.isfile(path):
         raise ValueError(f"{where} does not exist (a text file, one prompt a line, or a prompt CSV)")
+    if os.path.getsize(path) > MAX_RETAIN_BYTES:  # before reading it: a stranger's file may be huge
+        raise ValueError(f"{where} is {os.path.getsize(path) / 2**20:.1f} MiB; a retain file holds at most "
+                         f"{MAX_RETAIN_PROMPTS:,} prompts in {MAX_RETAIN_BYTES // 2**20} MiB")
     try:
         if path.lower().endswith(".csv"):
-            table = read_prompt_table(path)  # as esd generate reads a prompt CSV: every cell the text written
+            table = read_prompt_table(path, "--retain_prompts")  # as esd generate reads it: every cell as written
             if "prompt" not in table.columns:
                 raise ValueError(f"{where} has no 'prompt' column (columns: {', '.join(table.columns) or 'none'})")
             prompts = [p.strip() for p in table["prompt"]]
         else:
-            prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+            # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the first prompt
+            prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ValueError(f"{where} is not readable UTF-8 text ({error_summary(e)})") from e
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"{where} holds no prompt")
+    if len(prompts) > MAX_RETAIN_PROMPTS:
+        raise ValueError(f"{where} holds {len(prompts):,} prompts; at most {MAX_RETAIN_PROMPTS:,} (each is encoded "
+                         "and drawn once by the frozen model before training, and its image kept for the run)")
     for concept in concepts:
         pattern = re.compile(rf"(?<!\w){re.escape(concept)}(?!\w)", re.IGNORECASE)
         named = [p for p in prompts if pattern.search(p)]
@@ -85,6 +97,25 @@ def read_retain_prompts(path: str, concepts: list[str]) -> list[str]:
             raise ValueError(f"{where}: {len(named)} prompt(s) name the erased concept {concept!r} (first: "
                              f"{named[0]!r}); retain prompts must be ones whose images should not change")
     return prompts
+
+
+def check_retain_memory(models, prompts: list[str], image_size: int, latent_shape, guidance) -> None:
+    """The retain set's conditionings and x_0 images stay on the device for the run: one prompt is encoded,
+    the whole set's size estimated from it and checked against the device's free memory (a million prompts
+    would otherwise grow until the kernel kills the run without a word)."""
+    one = encode_prompts(models, prompts[:1], image_size, guidance=guidance)
+    per_prompt = one.prompt_embeds.nbytes + sum(v.nbytes for v in (one.added_cond_kwargs or {}).values())
+    per_prompt += math.prod(latent_shape[1:]) * 4  # the fp32 x_0 kept per prompt
+    need = per_prompt * len(prompts)
+    device = next(models.unet.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    if need > 0.5 * free:
+        raise ValueError(f"--retain_prompts: {len(prompts):,} prompts need about {need / 2**30:.1f} GiB on "
+                         f"{device.type} for their conditionings and images, more than half of the "
+                         f"{free / 2**30:.1f} GiB free; use fewer prompts")
 
 
 def check_retain_weight(w) -> None:
@@ -103,6 +134,9 @@ def check_robust_settings(cfg) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
     check_retain_weight(cfg.retain_weight)
+    if cfg.retain_prompts is None and cfg.retain_weight != type(cfg).__dataclass_fields__["retain_weight"].default:
+        raise ValueError(f"--retain_weight {cfg.retain_weight} set without --retain_prompts, whose term it weighs; "
+                         "give --retain_prompts FILE (a text file, one prompt a line, or a prompt CSV)")
     if cfg.adversarial is None:
         changed = [f"--{n}" for n in ROUND_SETTINGS
                    if getattr(cfg, n) != type(cfg).__dataclass_fields__[n].default]
@@ -113,6 +147,11 @@ def check_robust_settings(cfg) -> None:
             raise ValueError("--adversarial attacks one concept erased from itself; it cannot be combined with "
                              "--separator or --erase_from")
         check_one_text_encoder(cfg, "--adversarial")
+        if cfg.adversarial == "prefix" and cfg.ckpt_path is None:
+            from .attack.prefix import check_prefix_fits, stored_tokenizer
+
+            if (tokenizer := stored_tokenizer(cfg.base_model)) is not None:  # else checked once loaded
+                check_prefix_fits(tokenizer, cfg.adv_tokens, cfg.words, "--adv_tokens")
     if cfg.retain_prompts is not None:
         read_retain_prompts(cfg.retain_prompts, cfg.words)
 
@@ -191,6 +230,7 @@ class RobustESD:
         self.retain = self.retain_prompt_list = None
         if cfg.retain_prompts is not None:
             self.retain_prompt_list = read_retain_prompts(cfg.retain_prompts, cfg.words)
+            check_retain_memory(models, self.retain_prompt_list, image_size, latent_shape, cfg.start_guidance)
             # encoded as the erasure's prompts are (SDXL's pooled embeddings and time ids, SD3's and FLUX's too)
             self.retain = encode_prompts(models, self.retain_prompt_list, image_size, guidance=cfg.start_guidance)
             if text_encoder is not None:
@@ -208,7 +248,7 @@ class RobustESD:
 
     def _hold_text_encoder(self, models) -> None:
         from .attack.inversion import TOKEN, inversion_prompt
-        from .attack.prefix import word_tokens
+        from .attack.prefix import check_prefix_fits, word_tokens
         from .attack.run import ATTACKS
         from .attack.target import Target, add_placeholders, token_ids
 
@@ -217,6 +257,7 @@ class RobustESD:
         self.target = Target(models.unet, encoder, models.tokenizers[0], self.noise_scheduler, encoder.device)
         word = cfg.words[0]
         if cfg.adversarial == "prefix":
+            check_prefix_fits(models.tokenizers[0], cfg.adv_tokens, [word], "--adv_tokens")  # a hub id's, here
             names = [f"<adv{i}>" for i in range(cfg.adv_tokens)]
             self.slot_ids = add_placeholders(self.target, names)
             self.prompt = " ".join(names) + " " + word  # UnlearnDiffAtk: k tokens before the prompt
@@ -284,7 +325,7 @@ class RobustESD:
             noise = torch.randn((n, *shape[1:]), generator=generator).to(views.device)
             self.sampler.set_timesteps(cfg.ddim_steps)
             with views.autocast():  # FLUX: the guidance is in the conditioning (see XtSource)
-                return denoise(views.frozen, self.sampler, noise, cond, prompts.uncond_rows(n),
+                return denoise(views.frozen, self.sampler, noise, cond, prompts.sampler_uncond_rows(n),
                                cfg.start_guidance if views.true_cfg else None, self.sampler.timesteps).float()
 
         if cfg.adversarial is not None:

@@ -18,6 +18,8 @@ encoder, the trained UNet), theta* the model as it was. What changes in the ESD 
 One CLIP text encoder only (SD 1.x, 2.x), as the attacks.
 """
 
+import math
+
 import torch
 
 from .flow import tokenize
@@ -37,8 +39,9 @@ def check_text_encoder_settings(cfg) -> None:
         if cfg.text_encoder_lr is not None:
             raise ValueError("--text_encoder_lr is the rate of --train_text_encoder, which is not set")
         return
-    if cfg.text_encoder_lr is not None and not cfg.text_encoder_lr > 0:
-        raise ValueError(f"--text_encoder_lr must be a positive number, not {cfg.text_encoder_lr}")
+    lr = cfg.text_encoder_lr
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--text_encoder_lr must be a positive number, not {lr} (a finite rate > 0, as --lr)")
     if cfg.lora_rank is not None:
         raise ValueError("--train_text_encoder trains the text encoder's own weights; it cannot be combined with "
                          "--lora_rank")

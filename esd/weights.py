@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .models import DEFAULT_BASE_MODEL, ModelLoadError, load_denoiser, load_models
-from .records import atomic_write, torch_save
+from .records import atomic_write, read_json, torch_save
 
 COMPVIS_PREFIX = "model.diffusion_model."
 TRAINED_FORMAT = "esd-trained-parameters"
@@ -84,8 +84,17 @@ def read_weights(path) -> tuple[dict, dict]:
         raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
     meta = {}
     args = path.parent / "args.json"
-    if args.exists():
-        meta = {"base_model": json.loads(args.read_text()).get("base_model", "")}
+    if args.exists():  # a run's record, which names the base model (for error messages)
+        try:
+            record = read_json(args)
+        except ValueError as e:
+            raise ModelLoadError(f"{e}: the args.json beside weights file {str(path)!r} must be a run record "
+                                 "(a JSON object) or absent") from e
+        if not isinstance(record, dict):
+            raise ModelLoadError(f"{str(args)!r} beside the weights is not a run record (a JSON object; it holds "
+                                 f"a {type(record).__name__}); fix or remove it, or move {path.name} elsewhere")
+        base = record.get("base_model", "")
+        meta = {"base_model": base if isinstance(base, str) else ""}
     return obj, meta
 
 
@@ -101,6 +110,40 @@ def _describe(names, limit=3) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def check_weights_file(path) -> None:
+    """Refuse, before any model loads, a weights file that is missing or unreadable: a safetensors file
+    whose header does not parse, or a torch file that is not a weights-only state dict of tensors. Cheap:
+    a safetensors header is read alone, a torch zip file is memory-mapped (its tensors are not read).
+    Whether it fits the model is :func:`check_erased_weights`'s question, once the model is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})") from e
+        return
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be mapped; read_weights names any error
+        read_weights(path)
+        return
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
+
+
+def check_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model",
+                         text_encoder: torch.nn.Module | None = None) -> None:
+    """Every check of :func:`apply_erased_weights` (keys, shapes, finite values), loading nothing: for a
+    command that uses the base weights first (``esd attack`` draws its references with them) and must
+    refuse a file that does not fit before that work."""
+    _erased_loads(unet, path, base_model, text_encoder)
+
+
 def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model",
                          text_encoder: torch.nn.Module | None = None) -> list[str]:
     """Load an erased-weights file into ``unet`` in place, strictly.
@@ -110,6 +153,18 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
     ``--train_text_encoder`` also holds text-encoder tensors (``text_encoder.*``): they go into
     ``text_encoder`` (a pipeline's), under the same checks, and without one the file is refused.
     Nothing is loaded unless everything fits. Returns the names of the tensors loaded."""
+    loads, names = _erased_loads(unet, path, base_model, text_encoder)
+    with torch.no_grad():
+        for module, tensors, _, _ in loads:
+            own = module.state_dict()
+            for k, v in tensors.items():
+                own[k].copy_(v)
+    return names
+
+
+def _erased_loads(unet: torch.nn.Module, path, base_model: str, text_encoder: torch.nn.Module | None):
+    """([(module, tensors, partial, prefix)], names of the tensors) of an erased-weights file, every load
+    checked to fit (see :func:`apply_erased_weights`)."""
     from .text_encoder import PREFIX
 
     state_dict, meta = read_weights(path)
@@ -139,12 +194,7 @@ def apply_erased_weights(unet: torch.nn.Module, path, base_model: str = "the bas
         loads.append((text_encoder, encoder_part, True, PREFIX))
     for module, tensors, part, prefix in loads:
         _check_fits(module, tensors, part, prefix, path, base_model, trained_from)
-    with torch.no_grad():
-        for module, tensors, _, _ in loads:
-            own = module.state_dict()
-            for k, v in tensors.items():
-                own[k].copy_(v)
-    return list(state_dict) + [PREFIX + k for k in encoder_part]
+    return loads, list(state_dict) + [PREFIX + k for k in encoder_part]
 
 
 def _check_fits(module: torch.nn.Module, tensors: dict, partial: bool, prefix: str, path, base_model: str,

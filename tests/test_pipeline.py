@@ -104,3 +104,88 @@ def test_eval_unlearn_esd_technique_round_trip(tmp_path, monkeypatch):
     reloaded = wrapper.ESDTechnique(**settings, load_path=str(weights))
     again = reloaded.generate(PROMPTS, seed=0, num_inference_steps=2)
     assert pixels(again) == pixels(images)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(erase_concept=123), "erase_concept 123 is not a string; name the concept to erase"),
+    (dict(erase_concept="cat", erase_from=["cat"]), "erase_from ['cat'] is not a string"),
+    (dict(device="tpu"), "device 'tpu' is not a device; valid: cpu, cuda, cuda:N (N a GPU index, or N alone), mps"),
+    (dict(device="cuda:x"), "device 'cuda:x' is not a device; valid: cpu, cuda"),
+    (dict(model_id=None), "model_id None is not a model; pass a hub id such as 'CompVis/stable-diffusion-v1-4', a "
+                          "local diffusers folder, or 'toy'"),
+    (dict(model_id=""), "model_id '' is not a model"),
+    (dict(save_path="{t}/esd.pt"), "is given without erase_concept: nothing is erased, so nothing would be saved; "
+                                   "pass erase_concept to erase and save, or drop save_path"),
+    (dict(erase_concept="cat", train_steps=True), "train_steps must be an integer >= 1 or None, got True"),
+    (dict(erase_concept="cat", train_steps=0), "train_steps must be an integer >= 1 or None, got 0"),
+    (dict(erase_concept="cat", train_steps=2.5), "train_steps must be an integer >= 1 or None, got 2.5"),
+    (dict(erase_concept="cat", learning_rate=float("nan")), "learning_rate must be a finite number > 0 or None, "
+                                                            "got nan"),
+    (dict(erase_concept="cat", negative_guidance=float("inf")), "negative_guidance must be a finite number or None"),
+    (dict(erase_concept="cat", use_fp16="yes"), "use_fp16 must be True or False, got 'yes'"),
+    (dict(erase_concept="cat", preset="faithful"), "preset 'faithful' is not one of: paper, official, fast"),
+    (dict(load_path="{t}/missing.pt"), "load_path '{t}/missing.pt' does not exist"),
+], ids=lambda v: None if isinstance(v, dict) else v[:30])
+def test_bad_arguments_are_refused_before_a_model_loads(kwargs, message, tmp_path, monkeypatch):
+    def no_loading(*args, **kw):
+        raise AssertionError("a model was loaded for a bad argument")
+
+    monkeypatch.setattr("esd.pipeline.load_pipeline", no_loading)
+    kwargs = {k: v.replace("{t}", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError) as e:
+        ESDPipeline(**{"model_id": "toy", "device": "cpu", **kwargs})
+    assert message.replace("{t}", str(tmp_path)) in str(e.value) and "\n" not in str(e.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return ESDPipeline(model_id="toy", device="cpu")
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (([],), {}, "prompts [] is empty; pass a prompt string or a non-empty list of prompt strings"),
+    ((123,), {}, "prompts must be a string or a list of strings, got 123"),
+    ((["a red circle", 5],), {}, "prompts[1] 5 is not a string"),
+    ((PROMPTS,), dict(seed=float("nan")), "seed must be an integer 0 <= seed < 2**53 or None, got nan"),
+    ((PROMPTS,), dict(seed=-1), "seed must be an integer 0 <= seed < 2**53 or None, got -1"),
+    ((PROMPTS,), dict(seed=True), "seed must be an integer 0 <= seed < 2**53 or None, got True"),
+    ((PROMPTS,), dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+    ((PROMPTS,), dict(num_inference_steps=True), "num_inference_steps must be an integer >= 1, got True"),
+    ((PROMPTS,), dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0, got nan"),
+    ((PROMPTS,), dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
+], ids=lambda v: v[:30] if isinstance(v, str) else None)
+def test_bad_generate_arguments_are_one_line_errors(toy_pipe, args, kwargs, message):
+    with pytest.raises(ValueError) as e:
+        toy_pipe.generate(*args, **{"num_inference_steps": 1, **kwargs})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_folder_a_stranger_could_hand_over_is_refused_before_diffusers_reads_it(tmp_path):
+    """The API goes through the same model folder check as the commands (esd.models.check_model_folder)."""
+    folder = tmp_path / "model"
+    shutil.copytree(TOY_MODEL_DIR, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["os", "system"]}))
+    with pytest.raises(ValueError, match=r"model_index.json entry 'unet' is \['os', 'system'\], not a component "
+                       r"this tool loads; valid: \['diffusers', 'UNet2DConditionModel'\] or \[null, null\]$"):
+        ESDPipeline(model_id=str(folder), device="cpu")
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": ["pipeline", "MyPipeline"]}))
+    with pytest.raises(ValueError, match=r"_class_name \['pipeline', 'MyPipeline'\] is not a pipeline this tool"):
+        ESDPipeline(model_id=str(folder), device="cpu", erase_concept="red")
+
+
+def test_weights_beside_an_args_json_that_is_not_a_record_are_refused_in_one_line(tmp_path):
+    from esd.models import ModelLoadError
+    from esd.weights import read_weights
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "w.pt")
+    (tmp_path / "args.json").write_text('["base_model", "toy"]')
+    with pytest.raises(ModelLoadError, match=r"args.json' beside the weights is not a run record \(a JSON object; "
+                       r"it holds a list\)"):
+        read_weights(tmp_path / "w.pt")
+    (tmp_path / "args.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"args.json' is unreadable .*must be a run record"):
+        read_weights(tmp_path / "w.pt")
+    (tmp_path / "args.json").write_text('{"base_model": ["toy"]}')
+    assert read_weights(tmp_path / "w.pt")[1] == {"base_model": ""}

@@ -142,6 +142,9 @@ def test_retain_prompts_read_as_text_or_csv(tmp_path):
     ({"retain_prompts": "r.txt"}, {"r.txt": "a dog\na Cat on a mat\n"}, "1 prompt(s) name the erased concept 'cat'"),
     ({"retain_prompts": "r.csv"}, {"r.csv": "text,seed\na dog,1\n"}, "has no 'prompt' column (columns: text, seed)"),
     ({"retain_prompts": "r.txt"}, {"r.txt": b"\xff\xfe\x00"}, "is not readable UTF-8 text"),
+    ({"retain_prompts": "r.txt"}, {"r.txt": "".join(f"a dog {i}\n" for i in range(10_001))},
+     "holds 10,001 prompts; at most 10,000"),
+    ({"retain_prompts": "r.txt"}, {"r.txt": b"a dog\n" * (3 * 2**20)}, "is 18.0 MiB; a retain file holds at most"),
     ({"adversarial": "prefix", "prompt": "cat, dog", "separator": ","}, {}, "cannot be combined with --separator"),
     ({"adversarial": "inversion", "erase_from": "dog"}, {}, "cannot be combined with --separator or --erase_from"),
 ])
@@ -184,3 +187,21 @@ def test_forward_noise_follows_ddpm_for_unets_and_the_straight_path_for_flow_mod
     t = torch.tensor([0, 500, 999])
     abar = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert torch.allclose(forward_noise(x0, eps, t, ddpm), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+
+
+def test_a_retain_set_too_big_for_the_device_is_refused_before_drawing(tiny_models, tmp_path, monkeypatch):
+    """The retain set's conditionings and images stay in memory for the run: estimated from one encoded
+    prompt and checked against free memory before the frozen model draws any of them."""
+    import psutil
+
+    from esd import robust
+
+    path = tmp_path / "r.txt"
+    path.write_text("".join(f"a dog {i}\n" for i in range(1000)))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 2**20})())
+    drawn = []
+    monkeypatch.setattr(robust, "denoise", lambda *a, **k: drawn.append(1))
+    with pytest.raises(ValueError, match=r"--retain_prompts: 1,000 prompts need about .* GiB on cpu .* more than "
+                                         r"half of the 0.0 GiB free"):
+        train(tiny_models, tmp_path, "big", retain_prompts=str(path), iterations=1)
+    assert not drawn

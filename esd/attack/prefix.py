@@ -1,6 +1,7 @@
 """The ``prefix`` attack: k real vocabulary tokens put before a prompt bring the erased concept back."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,38 @@ def word_tokens(target: Target) -> torch.Tensor:
         if tok(tok.decode([i]), add_special_tokens=False).input_ids == [i]:
             ids.append(i)
     return torch.tensor(sorted(ids), dtype=torch.long, device=target.device)
+
+
+def check_prefix_fits(tokenizer, tokens: int, prompts, flag: str) -> None:
+    """Refuse a prefix of ``tokens`` tokens that does not fit, with a prompt of ``prompts``, in the tokenizer's
+    window (CLIP: 77 with BOS and EOS): the text encoder would cut the prompt's end, the concept word with it,
+    and the attack would optimise against a prompt that no longer names it."""
+    limit = tokenizer.model_max_length
+    if not isinstance(limit, int) or limit > 100_000:  # no limit recorded (transformers' huge placeholder)
+        return
+    for prompt in prompts:
+        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if tokens + n + 2 > limit:
+            raise ValueError(f"{flag} {tokens} does not fit before the prompt {prompt!r}: it is {n} "
+                             f"token{'s' * (n != 1)} and the tokenizer's limit is {limit} with BOS and EOS, so at "
+                             f"most {max(limit - 2 - n, 0)} prefix tokens fit (a longer prefix would cut off the "
+                             "prompt and its concept)")
+
+
+def stored_tokenizer(base_model: str):
+    """``base_model``'s (first) tokenizer, read alone, without any weights, where it is a folder on disk (the
+    toy, a local diffusers folder); None otherwise (a hub id: the check then runs once the model loads)."""
+    from transformers import CLIPTokenizer
+
+    from ..models import resolve_source
+
+    folder = Path(resolve_source(base_model)) / "tokenizer"
+    if not folder.is_dir():  # a hub id: its tokenizer comes with the model
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - unreadable here: loading the model says what is wrong with it
+        return None
 
 
 def nearest(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
-from ..models import DEFAULT_BASE_MODEL, resolve_source
+from ..models import DEFAULT_BASE_MODEL, check_device, resolve_source
 from ..models import load_pipeline as load_base_pipeline
 from ..records import PLAIN_NAME, atomic_write, check_inside, check_output_folder, environment_record, error_summary
 from .inversion import TOKEN, inversion_attack, inversion_prompt
-from .prefix import prefix_attack, word_tokens
+from .prefix import check_prefix_fits, prefix_attack, stored_tokenizer, word_tokens
 from .target import Target, add_placeholders
 
 
@@ -103,6 +103,8 @@ class AttackConfig:
             raise ValueError(f"--seed must satisfy 0 <= seed < 2**53, got {self.seed}")
         if not self.concept.strip():
             raise ValueError("--concept is empty; name the erased concept, e.g. 'red' or 'nudity'")
+        if self.device is not None:
+            self.device = str(check_device(self.device, "--device"))
         if not Path(self.weights).is_file():
             raise ValueError(f"--weights {self.weights!r} does not exist")
         check_concept(self.judge, self.concept)
@@ -116,9 +118,13 @@ class AttackConfig:
                              "--overwrite")
 
     def rows(self) -> dict[str, dict]:
-        """case -> {"prompt", "seed"}, checked as ``esd generate`` checks them."""
-        return read_prompt_rows(GenerationConfig(prompts_path=self.prompts, save_path=self.out,
+        """case -> {"prompt", "seed"}, checked as ``esd generate`` checks them; at least one."""
+        rows = read_prompt_rows(GenerationConfig(prompts_path=self.prompts, save_path=self.out,
                                                  base_model=self.base_model))
+        if not rows:
+            raise ValueError(f"no prompts in {self.prompts!r} (a header row only); --prompts needs a row per "
+                             "prompt: case_number, prompt, evaluation_seed")
+        return rows
 
 
 def check_concept(judge: str, concept: str) -> None:
@@ -230,16 +236,24 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def run_attack(cfg: AttackConfig, log=print) -> dict:
     """The whole measurement; returns summary.json's content."""
+    from ..weights import apply_erased_weights, check_erased_weights, check_weights_file
+
     begin = time.perf_counter()
     rows = cfg.rows()
+    check_weights_file(cfg.weights)  # exists and reads, before any model loads
+    if cfg.attack == "prefix" and (tokenizer := stored_tokenizer(cfg.base_model)) is not None:  # else once loaded
+        check_prefix_fits(tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens")
     out = Path(cfg.out)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(cfg.device, "--device")
     judge = make_judge(cfg, str(device))  # an evaluator that cannot load fails before any drawing
     pipe = load_pipeline(cfg.base_model, device)
+    # Fits the model (keys, shapes, finite values) before the references are drawn: a foreign file is
+    # refused in one line, not after minutes of drawing, and no images/ folder is left behind.
+    check_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model, text_encoder=pipe.text_encoder)
     from diffusers import DDPMScheduler
 
-    from ..weights import apply_erased_weights
-
+    if cfg.attack == "prefix":  # a hub id's tokenizer, now that it is loaded (before any drawing)
+        check_prefix_fits(pipe.tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens")
     target = Target(pipe.unet, pipe.text_encoder, pipe.tokenizer,
                     DDPMScheduler.from_config(pipe.scheduler.config), device)
     names = [f"<adv{i}>" for i in range(cfg.tokens)] if cfg.attack == "prefix" else [TOKEN]

@@ -25,7 +25,24 @@ def read_prompts(prompts: str | None) -> pd.DataFrame | None:
     so that the pairing, the check against generation.json and the protocol's counts see the same rows."""
     from ..generate import read_prompt_table
 
-    return None if prompts is None else read_prompt_table(existing_file(prompts, "--prompts"))
+    return None if prompts is None else read_prompt_table(existing_file(prompts, "--prompts"), "--prompts")
+
+
+def check_label_column(cfg: EvalConfig, df: pd.DataFrame | None) -> None:
+    """A protocol that counts images per class (imagenette-paper), and --erased_classes, read each image's
+    expected class from the CSV's --label_column: without it the summary would have no accuracy at all (a
+    null headline), so the CSV is refused before any network loads."""
+    if df is None or cfg.metric != "classify" or cfg.label_column in df:
+        return
+    protocol = PROTOCOLS.get(cfg.protocol)
+    if protocol is not None and protocol.images_per_class is not None:
+        why = f"--protocol {cfg.protocol} scores and counts images per class by it"
+    elif cfg.erased:
+        why = "--erased_classes are looked up in it"
+    else:
+        return
+    raise ValueError(f"{cfg.prompts}: no column --label_column {cfg.label_column!r} ({why}); columns found: "
+                     f"{', '.join(map(str, df.columns))}")
 
 
 def image_rows(images: Path, df: pd.DataFrame | None, prompts: str | None,
@@ -122,6 +139,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     check_output_folder(Path(cfg.out), "--out")
     images = Path(cfg.images)
     df = read_prompts(cfg.prompts)
+    check_label_column(cfg, df)
     pairs = image_rows(images, df, cfg.prompts, cfg.case_column)
     origin = provenance(images, [path for path, _ in pairs], cfg, df)  # every image, --limit or not
     pairs = pairs[:cfg.limit]

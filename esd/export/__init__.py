@@ -110,6 +110,10 @@ def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
     if unknown:
         raise ValueError(f"export option(s) {', '.join(unknown)} not valid; choose from "
                          f"{', '.join(TRAIN_EXPORT_OPTIONS)}")
+    if options and not formats:
+        given = ", ".join(f"--export_{name}" for name in TRAIN_EXPORT_OPTIONS if name in options)
+        raise ValueError(f"{given} set without --export, which {'they configure' if ',' in given else 'it configures'}"
+                         f"; add --export FORMAT (one or more of: {', '.join(FORMATS)}) or drop {given}")
     bad = [f for f in formats if f not in FORMATS]
     if bad or len(set(formats)) != len(formats):
         raise ValueError(f"--export {','.join(formats)!r} is not valid: give each of {', '.join(FORMATS)} at most once")
@@ -200,7 +204,8 @@ def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, setti
 
 def write_folder(out: Path, write) -> None:
     """``write(tmp_folder)`` then rename it to ``out``: ``out`` is never a half-written folder. A replaced
-    folder is renamed away just before (a directory cannot be renamed onto a full one) and removed after.
+    folder is renamed away just before (a directory cannot be renamed onto a full one) and removed after, or
+    put back when the new one does not get into place (a failed rename, Ctrl-C); the temporary folder goes.
     Temporary folders of killed exports in the same folder are removed first (remove_orphans)."""
     remove_orphans(out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(8)}{TMPDIR_SUFFIX}")
@@ -211,11 +216,16 @@ def write_folder(out: Path, write) -> None:
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(describe_os_error(e, out)) from e
+    except BaseException as e:  # a failed write or rename, or Ctrl-C (KeyboardInterrupt) at any point
+        if old.exists() and not os.path.lexists(out):  # renamed away, the new folder not in place: put it back
+            os.replace(old, out)
+        if isinstance(e, OSError):
+            raise OutputError(describe_os_error(e, out)) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(out):  # the old folder is only removed once a folder is in its place
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def run_export(source: str, settings: ExportSettings, base_model: str | None = None, ckpt_path: str | None = None,

@@ -14,6 +14,7 @@ trained model's predictions for phrasings without the concept that the demo does
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 from ..config import ESDConfig
-from ..models import FLOW_FAMILIES, pipeline_family
-from ..records import OutputError, atomic_write, check_inside, environment_record
+from ..methods import resolve_method
+from ..models import FLOW_FAMILIES, TOY_MODELS, pipeline_family, resolve_source
+from ..records import OutputError, atomic_write, check_inside, check_writable, environment_record
 from ..robust import check_retain_weight
 from ..train import train_esd
 from ..weights import load_erased_unet, run_weight_files
@@ -76,10 +78,42 @@ def retain_phrasings(concept: str) -> list[str]:
             if concept not in (c, s)]
 
 
+def check_toy_model(base_model: str, flag: str = "--base_model") -> None:
+    """The demo judges the toy world's colours and shapes, so its model must be a toy one: ``toy``, ``toy-dit``
+    or a folder that esd toy-train or toy-train-dit made (their recipe.json). Any other model's images would be
+    judged by the toy judge and reported as a result."""
+    if base_model in TOY_MODELS:
+        resolve_source(base_model)  # built, or says how to build it
+        return
+    folder = Path(resolve_source(base_model))  # a missing local folder: its own error
+    recipe = folder / "recipe.json"
+    try:
+        is_toy = folder.is_dir() and "recipe" in json.loads(recipe.read_text())
+    except (OSError, ValueError):
+        is_toy = False
+    if not is_toy:
+        raise ValueError(f"{flag} {base_model!r} is not a toy model; the demo judges the toy world's colours and "
+                         f"shapes, so use one of: {', '.join(TOY_MODELS)}, or a folder made by esd toy-train or "
+                         "esd toy-train-dit")
+
+
 def check_demo(cfg: DemoConfig) -> None:
     """One line per bad setting, before any image is drawn."""
     prompts_for(cfg.concept)
     check_retain_weight(cfg.retain_weight)  # 0: off
+    for flag in ("samples", "iterations", "batch_size"):
+        value = getattr(cfg, flag)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{flag} must be a positive integer (>= 1), got {value!r}")
+    for flag in ("lr", "negative_guidance"):
+        value = getattr(cfg, flag)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)) or (flag == "lr" and value <= 0):
+            raise ValueError(f"--{flag} must be a finite number{' > 0' if flag == 'lr' else ''}, got {value!r}")
+    check_toy_model(cfg.base_model)
+    # A method of the toy model's family (xattn... for the UNet toy, mmdit-x... for toy-dit), naming the
+    # valid ones; esd train would only find out after the demo has drawn its "before" images.
+    resolve_method(cfg.train_method or esd_x_of(cfg.base_model), pipeline_family(cfg.base_model))
+    check_writable(Path(cfg.out), "--out")  # a real file made and removed: os.access says yes to root
 
 
 def concept_presence(images, axis: str, concept: str) -> float:
@@ -119,7 +153,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     retain = {}
     if cfg.retain_weight > 0:
-        (out / "retain_prompts.txt").write_text("\n".join(retain_phrasings(cfg.concept)) + "\n")
+        text = "\n".join(retain_phrasings(cfg.concept)) + "\n"
+        atomic_write(out / "retain_prompts.txt", lambda p: Path(p).write_text(text))
         retain = {"retain_prompts": str(out / "retain_prompts.txt"), "retain_weight": cfg.retain_weight}
     before_pipe = load_toy_pipeline(cfg.base_model)
 
@@ -155,7 +190,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     }
     for name, phrasings in [("erased", erased), ("others", others)]:
         for when, imgs in [("before", before), ("after", after)]:
-            _grid([imgs[p.text] for p in phrasings]).save(out / f"{name}_{when}.png")
+            grid = _grid([imgs[p.text] for p in phrasings])
+            atomic_write(out / f"{name}_{when}.png", lambda p, g=grid: g.save(p, format="PNG"))
     report["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     atomic_write(out / "report.md", lambda p: Path(p).write_text(render_markdown(report)))
