@@ -62,6 +62,25 @@ def save_trained_parameters(params: dict, path, metadata: dict) -> None:
     atomic_write(path, lambda p: Path(p).write_bytes(data))
 
 
+def _open_error(path: Path, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})")
+
+
+def _torch_state_dict(path: Path, mmap: bool = False) -> dict:
+    """The tensors of a weights-only torch file (a ``{"state_dict": ...}`` wrapper unwrapped); pickles with
+    arbitrary objects are refused. ``mmap``: the tensors are mapped, not read (zip files only)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - pickles with arbitrary objects are refused on purpose
+        raise ModelLoadError(f"could not read {str(path)!r} as a weights-only torch file ({_first_line(e)}); "
+                             "only tensor state dicts are loaded") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
+    return obj
+
+
 def read_weights(path) -> tuple[dict, dict]:
     """Return (state_dict, metadata) of a weights file; tensors on the CPU."""
     path = Path(path)
@@ -72,16 +91,8 @@ def read_weights(path) -> tuple[dict, dict]:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickles with arbitrary objects are refused on purpose
-        raise ModelLoadError(f"could not read {str(path)!r} as a weights-only torch file ({_first_line(e)}); "
-                             "only tensor state dicts are loaded") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
+            raise _open_error(path, e) from e
+    obj = _torch_state_dict(path)
     meta = {}
     args = path.parent / "args.json"
     if args.exists():  # a run's record, which names the base model (for error messages)
@@ -123,17 +134,12 @@ def check_weights_file(path) -> None:
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})") from e
+            raise _open_error(path, e) from e
         return
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be mapped; read_weights names any error
-        read_weights(path)
-        return
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{str(path)!r} does not hold a state dict of tensors")
+        _torch_state_dict(path, mmap=True)
+    except ModelLoadError:  # a legacy (non-zip) file cannot be mapped: read it whole, which names any error
+        _torch_state_dict(path)
 
 
 def check_erased_weights(unet: torch.nn.Module, path, base_model: str = "the base model",
