@@ -62,8 +62,13 @@ def save_trained_parameters(params: dict, path, metadata: dict) -> None:
     atomic_write(path, lambda p: Path(p).write_bytes(data))
 
 
-def _open_error(path: Path, e: Exception) -> ModelLoadError:
-    return ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})")
+def _safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; ``tensors=False`` reads the header alone ({} for them)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"could not read {str(path)!r} as safetensors ({_first_line(e)})") from e
 
 
 def _torch_state_dict(path: Path, mmap: bool = False) -> dict:
@@ -87,11 +92,7 @@ def read_weights(path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError) as e:
-            raise _open_error(path, e) from e
+        return _safetensors(path)
     obj = _torch_state_dict(path)
     meta = {}
     args = path.parent / "args.json"
@@ -130,11 +131,7 @@ def check_weights_file(path) -> None:
     if not path.is_file():
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as e:
-            raise _open_error(path, e) from e
+        _safetensors(path, tensors=False)
         return
     try:
         _torch_state_dict(path, mmap=True)
