@@ -27,6 +27,9 @@ from .models import DEFAULT_BASE_MODEL
 # renamed into place (esd.records.atomic_write, esd.export.write_folder), and the temporary one is removed
 # on the way out, so a file is the old one or the whole new one.
 INTERRUPTED = "no file was left half-written; files completed before it are kept"
+# toy-train writes its model folder with diffusers' save_pretrained, file by file, into an --out it made new
+INTERRUPTED_BY_COMMAND = {c: "its --out folder may be incomplete; delete it and run again"
+                          for c in ("toy-train", "toy-train-dit")}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -66,7 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "timestep pairing, fresh x_t every iteration, whole frozen copy, lr 1e-5, 1000 iterations); "
                    "'official': the current official esd_sd.py (frozen model samples x_t with the model's own "
                    "scheduler, query at x_t's timestep, lr 5e-5, 200 iterations; on SDXL esd_sdxl.py's guidance 2, "
-                   "eta 0, lr 2e-4 for esd-x/esd-x-strict else 1e-5, --sdxl_uncond official); 'fast': trajectory "
+                   "eta 0, lr 2e-4 for esd-x/esd-x-strict else 1e-5, --sdxl_uncond official; SDXL base's Euler "
+                   "scheduler "
+                   "needs --sampler_scheduler ddim); 'fast': trajectory "
                    "reuse (default). Explicit flags override the preset")
     p.add_argument("--prompt", required=True, help="concept to erase, e.g. 'nudity' or 'Van Gogh'")
     p.add_argument("--train_method", required=True, choices=METHOD_CHOICES, metavar="METHOD",
@@ -242,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, 128 + 2
         if os.environ.get("ESD_DEBUG"):
             raise
-        print(f"esd {args.command}: interrupted; {INTERRUPTED}", file=sys.stderr)
+        print(f"esd {args.command}: interrupted; {INTERRUPTED_BY_COMMAND.get(args.command, INTERRUPTED)}",
+              file=sys.stderr)
         return 130
 
 

@@ -22,6 +22,7 @@ from .models import (
     single_file_family,
 )
 from .records import check_name, safe_name
+from .sampling import check_model_scheduler
 
 # -- choice tables -----------------------------------------------------------------------------
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -159,7 +160,7 @@ class ESDConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
         self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
-        self._apply_preset(self.is_sdxl)
+        self._apply_preset(self.is_sdxl if self.preset == "official" else False)  # only official differs on SDXL
         by_family = FLUX_DEFAULTS if self.family == "flux" else {}
         for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
             if getattr(self, name) is None:
@@ -253,6 +254,8 @@ class ESDConfig:
         if self.timestep_mode == "original" and self.sampler_scheduler != "ddim":
             raise ValueError("--timestep_mode original reproduces the paper's DDIM loop; it needs "
                              "--sampler_scheduler ddim")
+        if self.sampler_scheduler == "model" and self.ckpt_path is None and self.family == "unet":
+            check_model_scheduler(resolve_source(self.base_model))  # Euler (SDXL base): refused before loading
         if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
             raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
                              f"--batch_size {self.batch_size}")

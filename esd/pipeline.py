@@ -4,6 +4,7 @@ This is the contract under which benchmarks such as eval-unlearn (its ``ESDTechn
 ``esd`` package; it runs on the same engine as ``esd train``."""
 
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -23,18 +24,19 @@ SAVE_SUFFIXES = {".pt": "full", ".safetensors": "trained"}
 
 
 def _check_integer(name: str, value, low: int, optional: bool = False) -> None:
-    """An int (a bool is not one) >= ``low``; None too when ``optional``."""
+    """An integer (numpy's too, as a seed read from a CSV is; a bool is not one) >= ``low``; None too when
+    ``optional``."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_number(name: str, value, rule: str, ok, optional: bool = False) -> None:
-    """A finite int or float (a bool is not one) for which ``ok`` holds; None too when ``optional``."""
+    """A finite real number (numpy's too; a bool is not one) for which ``ok`` holds; None too when ``optional``."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {rule}{' or None' if optional else ''}, got {value!r}")
 
 
@@ -109,7 +111,9 @@ class ESDPipeline:
                                  "load_path to load an erasure (or neither, for the base model)")
             # Every check before the model loads: the settings, then where the weights and records go.
             save = {} if save_path is None else self._save_settings(save_path)
-            eta = None if negative_guidance is None else negative_guidance - 1
+            eta = None if negative_guidance is None else float(negative_guidance) - 1
+            train_steps = None if train_steps is None else int(train_steps)  # numpy's integers too
+            learning_rate = None if learning_rate is None else float(learning_rate)
             config = ESDConfig(prompt=erase_concept, erase_from=erase_from, train_method=train_method,
                                base_model=model_id, preset=preset, negative_guidance=eta, iterations=train_steps,
                                lr=learning_rate, mixed_precision="fp16" if self.dtype == torch.float16 else "no",
@@ -162,10 +166,11 @@ class ESDPipeline:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise ValueError(f"prompts[{i}] {prompt!r} is not a string; pass prompt strings")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < MAX_SEED):
             raise ValueError(f"seed must be an integer 0 <= seed < 2**53 or None, got {seed!r}")
         _check_integer("num_inference_steps", num_inference_steps, 1)
         _check_number("guidance_scale", guidance_scale, "a finite number >= 0", lambda v: v >= 0)
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        return self.pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
+        return self.pipe(prompts, num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
                          generator=generator, **kwargs).images

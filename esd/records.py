@@ -75,9 +75,16 @@ def remove_orphans(folder: Path) -> list[Path]:
         return []
     _swept.add(key)
     removed = []
-    for p in folder.glob(f".*{TMP_SUFFIX}*"):
+    # "-old" first: a folder write killed between moving the old folder aside and renaming the new one in
+    # left the user's old folder there; it goes back under its name (the half-done new one is removed).
+    for p in sorted(folder.glob(f".*{TMP_SUFFIX}*"), key=lambda p: not p.name.endswith("-old")):
         m = _TMP_NAME.search(p.name)
         if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            original = folder / p.name[1:m.start()]
+            if m.group(2) == TMPDIR_SUFFIX + "-old" and p.is_dir() and not p.is_symlink() \
+                    and not os.path.lexists(original):
+                os.replace(p, original)
+                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

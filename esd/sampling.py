@@ -229,8 +229,27 @@ def sampler_scheduler(scheduler, kind: str, steps: int, latent_size: tuple[int, 
     own.set_timesteps(steps)
     if float(own.init_noise_sigma) != 1.0:
         raise ValueError(f"--sampler_scheduler model: {type(scheduler).__name__} samples sigma-scaled latents "
-                         "(init_noise_sigma != 1), which ESD's x_t cannot be; use --sampler_scheduler ddim")
+                         "(init_noise_sigma != 1), which ESD's x_t cannot be (esd_sdxl.py queries the UNet at them "
+                         "unscaled); use --sampler_scheduler ddim")
     return own
+
+
+def check_model_scheduler(source: str) -> None:
+    """``--sampler_scheduler model`` on a model folder (or a cached hub id) whose own scheduler works on
+    sigma-scaled latents (Euler, LMS: SDXL base 1.0 ships Euler) is refused from its scheduler config, before
+    any weights load, with :func:`sampler_scheduler`'s message. Unreadable configs are left to that check."""
+    import diffusers
+
+    try:
+        config = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler")
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)) or \
+                issubclass(cls, FlowMatchEulerDiscreteScheduler):
+            return
+        scheduler = cls.from_config(config)
+    except Exception:  # noqa: BLE001 - a hub id not cached, a folder without a scheduler: checked once loaded
+        return
+    sampler_scheduler(scheduler, "model", 50)
 
 
 def to_epsilon(prediction: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,

@@ -4,6 +4,7 @@ input tries. The commands run in-process (``esd.cli.main``); each case fails bef
 generation, most before a model loads."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -287,8 +288,8 @@ REFUSED = [
      "--adv_tokens 100 does not fit before the prompt 'cat': it is 3 tokens and the tokenizer's limit is 77 with "
      "BOS and EOS, so at most 72 prefix tokens fit"),
     (with_flags(ATTACK, "--tokens", "100"),
-     "--tokens 100 does not fit before the prompt 'a red circle': it is 3 tokens and the tokenizer's limit is 77"),
-    (with_flags(ATTACK, "--tokens", "73"), "at most 72 prefix tokens fit"),
+     "--tokens 100 leaves no room for a prompt: the tokenizer's limit is 77 tokens with BOS and EOS, so at most 74"),
+    (with_flags(ATTACK, "--tokens", "75"), "--tokens 75 leaves no room for a prompt"),
     (with_flags(TRAIN, "--retain_weight", "2"), "--retain_weight 2.0 set without --retain_prompts"),
     (with_flags(TRAIN, "--export_rank", "4"), "--export_rank set without --export, which it configures; add "
      "--export FORMAT (one or more of: lora, single-file, diffusers)"),
@@ -322,6 +323,7 @@ REFUSED = [
     (["demo", "--lr", "nan", "--out", "{t}/demo"], "--lr must be a finite number > 0, got nan"),
     (["toy-eval", "--samples", "0"], "--samples must be a positive integer (>= 1), got 0"),
     (["toy-eval", "--base_model", "{t}/more/sd"], "--base_model '{t}/more/sd' is not a toy model"),
+    (["demo", "--base_model", "{t}/more/sd5", "--out", "{t}/demo"], "--base_model '{t}/more/sd5' is not a toy model"),
 ]
 
 
@@ -331,6 +333,8 @@ def test_settings_once_accepted_silently_are_refused_in_one_line(argv, message, 
     more = tmp_path / "more"
     (more / "sd" / "unet").mkdir(parents=True)  # a diffusers folder that no toy recipe made
     (more / "sd" / "model_index.json").write_text((TOY_MODEL_DIR / "model_index.json").read_text())
+    shutil.copytree(more / "sd", more / "sd5")
+    (more / "sd5" / "recipe.json").write_text("5")  # JSON, but not a toy recipe's record
     (more / "latin1.csv").write_bytes(NOT_UTF8)
     (more / "utf16.csv").write_bytes(UTF16)
     (more / "empty.csv").write_bytes(b"")
@@ -346,9 +350,15 @@ def test_a_prefix_that_just_fits_is_accepted():
     check_prefix_fits(tokenizer, 72, ["cat"], "--adv_tokens")
     with pytest.raises(ValueError, match="at most 72 prefix tokens fit"):
         check_prefix_fits(tokenizer, 73, ["cat"], "--adv_tokens")
-    cfg = ESDConfig(prompt="cat", train_method="xattn", base_model="toy", devices="cpu", adversarial="prefix",
-                    adv_tokens=72)
-    assert cfg.adv_tokens == 72
+    ESDConfig(prompt="cat", train_method="xattn", base_model="toy", devices="cpu", adversarial="prefix",
+              adv_tokens=72)  # accepted: no error
+    # esd attack over a CSV: a prompt the prefix cuts is counted in one warning line, not refused
+    warned = []
+    check_prefix_fits(tokenizer, 5, ["cat", "a " * 71 + "cat", "a " * 80], "--tokens", warn=warned.append)
+    assert len(warned) == 1 and "2 of 3 prompts are cut at the tokenizer's 77 tokens" in warned[0]
+    assert "\n" not in warned[0]
+    check_prefix_fits(tokenizer, 5, ["cat"], "--tokens", warn=warned.append)
+    assert len(warned) == 1
 
 
 def test_the_demo_takes_every_toy_model_and_a_retain_weight_with_its_prompts(tmp_path):

@@ -344,3 +344,26 @@ def test_sdxl_uncond_official_samples_x_t_with_zeros_and_builds_e0_from_the_enco
             guided = pred_zero.float() + 3.0 * (pred[1:].float() - pred_zero.float())
             step = scheduler.step(guided, t, latents[i:i + 1]).prev_sample
             assert torch.allclose(latents[i + 1:i + 2], step, atol=1e-5)
+
+
+def test_official_preset_on_a_model_whose_scheduler_is_euler_is_refused_before_loading(tiny_models, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """SDXL base 1.0 ships EulerDiscreteScheduler: --sampler_scheduler model (--preset official) would sample
+    sigma-scaled latents. Refused from the scheduler config, before any weights load; --sampler_scheduler
+    ddim is accepted."""
+    from esd import train as train_module
+    from esd.cli import main
+
+    euler = tmp_path / "sdxl-euler"
+    shutil.copytree(tiny_models["sdxl"], euler)
+    config = euler / "scheduler" / "scheduler_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "_class_name": "EulerDiscreteScheduler"}))
+    monkeypatch.setattr(train_module, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["train", "--prompt", "cat", "--train_method", "esd-x", "--base_model", str(euler), "--preset", "official",
+            "--save_path", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "EulerDiscreteScheduler samples sigma-scaled latents" in err
+    assert "use --sampler_scheduler ddim" in err and not (tmp_path / "runs").exists()
+    assert ESDConfig("cat", "esd-x", preset="official", base_model=str(euler), sampler_scheduler="ddim").is_sdxl

@@ -406,3 +406,18 @@ def test_demo_keeps_a_report_it_did_not_write(tmp_path, planted):
         run_demo(DemoConfig(out=str(out), iterations=1, samples=1))
     assert (tmp_path / ("elsewhere.md" if planted == "link" else "d/report.md")).read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def test_a_folder_write_killed_between_its_two_renames_gives_the_old_folder_back(tmp_path):
+    """kill -9 after the old export was moved aside and before the new one was renamed in: the next sweep
+    puts the user's old folder back under its name (and removes the unfinished new one), never deletes it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = tmp_path / f".model.{dead.pid}.{'7' * 16}{records.TMPDIR_SUFFIX}-old"
+    new = tmp_path / f".model.{dead.pid}.{'7' * 16}{records.TMPDIR_SUFFIX}"
+    for d, text in ((old, "the user's export"), (new, "unfinished")):
+        d.mkdir()
+        (d / "model_index.json").write_text(text)
+    records.remove_orphans(tmp_path)
+    assert (tmp_path / "model" / "model_index.json").read_text() == "the user's export"
+    assert not old.exists() and not new.exists()

@@ -161,6 +161,15 @@ def test_bad_generate_arguments_are_one_line_errors(toy_pipe, args, kwargs, mess
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_numpy_numbers_are_numbers(toy_pipe):
+    """A seed or step count read from a pandas CSV is a numpy integer: accepted as the int it is."""
+    import numpy as np
+
+    a = toy_pipe.generate(PROMPTS, seed=np.int64(3), num_inference_steps=np.int64(1), guidance_scale=np.float32(7.5))
+    b = toy_pipe.generate(PROMPTS, seed=3, num_inference_steps=1, guidance_scale=7.5)
+    assert len(a) == len(b) > 0 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
 def test_a_model_folder_a_stranger_could_hand_over_is_refused_before_diffusers_reads_it(tmp_path):
     """The API goes through the same model folder check as the commands (esd.models.check_model_folder)."""
     folder = tmp_path / "model"

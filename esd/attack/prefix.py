@@ -31,20 +31,32 @@ def word_tokens(target: Target) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long, device=target.device)
 
 
-def check_prefix_fits(tokenizer, tokens: int, prompts, flag: str) -> None:
-    """Refuse a prefix of ``tokens`` tokens that does not fit, with a prompt of ``prompts``, in the tokenizer's
-    window (CLIP: 77 with BOS and EOS): the text encoder would cut the prompt's end, the concept word with it,
-    and the attack would optimise against a prompt that no longer names it."""
+def check_prefix_fits(tokenizer, tokens: int, prompts, flag: str, warn=None) -> None:
+    """A prefix of ``tokens`` tokens before each of ``prompts`` in the tokenizer's window (CLIP: 77 with BOS and
+    EOS). Without ``warn`` (robust training, whose prompt is the concept word) a prompt the prefix would cut is
+    refused: the attack would optimise against a prompt that no longer names the concept. With ``warn`` (esd
+    attack over a prompt CSV: I2P's prompts are often long, and diffusers cuts them too) only a prefix that leaves
+    no room for any prompt token is refused, and the prompts it cuts are counted in one ``warn`` line."""
     limit = tokenizer.model_max_length
     if not isinstance(limit, int) or limit > 100_000:  # no limit recorded (transformers' huge placeholder)
         return
-    for prompt in prompts:
-        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        if tokens + n + 2 > limit:
-            raise ValueError(f"{flag} {tokens} does not fit before the prompt {prompt!r}: it is {n} "
-                             f"token{'s' * (n != 1)} and the tokenizer's limit is {limit} with BOS and EOS, so at "
-                             f"most {max(limit - 2 - n, 0)} prefix tokens fit (a longer prefix would cut off the "
-                             "prompt and its concept)")
+    room = limit - 2
+    counts = [(prompt, len(tokenizer(prompt, add_special_tokens=False).input_ids)) for prompt in prompts]
+    cut = [(prompt, n) for prompt, n in counts if tokens + n > room]
+    if warn is None and cut:
+        prompt, n = cut[0]
+        raise ValueError(f"{flag} {tokens} does not fit before the prompt {prompt!r}: it is {n} "
+                         f"token{'s' * (n != 1)} and the tokenizer's limit is {limit} with BOS and EOS, so at "
+                         f"most {max(room - n, 0)} prefix tokens fit (a longer prefix would cut off the "
+                         "prompt and its concept)")
+    if tokens >= room:
+        raise ValueError(f"{flag} {tokens} leaves no room for a prompt: the tokenizer's limit is {limit} tokens with "
+                         f"BOS and EOS, so at most {room - 1} prefix tokens")
+    if cut:
+        prompt, n = cut[0]
+        warn(f"{flag} {tokens}: {len(cut)} of {len(counts)} prompts are cut at the tokenizer's {limit} tokens "
+             f"after the prefix (first: {prompt[:60]!r}, {n} tokens); the text encoder sees their first "
+             f"{room - tokens} tokens, as a pipeline cuts a long prompt")
 
 
 def stored_tokenizer(base_model: str):

@@ -242,7 +242,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     rows = cfg.rows()
     check_weights_file(cfg.weights)  # exists and reads, before any model loads
     if cfg.attack == "prefix" and (tokenizer := stored_tokenizer(cfg.base_model)) is not None:  # else once loaded
-        check_prefix_fits(tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens")
+        check_prefix_fits(tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens", warn=log)
     out = Path(cfg.out)
     device = check_device(cfg.device, "--device")
     judge = make_judge(cfg, str(device))  # an evaluator that cannot load fails before any drawing
@@ -252,8 +252,8 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     check_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model, text_encoder=pipe.text_encoder)
     from diffusers import DDPMScheduler
 
-    if cfg.attack == "prefix":  # a hub id's tokenizer, now that it is loaded (before any drawing)
-        check_prefix_fits(pipe.tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens")
+    if cfg.attack == "prefix" and stored_tokenizer(cfg.base_model) is None:  # a hub id's, now that it is loaded
+        check_prefix_fits(pipe.tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens", warn=log)
     target = Target(pipe.unet, pipe.text_encoder, pipe.tokenizer,
                     DDPMScheduler.from_config(pipe.scheduler.config), device)
     names = [f"<adv{i}>" for i in range(cfg.tokens)] if cfg.attack == "prefix" else [TOKEN]

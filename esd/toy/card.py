@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from ..records import atomic_write
 from .judge import SHAPE_BOUNDS
 from .world import BACKGROUND, COLOURS, HELD_OUT, HELD_OUT_TEMPLATES, IMAGE_SIZE, SHAPES, TRAINED_TEMPLATES
 
@@ -86,5 +87,5 @@ def write_model_card(folder: str | Path, evaluation: dict) -> Path:
               f"{cell(r, 'both')} | {r['none']:.0%} |" for r in q]
     lines += [""]
     path = folder / "README.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, lambda p: Path(p).write_text("\n".join(lines)))
     return path

@@ -4,6 +4,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from ..records import atomic_write
+
 
 def _flag_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
@@ -92,7 +94,7 @@ def cmd_toy_eval(args) -> int:
               "quality": quality_table(pipe, n=args.samples), "unconditional": unconditional_shares(pipe)}
     text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write(args.out, lambda p: Path(p).write_text(text))
     print(text)
     if args.card:
         from ..models import resolve_source

@@ -88,7 +88,8 @@ def check_toy_model(base_model: str, flag: str = "--base_model") -> None:
     folder = Path(resolve_source(base_model))  # a missing local folder: its own error
     recipe = folder / "recipe.json"
     try:
-        is_toy = folder.is_dir() and "recipe" in json.loads(recipe.read_text())
+        record = json.loads(recipe.read_text()) if folder.is_dir() else None
+        is_toy = isinstance(record, dict) and "recipe" in record
     except (OSError, ValueError):
         is_toy = False
     if not is_toy:
