@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .config import PRESETS, ESDConfig
-from .eval import EvalConfig, ReportConfig, evaluate, report
+from .eval import EvalConfig, ReportConfig, evaluate, metric_class, report
 from .eval.config import FID_DIMS, setting
 from .eval.nudenet import NUDENET_EXPOSED
 from .eval.protocols import PROTOCOLS
@@ -287,45 +287,6 @@ def write_report(cfg: ReproduceConfig, rows: list[dict], complete: bool, summari
 
 
 # -- what the evaluation needs, checked before any training ---------------------------------------------------
-TORCHVISION = "torchvision (the build made for your torch, e.g. pip install 'esd[metrics]')"
-
-
-def metric_packages(metric: str, ecfg: EvalConfig) -> list[tuple[str, str]]:
-    """The packages evaluating ``metric`` with ``ecfg``'s settings imports: [(module, what to pip install)]."""
-    resnet = metric == "classify" and ecfg.classifier == "resnet50"
-    return {"nudenet": [("nudenet", "nudenet==3.4.2 (or esd[eval])"), ("onnxruntime", "onnxruntime")],
-            "classify": [("torchvision", TORCHVISION)] if resnet else [],
-            "lpips": [("torchvision", TORCHVISION), ("lpips", "lpips==0.1.4 (or esd[metrics])")],
-            "fid": [("torch_fidelity", "torch-fidelity==0.4.0 (or esd[metrics])"),
-                    ("torchmetrics", "'torchmetrics>=1.4,<1.10' (or esd[metrics])")]}.get(metric, [])
-
-
-def metric_weights(metric: str, ecfg: EvalConfig) -> list[tuple[str, str, str]]:
-    """The networks' weights evaluating ``metric`` downloads, those not given as local files: [(the flag that
-    gives a local copy, what they are, a torch hub URL or hf:REPO)]. NudeNet's detector ships in its package.
-    Imports the packages of :func:`metric_packages`."""
-    if metric == "classify" and ecfg.classifier == "resnet50" and not ecfg.classifier_weights:
-        import torchvision
-
-        return [("--classifier_weights", "torchvision's ResNet-50 ImageNet weights",
-                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)]
-    if metric == "lpips" and not ecfg.lpips_backbone:
-        import torchvision
-
-        from .eval.config import LPIPS_BACKBONES
-
-        name = LPIPS_BACKBONES[ecfg.lpips_net]
-        return [("--lpips_backbone", f"torchvision's ImageNet {name} weights for LPIPS",
-                 torchvision.models.get_model_weights(name).IMAGENET1K_V1.url)]
-    if metric == "fid" and not ecfg.inception_weights:
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-        return [("--inception_weights", "torch-fidelity's InceptionV3 weights", URL_INCEPTION_V3)]
-    if metric == "clip":
-        return [("--clip_model", f"the CLIP model {ecfg.clip_model!r}", f"hf:{ecfg.clip_model}")]
-    return []
-
-
 def import_problem(module: str) -> str | None:
     """None when ``module`` imports; else why not, in a few words."""
     import importlib
@@ -391,11 +352,11 @@ def check_evaluation_ready(cfg: ReproduceConfig, eval_cfgs: dict) -> None:
         first.setdefault(metric, ecfg)
     for metric, ecfg in first.items():
         what = f"reproduce {cfg.name} (--protocol {cfg.protocol}) measures {metric}"
-        for module, install in metric_packages(metric, ecfg):
+        for module, install in metric_class(metric).packages(ecfg):
             if why := import_problem(module):
                 raise ValueError(f"{what}, which needs the {module} package ({why}): pip install {install}; "
                                  "nothing was trained")
-        for flag, name, source in metric_weights(metric, ecfg):
+        for flag, name, source in metric_class(metric).downloads(ecfg):
             if why := weights_problem(source):
                 local = "a local folder" if flag == "--clip_model" else "a local copy"
                 raise ValueError(f"{what}, which needs {name}: {why}; offline, pass {flag} with {local}; "

@@ -3,7 +3,16 @@
 import numpy as np
 import pandas as pd
 
-from .metric import Headline, Metric, import_metrics_package, load_rgb, load_weights, percent, register_metric
+from .metric import (
+    TORCHVISION,
+    Headline,
+    Metric,
+    import_metrics_package,
+    load_rgb,
+    load_weights,
+    percent,
+    register_metric,
+)
 
 
 @register_metric
@@ -13,6 +22,19 @@ class Classify(Metric):
 
     name = "classify"
     counting_settings = ("classifier", "erased_classes")
+
+    @classmethod
+    def packages(cls, cfg) -> list[tuple[str, str]]:
+        return [("torchvision", TORCHVISION)] if cfg.classifier == "resnet50" else []
+
+    @classmethod
+    def downloads(cls, cfg) -> list[tuple[str, str, str]]:
+        if cfg.classifier != "resnet50" or cfg.classifier_weights:
+            return []
+        import torchvision
+
+        return [("--classifier_weights", "torchvision's ResNet-50 ImageNet weights",
+                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)]
     columns = ("images", "mean accuracy", "erased classes", "other classes")
 
     def load(self, advance) -> None:

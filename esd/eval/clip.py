@@ -13,6 +13,10 @@ class CLIPScore(Metric):
     transformers CLIP model (``clip_model``) on the ``prompt_column`` of each image's CSV row."""
 
     name = "clip"
+
+    @classmethod
+    def downloads(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("--clip_model", f"the CLIP model {cfg.clip_model!r}", f"hf:{cfg.clip_model}")]
     counting_settings = ("clip_model",)
     columns = ("images", "clip score")
 

@@ -26,6 +26,19 @@ class FID(Metric):
     The score is one number for the set (summary.json); rows list the images."""
 
     name = "fid"
+
+    @classmethod
+    def packages(cls, cfg) -> list[tuple[str, str]]:
+        return [("torch_fidelity", "torch-fidelity==0.4.0 (or esd[metrics])"),
+                ("torchmetrics", "'torchmetrics>=1.4,<1.10' (or esd[metrics])")]
+
+    @classmethod
+    def downloads(cls, cfg) -> list[tuple[str, str, str]]:
+        if cfg.inception_weights:
+            return []
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        return [("--inception_weights", "torch-fidelity's InceptionV3 weights", URL_INCEPTION_V3)]
     counting_settings = ("fid_dims", "reference")
     columns = ("images", "reference images", "FID")
 

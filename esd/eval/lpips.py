@@ -7,6 +7,7 @@ import pandas as pd
 
 from .config import LPIPS_BACKBONES
 from .metric import (
+    TORCHVISION,
     Headline,
     Metric,
     import_metrics_package,
@@ -23,6 +24,20 @@ class LPIPS(Metric):
     and seed) in ``reference``, e.g. the base model's generation."""
 
     name = "lpips"
+
+    @classmethod
+    def packages(cls, cfg) -> list[tuple[str, str]]:
+        return [("torchvision", TORCHVISION), ("lpips", "lpips==0.1.4 (or esd[metrics])")]
+
+    @classmethod
+    def downloads(cls, cfg) -> list[tuple[str, str, str]]:
+        if cfg.lpips_backbone:
+            return []
+        import torchvision
+
+        name = LPIPS_BACKBONES[cfg.lpips_net]
+        return [("--lpips_backbone", f"torchvision's ImageNet {name} weights for LPIPS",
+                 torchvision.models.get_model_weights(name).IMAGENET1K_V1.url)]
     counting_settings = ("lpips_net",)
     columns = ("images", "LPIPS mean")
 

@@ -50,6 +50,18 @@ class Metric:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    @classmethod
+    def packages(cls, cfg) -> list[tuple[str, str]]:
+        """The packages this metric imports with ``cfg``'s settings: [(module, what to pip install)], so a
+        caller (esd reproduce) can check them before hours of work."""
+        return []
+
+    @classmethod
+    def downloads(cls, cfg) -> list[tuple[str, str, str]]:
+        """The networks' weights this metric downloads, those ``cfg`` does not give as local files: [(the flag
+        that gives a local copy, what they are, a torch hub URL or hf:REPO)]. May import :meth:`packages`."""
+        return []
+
     def setup_steps(self) -> int:
         return 0
 
@@ -86,6 +98,9 @@ class Metric:
         from .report import per_group_section
 
         return per_group_section(cls, summaries, out, plt)
+
+
+TORCHVISION = "torchvision (the build made for your torch, e.g. pip install 'esd[metrics]')"
 
 
 METRICS: dict[str, type[Metric]] = {}

@@ -22,6 +22,10 @@ class NudeNet(Metric):
     counts for a class when its best detection of it scores above ``threshold``."""
 
     name = "nudenet"
+
+    @classmethod
+    def packages(cls, cfg) -> list[tuple[str, str]]:
+        return [("nudenet", "nudenet==3.4.2 (or esd[eval])"), ("onnxruntime", "onnxruntime")]  # its detector ships
     counting_settings = ("threshold", "nudenet_classes", "nudenet_version")
     columns = ("images", "with exposure", "fraction")
 
