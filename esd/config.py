@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .flow_checkpoint import checkpoint_family, checkpoint_keys
-from .methods import ALIASES, resolve_method
+from .methods import ALIASES, is_sdxl_config, resolve_method
 from .models import (
     DEFAULT_BASE_MODEL,
     FLOW_FAMILIES,
@@ -192,8 +192,8 @@ class ESDConfig:
             if self.ckpt_path is None:
                 from diffusers import UNet2DConditionModel
 
-                unet = UNet2DConditionModel.load_config(resolve_source(self.base_model), subfolder="unet")
-                return unet.get("addition_embed_type") == "text_time"
+                return is_sdxl_config(UNet2DConditionModel.load_config(resolve_source(self.base_model),
+                                                                       subfolder="unet"))
             from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 
             keys = checkpoint_keys(self.ckpt_path)

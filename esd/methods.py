@@ -139,9 +139,15 @@ def _sdxl_official(name: str, module: torch.nn.Module) -> bool:
     return _linear_or_conv(module) and name.startswith(_UNET_BLOCKS) and ".time_emb_proj." not in name
 
 
+def is_sdxl_config(config) -> bool:
+    """A UNet config (its config.json as a dict, or a model's ``config``) with SDXL's text-time added
+    conditioning: the one test of SDXL, for a loaded UNet (esd.models.detect_family) and for a config alone."""
+    return config is not None and config.get("addition_embed_type") == "text_time"
+
+
 def is_sdxl_unet(model: torch.nn.Module) -> bool:
-    """An SDXL UNet: a UNet2DConditionModel with the text-time added conditioning (as esd.models.detect_family)."""
-    return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
+    """An SDXL UNet: a UNet2DConditionModel with the text-time added conditioning."""
+    return is_sdxl_config(getattr(model, "config", None))
 
 
 TRAIN_METHODS: dict[str, TrainMethod] = {

@@ -25,6 +25,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .flow_checkpoint import FLOW_CHECKPOINTS, checkpoint_family, load_flow_transformer
+from .methods import is_sdxl_config
 from .records import read_json
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -111,7 +112,7 @@ def detect_family(unet: torch.nn.Module) -> str:
         return "sd3"
     if isinstance(unet, FluxTransformer2DModel):
         return "flux"
-    if unet.config.addition_embed_type == "text_time":
+    if is_sdxl_config(unet.config):
         return "sdxl"
     if unet.config.use_linear_projection:
         return "sd2"

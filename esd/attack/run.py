@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
+from ..methods import is_sdxl_config
 from ..models import DEFAULT_BASE_MODEL, check_device, resolve_source
 from ..models import load_pipeline as load_base_pipeline
 from ..records import PLAIN_NAME, atomic_write, check_inside, check_output_folder, environment_record, error_summary
@@ -158,7 +159,7 @@ def check_family(base_model: str) -> None:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
     except Exception as e:  # noqa: BLE001 - re-raised on one line
         raise ValueError(f"--base_model {base_model!r}: cannot read its UNet config ({error_summary(e)})") from e
-    if unet_config.get("addition_embed_type") == "text_time":
+    if is_sdxl_config(unet_config):
         raise ValueError(f"--base_model {base_model!r} is SDXL; esd attack supports SD 1.x and 2.x models")
 
 
