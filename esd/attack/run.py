@@ -242,7 +242,8 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     begin = time.perf_counter()
     rows = cfg.rows()
     check_weights_file(cfg.weights)  # exists and reads, before any model loads
-    if cfg.attack == "prefix" and (tokenizer := stored_tokenizer(cfg.base_model)) is not None:  # else once loaded
+    tokenizer = stored_tokenizer(cfg.base_model) if cfg.attack == "prefix" else None  # None: a hub id's, once loaded
+    if tokenizer is not None:
         check_prefix_fits(tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens", warn=log)
     out = Path(cfg.out)
     device = check_device(cfg.device, "--device")
@@ -253,7 +254,7 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     check_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model, text_encoder=pipe.text_encoder)
     from diffusers import DDPMScheduler
 
-    if cfg.attack == "prefix" and stored_tokenizer(cfg.base_model) is None:  # a hub id's, now that it is loaded
+    if cfg.attack == "prefix" and tokenizer is None:  # a hub id's, now that it is loaded
         check_prefix_fits(pipe.tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens", warn=log)
     target = Target(pipe.unet, pipe.text_encoder, pipe.tokenizer,
                     DDPMScheduler.from_config(pipe.scheduler.config), device)
