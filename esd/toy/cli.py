@@ -83,11 +83,10 @@ def _check_empty(out: str) -> None:
 
 
 def cmd_toy_eval(args) -> int:
-    from .demo import check_toy_model
+    from .demo import check_count, check_toy_model
     from .quality import judge_accuracy, load_toy_pipeline, quality_table, unconditional_shares
 
-    if isinstance(args.samples, bool) or not isinstance(args.samples, int) or args.samples < 1:
-        raise ValueError(f"--samples must be a positive integer (>= 1), got {args.samples!r}")
+    check_count("--samples", args.samples)
     check_toy_model(args.base_model)
     pipe = load_toy_pipeline(args.base_model)
     report = {"judge_clean": judge_accuracy(), "judge_vae": judge_accuracy(vae=pipe.vae),

@@ -98,14 +98,18 @@ def check_toy_model(base_model: str, flag: str = "--base_model") -> None:
                          "esd toy-train-dit")
 
 
+def check_count(flag: str, value) -> None:
+    """A count (``--samples``, ``--iterations``...): an int >= 1, a bool not being one."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} must be a positive integer (>= 1), got {value!r}")
+
+
 def check_demo(cfg: DemoConfig) -> None:
     """One line per bad setting, before any image is drawn."""
     prompts_for(cfg.concept)
     check_retain_weight(cfg.retain_weight)  # 0: off
     for flag in ("samples", "iterations", "batch_size"):
-        value = getattr(cfg, flag)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{flag} must be a positive integer (>= 1), got {value!r}")
+        check_count(f"--{flag}", getattr(cfg, flag))
     for flag in ("lr", "negative_guidance"):
         value = getattr(cfg, flag)
         if not (isinstance(value, (int, float)) and math.isfinite(value)) or (flag == "lr" and value <= 0):
