@@ -10,9 +10,9 @@ server). What it checks, each with ComfyUI's code, not ours:
 1. **Tiny models, real files** (the tests' tiny SD 1.x / 2.x / SDXL architectures, ``tests/tiny.py``, and the toy
    model, whose layers_per_block is 1). Per family and train method (by default xattn, noxattn, selfattn, full,
    esd-u, esd-all: every layer kind; ``--methods all`` for every UNet method, minutes more), an erasure that
-   moves every trained ``.weight`` by seeded noise (as ``tests/test_export.py`` ``make_run`` does; norm weights are
-   among them and a LoRA drops them, as ``esd export`` says) is exported with ``run_export`` as a full-rank fp32
-   LoRA and as a single file. Then:
+   moves every trained ``.weight`` by seeded noise (``tests/tiny.py`` ``make_run``, as ``tests/test_export.py``
+   makes them; norm weights are among them and a LoRA drops them, as ``esd export`` says) is exported with
+   ``run_export`` as a full-rank fp32 LoRA and as a single file. Then:
 
    * single file: ``comfy.model_detection`` reads the UNet config off the file's shapes; the tiny widths (32 to 64
      channels, context 32 to 64) match none of ComfyUI's model classes, so the family's class (SD15, SD20, SDXL) is
@@ -40,7 +40,6 @@ is not detected, or a loaded model is off by more than ``TOLERANCE``. Not a test
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import re
@@ -57,13 +56,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tiny import make_run  # noqa: E402  (tests/tiny.py, as tests/test_export.py makes its erasures)
 
 from esd.export import ExportSettings, run_export  # noqa: E402
 from esd.export.ldm import UNET_PREFIX, unet_to_ldm  # noqa: E402
 from esd.export.lora import LayerFactors, lora_tensors  # noqa: E402
 from esd.methods import TRAIN_METHODS, select_parameters  # noqa: E402
 from esd.models import TOY_MODEL_DIR  # noqa: E402
-from esd.weights import save_trained_parameters  # noqa: E402
 
 TOLERANCE = 1e-4  # fp32 full-rank files: ComfyUI patches in fp32, so ~1e-6 is expected
 TINY_NOTE = " (tiny, by hand)"  # not detected (widths): the family's class built on the detected config
@@ -145,21 +144,6 @@ def git_hash(path: Path, full: bool = False) -> str:
 
 def rel(num_sq: float, den_sq: float) -> float:
     return (num_sq / den_sq) ** 0.5 if den_sq > 0 else (0.0 if num_sq == 0 else float("inf"))
-
-
-def make_run(base: str, folder: Path, method: str) -> tuple[Path, dict, dict]:
-    """tests/test_export.py's make_run: every ``.weight`` ``method`` trains moved by seeded noise (1e-2)."""
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    names = [n for n in select_parameters(unet, method) if n.endswith(".weight")]
-    erased = {n: base_sd[n] + 1e-2 * torch.randn(base_sd[n].shape, generator=g) for n in names}
-    folder.mkdir(parents=True)
-    save_trained_parameters(erased, folder / f"{folder.name}.safetensors",
-                            {"base_model": base, "train_method": method, "prompt": "cat"})
-    (folder / "args.json").write_text(json.dumps({"base_model": base, "ckpt_path": None, "prompt": "cat",
-                                                  "train_method": method}))
-    return folder, base_sd, erased
 
 
 def comfy_model(c: Comfy, family: str, ldm_sd: dict, device=None):

@@ -14,34 +14,17 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import make_run
 
 from esd.cli import main
 from esd.export import ExportSettings, run_export
-from esd.methods import select_parameters
 from esd.models import TOY_MODEL_DIR
-from esd.weights import save_trained_parameters
 
 FAMILIES = ("sd1", "sd2", "sdxl", "toy")
 
 
 def model_folder(family, tiny_models) -> str:
     return str(TOY_MODEL_DIR) if family == "toy" else tiny_models[family]
-
-
-def make_run(base: str, folder: Path, method: str = "esd-all", weights_only: bool = True, scale: float = 1e-2):
-    """A run folder whose erasure moves every tensor ``method`` trains (only Linear/Conv2d weights when
-    ``weights_only``) by seeded noise. Returns (run folder, base UNet state, erased tensors)."""
-    unet = DiffusionPipeline.from_pretrained(base).unet
-    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    names = [n for n in select_parameters(unet, method) if n.endswith(".weight") or not weights_only]
-    erased = {n: base_sd[n] + scale * torch.randn(base_sd[n].shape, generator=g) for n in names}
-    folder.mkdir(parents=True)
-    save_trained_parameters(erased, folder / f"{folder.name}.safetensors",
-                            {"base_model": base, "train_method": method, "prompt": "cat"})
-    (folder / "args.json").write_text(json.dumps({"base_model": base, "ckpt_path": None, "prompt": "cat",
-                                                  "train_method": method}))
-    return folder, base_sd, erased
 
 
 def export(run, out, fmt, **kw):

@@ -1,6 +1,7 @@
 """Tiny models with the real SD 1.x, SD 2.x, SDXL, SD3 and FLUX.1 architectures (block layout,
 attention types, conditioning), built in-process and saved as diffusers folders."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from esd.methods import select_parameters
 from esd.toy.tokenizer import build_clip_tokenizer
+from esd.weights import save_trained_parameters
 
 WORDS = "a photo of cat dog church garbage truck nudity cowboy hat van gogh painting".split()
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -198,3 +201,19 @@ def tiny_flux_transformer(in_channels: int = 4, guidance_embeds: bool = True) ->
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                   pooled_projection_dim=8, guidance_embeds=guidance_embeds,
                                   axes_dims_rope=(2, 2, 4))
+
+
+def make_run(base: str, folder: Path, method: str = "esd-all", weights_only: bool = True, scale: float = 1e-2):
+    """A run folder whose erasure moves every tensor ``method`` trains (only Linear/Conv2d weights when
+    ``weights_only``) by seeded noise. Returns (run folder, base UNet state, erased tensors)."""
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    names = [n for n in select_parameters(unet, method) if n.endswith(".weight") or not weights_only]
+    erased = {n: base_sd[n] + scale * torch.randn(base_sd[n].shape, generator=g) for n in names}
+    folder.mkdir(parents=True)
+    save_trained_parameters(erased, folder / f"{folder.name}.safetensors",
+                            {"base_model": base, "train_method": method, "prompt": "cat"})
+    (folder / "args.json").write_text(json.dumps({"base_model": base, "ckpt_path": None, "prompt": "cat",
+                                                  "train_method": method}))
+    return folder, base_sd, erased
