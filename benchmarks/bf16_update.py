@@ -25,8 +25,8 @@ def run(policy: str, args, base_model: str, tmp: str) -> tuple[dict, dict]:
     """(trained weights before, after) in the policy's own dtype, as float32 tensors."""
     import torch
 
-    from esd.config import ESDConfig
-    from esd.train import ESDTrainer
+    from esd.train.config import ESDConfig
+    from esd.train.recipe import ESDTrainer
 
     cfg = ESDConfig(prompt=args.prompt, train_method=args.train_method, base_model=base_model, preset="official",
                     iterations=args.steps, mixed_precision="bf16", seed=args.seed, devices="cpu", save_path=tmp,
@@ -56,7 +56,7 @@ def main():
 
     import torch
 
-    from esd.records import environment_record
+    from esd.formats.records import environment_record
 
     with tempfile.TemporaryDirectory() as tmp:
         base_model = args.base_model

@@ -28,8 +28,9 @@ server). What it checks, each with ComfyUI's code, not ours:
      ||patched - erased|| / ||erased - base||, max over layers, next to the export's own stated max.
 
 2. **Real configs, names only** (SD 1.4, SD 2.1, SDXL base UNets built on the ``meta`` device: no weights, no
-   memory). The single-file UNet names (``esd.export.ldm.unet_to_ldm``) must be detected by ComfyUI as SD15 /
-   SD20 / SDXL and match its UNet's keys and shapes; each train method's LoRA names (``esd.export.lora.lora_tensors``,
+   memory). The single-file UNet names (``esd.families.ldm_single_file.unet_to_ldm``) must be detected by ComfyUI
+   as SD15 /
+   SD20 / SDXL and match its UNet's keys and shapes; each train method's LoRA names (``esd.formats.lora.lora_tensors``,
    the writer ``run_export`` uses, on factors of the right shapes) must all be mapped by ``model_lora_keys_unet``
    and loaded by ``load_lora`` onto a weight of the right size.
 
@@ -58,11 +59,11 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny import make_run  # noqa: E402  (tests/tiny.py, as tests/test_export.py makes its erasures)
 
-from esd.export import ExportSettings, run_export  # noqa: E402
-from esd.export.ldm import UNET_PREFIX, unet_to_ldm  # noqa: E402
-from esd.export.lora import LayerFactors, lora_tensors  # noqa: E402
-from esd.methods import TRAIN_METHODS, select_parameters  # noqa: E402
-from esd.models import TOY_MODEL_DIR  # noqa: E402
+from esd.core.methods import TRAIN_METHODS, select_parameters  # noqa: E402
+from esd.families.ldm_single_file import UNET_PREFIX, unet_to_ldm  # noqa: E402
+from esd.families.sources import TOY_MODEL_DIR  # noqa: E402
+from esd.formats.exports import ExportSettings, run_export  # noqa: E402
+from esd.formats.lora import LayerFactors, lora_tensors  # noqa: E402
 
 TOLERANCE = 1e-4  # fp32 full-rank files: ComfyUI patches in fp32, so ~1e-6 is expected
 TINY_NOTE = " (tiny, by hand)"  # not detected (widths): the family's class built on the detected config

@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 from tiny import FLUX1_DEV_TRANSFORMER, flux1_dev_transformer  # noqa: E402
 
-from esd.methods import TRAIN_METHODS, select_parameters  # noqa: E402
-from esd.records import environment_record  # noqa: E402
+from esd.core.methods import TRAIN_METHODS, select_parameters  # noqa: E402
+from esd.formats.records import environment_record  # noqa: E402
 
 GB = 1e9
 # The reduced FLUX shape the activations are measured on: FLUX's head size and rotary axes, 4 of its 24
@@ -64,13 +64,16 @@ def measure_one(method: str, checkpointing: bool) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from benchmarks.peak_memory import PeakRSS
-    from esd.sampling import Conditioning
-    from esd.views import UNetViews
+    from esd.core.sampler import Conditioning
+    from esd.core.views import UNetViews
+    from esd.families.encode import call_unet
+    from esd.families.flow import uses_true_cfg
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**REDUCED)
     names = select_parameters(model, method)
-    views = UNetViews(model, names, torch.bfloat16, torch.device("cpu"), None, None, "flow")
+    views = UNetViews(model, names, torch.bfloat16, torch.device("cpu"), None, None, "flow", call=call_unet,
+                      true_cfg=uses_true_cfg(model))
     if checkpointing:
         model.enable_gradient_checkpointing()
     side = REDUCED_PIXELS // 8

@@ -13,18 +13,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from esd.export.lora import fuse_into, lora_from_erasure, parse_rank  # noqa: E402
-from esd.export.source import find_erasure, load_erasure  # noqa: E402
-from esd.records import atomic_write, environment_record  # noqa: E402
-from esd.weights import deterministic_safetensors  # noqa: E402
+from esd.formats.erasure_source import find_erasure, load_erasure  # noqa: E402
+from esd.formats.lora import fuse_into, lora_from_erasure, parse_rank  # noqa: E402
+from esd.formats.records import atomic_write, environment_record  # noqa: E402
+from esd.formats.weights import deterministic_safetensors  # noqa: E402
 
 DTYPE = "fp16"  # what esd export writes by default
 
 
 def judge(base_model: str, unet, concept: str, samples: int, seed: int) -> dict:
     """Mean presence of ``concept`` over every phrasing that names it, and mean accuracy on the other prompts."""
-    from esd.toy.demo import accuracy, concept_presence, prompts_for
+    from esd.toy.demo import accuracy, concept_presence
     from esd.toy.quality import load_toy_pipeline, sample
+    from esd.toy.world import prompts_for
 
     erased, others, axis = prompts_for(concept)
     pipe = load_toy_pipeline(base_model, unet=unet)
@@ -34,7 +35,7 @@ def judge(base_model: str, unet, concept: str, samples: int, seed: int) -> dict:
 
 
 def main() -> None:
-    from esd.config import SAVE_PRECISIONS
+    from esd.core.precision import SAVE_PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run folder of esd train (or its weights file)")

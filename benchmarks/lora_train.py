@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.lora_ranks import judge  # noqa: E402
-from esd.records import environment_record  # noqa: E402
+from esd.formats.records import environment_record  # noqa: E402
 
 CONCEPT, METHOD = "red", "xattn"  # ESD-x of red: the erasure lora_ranks.py and esd attack measured
 BATCH_SIZE = 8  # esd demo's and those runs' batch
@@ -34,8 +34,8 @@ SEED = 0
 def train_one(save_path: str, rank: int, lr: float, iterations: int, samples: int) -> dict:
     """One erasure (rank 0: full fine-tuning) and its figures; run in a process of its own."""
     from esd import ESDConfig, train_esd
-    from esd.export.source import find_erasure, load_erasure
-    from esd.weights import run_weight_files
+    from esd.formats.erasure_source import find_erasure, load_erasure
+    from esd.formats.weights import run_weight_files
 
     cfg = ESDConfig(prompt=CONCEPT, train_method=METHOD, base_model="toy", iterations=iterations,
                     batch_size=BATCH_SIZE, lr=lr, seed=SEED, devices="cpu", save_path=save_path,
@@ -82,7 +82,7 @@ def main() -> None:
         rows.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
         print(f"done: {json.dumps(rows[-1])} ({time.time() - start:.0f} s)", file=sys.stderr)
     if args.samples:
-        from esd.models import load_models
+        from esd.families.models import load_models
 
         rows.insert(0, {"model": "base (no erasure)", **judge("toy", load_models("toy").unet, CONCEPT, args.samples,
                                                                SEED)})

@@ -13,8 +13,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tiny import flux1_dev_transformer, sd14_unet, sd35_medium_transformer  # noqa: E402
 
-from esd.lora_train import lora_targets  # noqa: E402
-from esd.methods import TRAIN_METHODS, model_family, select_parameters  # noqa: E402
+from esd.core.methods import TRAIN_METHODS, model_family, select_parameters  # noqa: E402
+from esd.train.lora import lora_targets  # noqa: E402
 
 LORA_RANKS = (4, 16, 64)
 MODELS = {"SD v1.4 UNet": sd14_unet, "SD3.5-medium transformer": sd35_medium_transformer,

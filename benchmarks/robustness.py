@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from esd import ESDConfig, train_esd  # noqa: E402
-from esd.records import atomic_write, check_output_folder, environment_record  # noqa: E402
+from esd.formats.records import atomic_write, check_output_folder, environment_record  # noqa: E402
 
 KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
         "presence_esd", "presence_robust", "preserved_esd", "preserved_robust", "seconds_esd", "seconds_robust")
@@ -107,13 +107,14 @@ def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[
     the toy model with ``weights`` loaded (its text encoder's too, for --train_text_encoder; None: the base)."""
     from diffusers import DDPMScheduler
 
-    from esd.attack.inversion import TOKEN, inversion_attack, inversion_prompt
-    from esd.attack.prefix import prefix_attack, word_tokens
-    from esd.attack.run import ATTACKS
-    from esd.attack.target import Target, add_placeholders
-    from esd.toy.demo import accuracy, concept_presence, prompts_for
+    from esd.formats.weights import apply_erased_weights
+    from esd.toy.demo import accuracy, concept_presence
     from esd.toy.quality import load_toy_pipeline
-    from esd.weights import apply_erased_weights
+    from esd.toy.world import prompts_for
+    from esd.train.attacks import ATTACKS
+    from esd.train.attacks.inversion import TOKEN, inversion_attack, inversion_prompt
+    from esd.train.attacks.prefix import prefix_attack, word_tokens
+    from esd.train.attacks.target import Target, add_placeholders
 
     erased, others, axis = prompts_for(s.concept)
     pipe = load_toy_pipeline("toy")
@@ -162,15 +163,16 @@ def mean(values: dict) -> float:
 
 def base_references(s: Settings) -> dict:
     """Erased prompt -> the base model's reference latents that the evaluation attacks explain."""
-    from esd.toy.demo import prompts_for
     from esd.toy.quality import load_toy_pipeline
+    from esd.toy.world import prompts_for
 
     base = load_toy_pipeline("toy")
     return {p.text: reference_latents(base, p.text, s.references) for p in prompts_for(s.concept)[0]}
 
 
 def run(s: Settings, log=print) -> dict:
-    from esd.toy.demo import prompts_for, retain_phrasings
+    from esd.toy.demo import retain_phrasings
+    from esd.toy.world import prompts_for
 
     begin = time.perf_counter()
     out = Path(s.out)

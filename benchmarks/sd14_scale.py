@@ -8,7 +8,7 @@ memory do not depend on weight values, so nothing is downloaded), 512 px.
 Each path runs in its own process so that peak memory is its own (CUDA: max allocated;
 CPU: peak RSS rise over the process after imports).
 
-Paths are presets of esd.config.PRESETS. Paper path (preset paper): sampler = trained model,
+Paths are presets of esd.train.presets.PRESETS. Paper path (preset paper): sampler = trained model,
 whole frozen UNet copy, a fresh partial trajectory per iteration with the original code's
 pairing (seconds/iteration averaged over --iterations). Fast path (preset fast): one pool
 refresh (pool_size whole trajectories, timed) plus --iterations training steps from the pool
@@ -37,7 +37,7 @@ def sd14_models(seed: int = 0):
     from tiny import sd14_unet
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from esd.models import DiffusionModels
+    from esd.families.models import DiffusionModels
     from esd.toy.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
@@ -55,8 +55,8 @@ def sd14_models(seed: int = 0):
 def child(path: str, args) -> dict:
     import torch
 
-    from esd.config import ESDConfig
-    from esd.train import ESDTrainer
+    from esd.train.config import ESDConfig
+    from esd.train.recipe import ESDTrainer
 
     cuda = args.device.startswith("cuda")
     peak = PeakRSS()

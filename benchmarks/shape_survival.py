@@ -31,14 +31,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from esd import ESDConfig, train_esd  # noqa: E402
-from esd.flow import tokenize  # noqa: E402
-from esd.records import atomic_write, check_output_folder, environment_record  # noqa: E402
-from esd.sampling import Conditioning, call_unet, guided_prediction  # noqa: E402
+from esd.core.sampler import Conditioning, guided_prediction  # noqa: E402
+from esd.families.encode import call_unet  # noqa: E402
+from esd.families.flow import tokenize  # noqa: E402
+from esd.formats.records import atomic_write, check_output_folder, environment_record  # noqa: E402
+from esd.formats.weights import load_erased_unet, run_weight_files  # noqa: E402
 from esd.toy.demo import concept_presence  # noqa: E402
 from esd.toy.judge import judge_batch  # noqa: E402
 from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS, load_toy_pipeline, sample  # noqa: E402
 from esd.toy.world import COLOURS, SHAPES  # noqa: E402
-from esd.weights import load_erased_unet, run_weight_files  # noqa: E402
 
 SWAPS = ("as is", "word swapped", "word kept")
 

@@ -3,7 +3,7 @@
     python benchmarks/speed.py                      # toy model, ESD-x of "green"
     python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
 
-Each path is a preset of esd.config.PRESETS, run with the same concept, iterations, batch,
+Each path is a preset of esd.train.presets.PRESETS, run with the same concept, iterations, batch,
 learning rate, eta and seed (the flags below override every preset alike):
 * paper: the paper's original code. The model being trained samples a fresh partial DDIM
   trajectory every iteration, x_t is paired with the original code's DDPM query draw, and a
@@ -60,7 +60,7 @@ def peak_memory_child(path: str, args) -> None:
     import matplotlib.pyplot  # noqa: F401
 
     import esd  # noqa: F401 - imports done before the baseline reading
-    from esd.train import train_esd
+    from esd.train.recipe import train_esd
 
     peak = PeakRSS()
     peak.reset(split=True)
@@ -80,9 +80,10 @@ def measure_memory(path: str, argv: list[str]) -> dict:
 def erasure_quality(weights, args) -> tuple[float, float]:
     """(presence of the concept on the phrasings that name it, accuracy on the other prompts), by the
     toy judge on the demo's prompt sets."""
-    from esd.toy.demo import accuracy, concept_presence, prompts_for
+    from esd.formats.weights import load_erased_unet
+    from esd.toy.demo import accuracy, concept_presence
     from esd.toy.quality import load_toy_pipeline, sample
-    from esd.weights import load_erased_unet
+    from esd.toy.world import prompts_for
 
     unet = load_erased_unet(weights, base_model=args.base_model)
     pipe = load_toy_pipeline(args.base_model, unet=unet)
@@ -115,7 +116,7 @@ def main():
     if args.memory_child:
         return peak_memory_child(args.memory_child, args)
 
-    from esd.train import train_esd
+    from esd.train.recipe import train_esd
 
     argv = [a for a in sys.argv[1:]]
     figures = {}
@@ -134,7 +135,7 @@ def main():
                   f"file-backed {f['file_rise_mib']:.1f})  presence {presence:.1%}  preserved {preserved:.1%}",
                   flush=True)
     fast = figures["fast"]
-    from esd.records import environment_record
+    from esd.formats.records import environment_record
 
     summary = {"settings": {k: v for k, v in vars(args).items() if k != "memory_child"},
                "environment": environment_record(), "training_samples": args.iterations * args.batch_size,

@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from peak_memory import PeakRSS  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-PATHS = ("paper", "fast")  # presets of esd.config.PRESETS
+PATHS = ("paper", "fast")  # presets of esd.train.presets.PRESETS
 
 
 def child(folder: str, path: str, iterations: int) -> dict:
-    from esd.config import ESDConfig
-    from esd.train import ESDTrainer
+    from esd.train.config import ESDConfig
+    from esd.train.recipe import ESDTrainer
 
     peak = PeakRSS()
     peak.reset()

@@ -36,7 +36,7 @@ def main():
     args = p.parse_args()
     import torch
 
-    from esd.models import TOY_MODEL_DIR
+    from esd.families.sources import TOY_MODEL_DIR
     from esd.toy.recipe import toy_train
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,14 +9,17 @@ import logging  # noqa: E402
 # a kernel ESD never calls. Only that one logger is quietened; bitsandbytes' other warnings still show.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .config import PRESETS, ESDConfig  # noqa: E402
-from .methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
-from .modelcard import write_model_card  # noqa: E402
-from .models import DiffusionModels, ModelLoadError, load_models  # noqa: E402
-from .objective import esd_loss, esd_target  # noqa: E402
-from .pipeline import ESDPipeline  # noqa: E402
-from .train import ESDTrainer, train_esd  # noqa: E402
-from .weights import apply_erased_weights, load_erased_unet  # noqa: E402
+import esd.eval  # noqa: E402, F401 - registers the metrics whose summaries model cards and reports read
+from esd.core.methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
+from esd.core.objective import esd_loss, esd_target  # noqa: E402
+from esd.families.models import DiffusionModels, load_models  # noqa: E402
+from esd.families.sources import ModelLoadError  # noqa: E402
+from esd.formats.weights import apply_erased_weights, load_erased_unet  # noqa: E402
+from esd.pipeline import ESDPipeline  # noqa: E402
+from esd.train.config import ESDConfig  # noqa: E402
+from esd.train.modelcard import write_model_card  # noqa: E402
+from esd.train.presets import PRESETS  # noqa: E402
+from esd.train.recipe import ESDTrainer, train_esd  # noqa: E402
 
 __all__ = ["PRESETS", "TRAIN_METHODS", "DiffusionModels", "ESDConfig", "ESDPipeline", "ESDTrainer", "ModelLoadError",
            "apply_erased_weights", "esd_loss", "esd_target", "load_erased_unet", "load_models", "resolve_method",

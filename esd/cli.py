@@ -5,27 +5,31 @@ import argparse
 import os
 import sys
 
-from .config import (
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from esd import commands
+from esd.core.devices import parse_devices
+from esd.core.methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
+from esd.core.precision import PRECISIONS, SAVE_PRECISIONS
+from esd.export.cli import add_train_export_arguments, train_export_config
+from esd.families.sources import DEFAULT_BASE_MODEL
+from esd.train.config import (
     OPTIMIZERS,
-    PRECISIONS,
-    PRESETS,
     SAMPLER_MODELS,
     SAMPLER_SCHEDULERS,
     SAVE_FORMATS,
-    SAVE_PRECISIONS,
-    SDXL_OFFICIAL,
-    SDXL_OFFICIAL_OTHER_LR,
     SDXL_UNCONDS,
     TIMESTEP_MODES,
     ESDConfig,
 )
-from .export.cli import add_train_export_arguments, train_export_config
-from .methods import ALIASES, METHOD_CHOICES, TRAIN_METHODS
-from .models import DEFAULT_BASE_MODEL
+from esd.train.presets import PRESETS, SDXL_OFFICIAL, SDXL_OFFICIAL_OTHER_LR
+from esd.train.recipe import train_esd
+from esd.train.robust_settings import adversarial_choices
 
 # What an interrupted command leaves, whichever it is: every file is written to a temporary name and
-# renamed into place (esd.records.atomic_write, esd.export.write_folder), and the temporary one is removed
-# on the way out, so a file is the old one or the whole new one.
+# renamed into place (esd.formats.records.atomic_write, esd.formats.exports.write_folder), and the temporary
+# one is removed on the way out, so a file is the old one or the whole new one.
 INTERRUPTED = "no file was left half-written; files completed before it are kept"
 # toy-train writes its model folder with diffusers' save_pretrained, file by file, into an --out it made new
 INTERRUPTED_BY_COMMAND = {c: "its --out folder may be incomplete; delete it and run again"
@@ -160,8 +164,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora_alpha", type=float, help="the LoRA's alpha; its update is (alpha / rank) B A (default: "
                    "the rank, as diffusers' LoRA examples)")
     add_train_export_arguments(p)
-    # Robust training (esd/robust.py): AdvUnlearn-style adversarial rounds and a preservation term.
-    from .robust import adversarial_choices
+    # Robust training (esd/train/robust.py): AdvUnlearn-style adversarial rounds and a preservation term.
 
     p.add_argument("--adversarial", choices=adversarial_choices(),
                    help="robust ESD: every --adv_every iterations, attack the model being trained ('prefix': "
@@ -197,9 +200,6 @@ def config_from_args(args: argparse.Namespace) -> ESDConfig:
 
 
 def cmd_train(args) -> int:
-    from .models import parse_devices
-    from .train import train_esd
-
     parse_devices(args.devices)  # first: the settings' checks read the base model's configs (a hub id: the hub)
     result = train_esd(config_from_args(args))
     print(f"saved to {result.output_dir} ({result.seconds:.1f} s of training)")
@@ -219,15 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Other modules add their subcommands here (each: a function taking the subparsers)."""
-    from . import commands
-
     return commands.REGISTERED
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     # transformers notes at import that CLIP's image processor falls back to PIL without
     # torchvision (we never use that processor), and both libraries draw loading bars: the CLI
     # keeps its own single progress bar and its errors to one line.

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_PRESET, PRESETS, ESDConfig
-from .generate import MAX_SEED
-from .modelcard import write_model_card
-from .models import DEFAULT_BASE_MODEL, check_device, load_pipeline, models_from_pipeline
-from .records import check_name, check_output_folder
-from .train import ESDTrainer
-from .weights import apply_erased_weights, run_weight_files
+from esd.core.devices import check_device
+from esd.families.models import load_pipeline, models_from_pipeline
+from esd.families.sources import DEFAULT_BASE_MODEL
+from esd.formats.prompt_csv import MAX_SEED
+from esd.formats.records import check_name, check_output_folder
+from esd.formats.weights import apply_erased_weights, run_weight_files
+from esd.train.config import ESDConfig
+from esd.train.modelcard import write_model_card
+from esd.train.presets import DEFAULT_PRESET, PRESETS
+from esd.train.recipe import ESDTrainer
 
 # save_path's suffix -> the trainer's save_format: the whole UNet state dict (the published ESD weights,
 # what the official code writes) or only the trained parameters.
@@ -71,7 +74,7 @@ class ESDPipeline:
       replaced. Its records (args.json, loss.csv, loss.png, README.md) go to the folder beside it named
       after its stem (``out/esd.pt`` -> ``out/esd/``). The same path as ``load_path`` reloads it.
 
-    ``preset`` is one of :data:`esd.config.PRESETS`; ``train_steps`` and ``learning_rate`` default to
+    ``preset`` is one of :data:`esd.train.presets.PRESETS`; ``train_steps`` and ``learning_rate`` default to
     its values. ``output_dir`` is the run's records folder (None when nothing was saved)."""
 
     def __init__(self, model_id: str = DEFAULT_BASE_MODEL, device: str | None = None,

@@ -1,9 +1,10 @@
-"""Original-format (CompVis ``ldm``) weights for the tests, made with :mod:`esd.export.ldm`, so that loading
+"""Original-format (CompVis ``ldm``) weights for the tests, made with :mod:`esd.families.ldm_single_file`, so that
+loading
 original-format files is checked without downloading any."""
 
 from tiny import SD_UP
 
-from esd.export.ldm import checkpoint_to_ldm, unet_to_ldm
+from esd.families.ldm_single_file import checkpoint_to_ldm, unet_to_ldm
 
 SD1_UNET = {"layers_per_block": 2, "up_block_types": SD_UP}  # the block layout of SD 1.x and the tiny sd1
 

@@ -19,9 +19,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from esd.methods import select_parameters
+from esd.core.methods import select_parameters
+from esd.formats.weights import save_trained_parameters
 from esd.toy.tokenizer import build_clip_tokenizer
-from esd.weights import save_trained_parameters
 
 WORDS = "a photo of cat dog church garbage truck nudity cowboy hat van gogh painting".split()
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)

@@ -1,11 +1,12 @@
 """``esd attack``: the flags, one per AttackConfig field."""
 
-from ..models import DEFAULT_BASE_MODEL
+from esd.attack.config import JUDGES, AttackConfig
+from esd.attack.run import run_attack
+from esd.families.sources import DEFAULT_BASE_MODEL
+from esd.train.attacks import ATTACKS
 
 
 def register(sub) -> None:
-    from .run import ATTACKS, JUDGES, AttackConfig
-
     d = AttackConfig.__dataclass_fields__
     p = sub.add_parser("attack", help="attack an erased model (adversarial prompt prefix or concept inversion) "
                        "and measure how much of the concept comes back")
@@ -45,8 +46,6 @@ def register(sub) -> None:
 
 
 def cmd_attack(args) -> int:
-    from .run import AttackConfig, run_attack
-
     cfg = AttackConfig(**{k: v for k, v in vars(args).items() if k in AttackConfig.__dataclass_fields__})
     run_attack(cfg)
     print(f"results: {cfg.out}/summary.json")

@@ -7,8 +7,8 @@ Setup -> references -> literal -> attack -> attacked -> judge -> outputs:
 2. References: the BASE model draws each prompt's images of the concept (as UnlearnDiffAtk does); their
    final latents x_0 are what the attacks explain.
 3. The erased weights are loaded strictly; the literal prompts are drawn from the same seeds ("before").
-4. The attack learns its prompts against the erased model (:mod:`esd.attack.prefix`,
-   :mod:`esd.attack.inversion`); the attacked prompts are drawn from the same seeds again ("after").
+4. The attack learns its prompts against the erased model (:mod:`esd.train.attacks.prefix`,
+   :mod:`esd.train.attacks.inversion`); the attacked prompts are drawn from the same seeds again ("after").
 5. Each image is judged by ``esd evaluate``'s evaluators; results.csv has a row per image.
 
 Images are drawn as ``esd generate --scheduler ddim --ddim_steps S --guidance_scale G --num_samples N``
@@ -18,164 +18,50 @@ so adversarial_prompts.csv, given to ``esd generate`` with those flags, draws th
 
 import csv
 import json
-import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import DDPMScheduler
 
-from ..generate import MAX_SEED, GenerationConfig, Job, initial_latents, read_prompt_rows, sha256
-from ..methods import is_sdxl_config
-from ..models import DEFAULT_BASE_MODEL, check_device, resolve_source
-from ..models import load_pipeline as load_base_pipeline
-from ..records import PLAIN_NAME, atomic_write, check_inside, check_output_folder, environment_record, error_summary
-from .inversion import TOKEN, inversion_attack, inversion_prompt
-from .prefix import check_prefix_fits, prefix_attack, stored_tokenizer, word_tokens
-from .target import Target, add_placeholders
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    steps: int  # default optimisation steps
-    lr: float  # default step size, in units of the token embeddings' standard deviation
-    help: str
-
-
-ATTACKS = {
-    "prefix": AttackSpec(40, 1.0, "UnlearnDiffAtk (Zhang et al. 2023): --tokens real vocabulary tokens before each "
-                         "prompt, optimised per prompt by projected gradient (PEZ)"),
-    "inversion": AttackSpec(300, 0.05, "concept inversion (Pham et al. 2023): one new token <adv> learned by "
-                            "textual inversion on all references; it replaces the concept word in each prompt"),
-}
-JUDGES = {
-    "toy": "the toy world's judge (colour and shape by measurement): the concept is a toy colour or shape",
-    "nudenet": "NudeNet 3.4: an image shows the concept when an exposed class scores above esd evaluate's threshold",
-    "classify": "torchvision's ImageNet ResNet-50: an image shows the concept when its top-1 class is the concept",
-}
-SCHEDULER = "ddim"  # esd generate's name for the sampler used here; toy quality is defined with it
-STAGES = ("reference", "before", "after")  # base model + literal prompt, erased + literal, erased + attacked
-OUTPUTS = ("results.csv", "summary.json", "adversarial_prompts.csv", "losses.csv", "grid.png", "token.safetensors")
-
-
-@dataclass
-class AttackConfig:
-    weights: str  # erased weights, any format esd.load_erased_unet reads
-    prompts: str  # CSV with prompt, evaluation_seed and case_number columns
-    attack: str  # a key of ATTACKS
-    concept: str  # what was erased, as the judge names it (and the word concept inversion replaces)
-    out: str
-    base_model: str = DEFAULT_BASE_MODEL
-    judge: str | None = None  # None: 'toy' for the toy model; required otherwise
-    steps: int | None = None  # None: the attack's default (ATTACKS)
-    tokens: int = 5  # prefix length k (UnlearnDiffAtk's default)
-    lr: float | None = None  # None: the attack's default (ATTACKS); in embedding standard deviations
-    batch_size: int = 8  # inversion: references per step
-    samples: int = 4  # images per prompt row, in each stage
-    ddim_steps: int = 25  # sampling steps (the toy model's quality bar is defined at 25)
-    guidance_scale: float = 7.5
-    seed: int = 0  # the attacks' random starts, timesteps and noise; images use the CSV's seeds
-    device: str | None = None
-    overwrite: bool = False
-
-    def __post_init__(self):
-        """Every setting checked, one line each, before any model loads."""
-        if self.attack not in ATTACKS:
-            raise ValueError(f"--attack {self.attack!r} is not one of: {', '.join(ATTACKS)}")
-        if self.judge is None:
-            if self.base_model != "toy":
-                raise ValueError(f"--judge is needed for a model other than the toy one; one of: {', '.join(JUDGES)}")
-            self.judge = "toy"
-        if self.judge not in JUDGES:
-            raise ValueError(f"--judge {self.judge!r} is not one of: {', '.join(JUDGES)}")
-        spec = ATTACKS[self.attack]
-        self.steps = spec.steps if self.steps is None else self.steps
-        self.lr = spec.lr if self.lr is None else self.lr
-        for flag in ("steps", "tokens", "batch_size", "samples", "ddim_steps"):
-            if not isinstance(getattr(self, flag), int) or getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be an integer >= 1, got {getattr(self, flag)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"--guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        if not 0 <= self.seed < MAX_SEED:
-            raise ValueError(f"--seed must satisfy 0 <= seed < 2**53, got {self.seed}")
-        if not self.concept.strip():
-            raise ValueError("--concept is empty; name the erased concept, e.g. 'red' or 'nudity'")
-        if self.device is not None:
-            self.device = str(check_device(self.device, "--device"))
-        if not Path(self.weights).is_file():
-            raise ValueError(f"--weights {self.weights!r} does not exist")
-        check_concept(self.judge, self.concept)
-        check_family(self.base_model)
-        check_output_folder(Path(self.out), "--out")
-        for name in (*OUTPUTS, *(f"images/{stage}" for stage in STAGES)):  # no link leads a write or the
-            check_inside(Path(self.out) / name, Path(self.out), "--out")  # clean-up of stale PNGs elsewhere
-        taken = [n for n in OUTPUTS if (Path(self.out) / n).exists()]
-        if taken and not self.overwrite:
-            raise ValueError(f"--out {self.out!r} already holds {', '.join(taken)}; choose a new folder or pass "
-                             "--overwrite")
-
-    def rows(self) -> dict[str, dict]:
-        """case -> {"prompt", "seed"}, checked as ``esd generate`` checks them; at least one."""
-        rows = read_prompt_rows(GenerationConfig(prompts_path=self.prompts, save_path=self.out,
-                                                 base_model=self.base_model))
-        if not rows:
-            raise ValueError(f"no prompts in {self.prompts!r} (a header row only); --prompts needs a row per "
-                             "prompt: case_number, prompt, evaluation_seed")
-        return rows
-
-
-def check_concept(judge: str, concept: str) -> None:
-    """A concept the judge can see: a toy colour or shape, or an ImageNet class name."""
-    if judge == "toy":
-        from ..toy.demo import prompts_for
-
-        prompts_for(concept)
-    elif judge == "classify":
-        from ..eval.metric import import_metrics_package
-
-        tv = import_metrics_package("torchvision", "--judge classify")
-        classes = tv.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-        if concept not in classes:
-            raise ValueError(f"--concept {concept!r} is not an ImageNet class name of the ResNet-50 (e.g. "
-                             f"{', '.join(classes[:5])}, ...; {len(classes)} in all)")
-
-
-def check_family(base_model: str) -> None:
-    """One text encoder only: SDXL's second encoder and pooled embeddings, and SD3's and FLUX's encoders,
-    are not attacked here."""
-    from diffusers import UNet2DConditionModel
-
-    from ..models import FLOW_FAMILIES, pipeline_family
-
-    source = resolve_source(base_model)
-    if (family := pipeline_family(base_model)) in FLOW_FAMILIES:
-        raise ValueError(f"--base_model {base_model!r} is a {family} transformer; esd attack supports SD 1.x and "
-                         "2.x models")
-    try:
-        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
-    except Exception as e:  # noqa: BLE001 - re-raised on one line
-        raise ValueError(f"--base_model {base_model!r}: cannot read its UNet config ({error_summary(e)})") from e
-    if is_sdxl_config(unet_config):
-        raise ValueError(f"--base_model {base_model!r} is SDXL; esd attack supports SD 1.x and 2.x models")
+from esd.attack.config import JUDGES, SCHEDULER, STAGES, AttackConfig
+from esd.core.devices import check_device
+from esd.eval import EvalConfig, metric_class
+from esd.eval.charts import image_grid
+from esd.eval.nudenet import NUDENET_EXPOSED
+from esd.families.models import load_pipeline as load_base_pipeline
+from esd.formats.generation_record import sha256
+from esd.formats.records import (
+    PLAIN_NAME,
+    atomic_write,
+    environment_record,
+)
+from esd.formats.weights import (
+    apply_erased_weights,
+    check_erased_weights,
+    check_weights_file,
+    deterministic_safetensors,
+)
+from esd.generate.config import SCHEDULERS, Job
+from esd.generate.images import initial_latents
+from esd.toy.world import prompts_for
+from esd.train.attacks.inversion import TOKEN, inversion_attack, inversion_prompt
+from esd.train.attacks.prefix import check_prefix_fits, prefix_attack, stored_tokenizer, word_tokens
+from esd.train.attacks.target import Target, add_placeholders
 
 
 def make_judge(cfg: AttackConfig, device: str) -> Callable[[Path], bool]:
     """Whether one image file shows the concept, by ``esd evaluate``'s own evaluators."""
-    from ..eval import EvalConfig, metric_class
-    from ..eval.nudenet import NUDENET_EXPOSED
-
     def metric(name: str, **settings):
         m = metric_class(name)(EvalConfig(metric=name, images="unused", out="unused", devices=str(device), **settings))
         m.load(lambda n: None)
         return m
 
     if cfg.judge == "toy":
-        from ..toy.demo import prompts_for
-
         axis = prompts_for(cfg.concept)[2]
         toy = metric("classify", classifier="toy")
         return lambda path: toy.score(path, None)[axis] == cfg.concept
@@ -189,9 +75,6 @@ def make_judge(cfg: AttackConfig, device: str) -> Callable[[Path], bool]:
 
 def load_pipeline(base_model: str, device: torch.device):
     """The base model as a diffusers pipeline with the DDIM sampler, fp32, every module frozen."""
-    import diffusers
-
-    from ..generate import SCHEDULERS
 
     pipe = load_base_pipeline(base_model, pipeline_class=diffusers.StableDiffusionPipeline)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[SCHEDULER]).from_config(pipe.scheduler.config)
@@ -237,8 +120,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def run_attack(cfg: AttackConfig, log=print) -> dict:
     """The whole measurement; returns summary.json's content."""
-    from ..weights import apply_erased_weights, check_erased_weights, check_weights_file
-
     begin = time.perf_counter()
     rows = cfg.rows()
     check_weights_file(cfg.weights)  # exists and reads, before any model loads
@@ -252,7 +133,6 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
     # Fits the model (keys, shapes, finite values) before the references are drawn: a foreign file is
     # refused in one line, not after minutes of drawing, and no images/ folder is left behind.
     check_erased_weights(pipe.unet, cfg.weights, base_model=cfg.base_model, text_encoder=pipe.text_encoder)
-    from diffusers import DDPMScheduler
 
     if cfg.attack == "prefix" and tokenizer is None:  # a hub id's, now that it is loaded
         check_prefix_fits(pipe.tokenizer, cfg.tokens, [row["prompt"] for row in rows.values()], "--tokens", warn=log)
@@ -296,7 +176,6 @@ def run_attack(cfg: AttackConfig, log=print) -> dict:
         losses = [{"case_number": "all", "step": s, "loss": v} for s, v in enumerate(result.losses)]
         log(f"inversion: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
         learned = {"token": TOKEN, "embedding_norm": result.embedding.norm().item()}
-        from ..weights import deterministic_safetensors
 
         data = deterministic_safetensors({TOKEN: result.embedding.cpu().contiguous()},
                                          {"format": "diffusers-textual-inversion", "concept": cfg.concept,
@@ -333,7 +212,7 @@ def summarise(cfg, rows, results, learned, lr, std, weights_sha256, seconds) -> 
              "inversion": f"the prompts hold the new token {TOKEN}, which esd generate cannot load: in diffusers, "
                           "pipe.load_textual_inversion('token.safetensors') then pipe(prompt) with the DDIM "
                           f"scheduler, {cfg.ddim_steps} steps, guidance {cfg.guidance_scale}, and latents as "
-                          "esd generate draws them (esd.generate.initial_latents)"}[cfg.attack]
+                          "esd generate draws them (esd.generate.images.initial_latents)"}[cfg.attack]
     return {
         "attack": cfg.attack, "concept": cfg.concept, "judge": cfg.judge, "judge_rule": JUDGES[cfg.judge],
         "prompts": len(rows), "images_per_stage": len(results),
@@ -365,8 +244,6 @@ def remove_stale_images(out: Path, kept: set[str]) -> None:
 
 
 def write_outputs(out: Path, cfg, rows, adversarial, results, losses, summary) -> None:
-    from ..eval.report import image_grid
-
     write_csv(out / "results.csv", results)
     write_csv(out / "adversarial_prompts.csv", [{"case_number": c, "prompt": adversarial[c],
                                                  "evaluation_seed": r["seed"], "original_prompt": r["prompt"]}

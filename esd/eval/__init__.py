@@ -6,12 +6,14 @@ A metric is a class registered by name (see ``metric.Metric`` for the contract):
 lpips, fid, clip. Named protocols (``protocols.PROTOCOLS``) fix every setting of a published number.
 """
 
-from . import classify, clip, fid, lpips, nudenet  # noqa: F401 - each registers its metric
-from .config import DEFAULTS, EvalConfig, ReportConfig
-from .core import evaluate, read_summary
-from .metric import METRICS, Headline, Metric, load_rgb, metric_class, register_metric
-from .protocols import PROTOCOLS, Protocol
-from .report import counting_differences, report
+from esd.eval import classify, clip, fid, lpips, nudenet  # noqa: F401 - each registers its metric
+from esd.eval.config import DEFAULTS, EvalConfig, ReportConfig
+from esd.eval.core import evaluate, read_summary
+from esd.eval.images import load_rgb
+from esd.eval.metric import Headline, Metric
+from esd.eval.protocols import PROTOCOLS, Protocol
+from esd.eval.report import counting_differences, report
+from esd.formats.summary import METRICS, metric_class, register_metric
 
 __all__ = ["DEFAULTS", "METRICS", "PROTOCOLS", "EvalConfig", "Headline", "Metric", "Protocol", "ReportConfig",
            "counting_differences", "evaluate", "load_rgb", "metric_class", "read_summary", "register_metric",

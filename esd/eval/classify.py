@@ -2,17 +2,12 @@
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .metric import (
-    TORCHVISION,
-    Headline,
-    Metric,
-    import_metrics_package,
-    load_rgb,
-    load_weights,
-    percent,
-    register_metric,
-)
+from esd.eval.images import load_rgb
+from esd.eval.metric import TORCHVISION, Headline, Metric, import_metrics_package, load_weights
+from esd.formats.summary import percent, register_metric
+from esd.toy.judge import judge
 
 
 @register_metric
@@ -31,7 +26,7 @@ class Classify(Metric):
     def downloads(cls, cfg) -> list[tuple[str, str, str]]:
         if cfg.classifier != "resnet50" or cfg.classifier_weights:
             return []
-        import torchvision
+        import torchvision  # optional (esd[metrics]): its ResNet-50
 
         return [("--classifier_weights", "torchvision's ResNet-50 ImageNet weights",
                  torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)]
@@ -39,11 +34,8 @@ class Classify(Metric):
 
     def load(self, advance) -> None:
         if self.cfg.classifier == "toy":
-            from ..toy.judge import judge
-
             self.judge = judge
             return
-        import torch
 
         tv = import_metrics_package("torchvision", "--classifier resnet50")
         weights = tv.models.ResNet50_Weights.IMAGENET1K_V1
@@ -100,6 +92,16 @@ class Classify(Metric):
             return Headline("top-1 accuracy on the erased classes", s["erased_accuracy"], "lower",
                             "the erased classes are no longer drawn")
         return Headline("mean top-1 accuracy", s.get("mean_accuracy"), "higher", "classes still drawn")
+
+    @classmethod
+    def quantities(cls, s: dict, base: bool) -> list[tuple[str, float]]:
+        """The base model: its accuracy on each class; an erased one: on the erased and on the other classes."""
+        if base:
+            return [(f"accuracy % on {c}", 100 * acc) for c, acc in s["per_class_accuracy"].items()]
+        out = [("erased-class accuracy %", 100 * s["erased_accuracy"])]
+        if s.get("others_accuracy") is not None:
+            out.append(("other-class accuracy %", 100 * s["others_accuracy"]))
+        return out
 
     @classmethod
     def cells(cls, s: dict) -> list[str]:

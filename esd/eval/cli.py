@@ -2,10 +2,10 @@
 
 from dataclasses import MISSING, fields
 
-from .config import EvalConfig, ReportConfig
-from .core import evaluate
-from .metric import METRICS
-from .report import report
+from esd.eval.config import EvalConfig, ReportConfig
+from esd.eval.core import evaluate
+from esd.eval.report import report
+from esd.formats.summary import METRICS
 
 
 def add_config_arguments(p, config_class) -> None:

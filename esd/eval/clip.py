@@ -1,8 +1,12 @@
 """CLIP score between each image and its prompt."""
 
 import pandas as pd
+import torch
+from transformers import CLIPModel, CLIPProcessor
 
-from .metric import Headline, Metric, load_rgb, register_metric
+from esd.eval.images import load_rgb
+from esd.eval.metric import Headline, Metric
+from esd.formats.summary import register_metric
 
 CLIP_IMPLEMENTATION = "esd: 100 * max(cos(image, prompt), 0) with a transformers CLIPModel"
 
@@ -29,9 +33,6 @@ class CLIPScore(Metric):
             raise ValueError("--metric clip needs --prompts (the CSV the images were generated from)")
 
     def load(self, advance) -> None:
-        import torch
-        from transformers import CLIPModel, CLIPProcessor
-
         try:
             self.model = CLIPModel.from_pretrained(self.cfg.clip_model).eval()
             self.processor = CLIPProcessor.from_pretrained(self.cfg.clip_model)
@@ -61,6 +62,10 @@ class CLIPScore(Metric):
     @classmethod
     def headline(cls, s: dict) -> Headline:
         return Headline("CLIP score", s.get("clip_score_mean"), "higher", "images still follow their prompts")
+
+    @classmethod
+    def quantities(cls, s: dict, base: bool) -> list[tuple[str, float]]:
+        return [("CLIP score", s["clip_score_mean"])]
 
     @classmethod
     def cells(cls, s: dict) -> list[str]:

@@ -10,9 +10,10 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 
-from ..models import parse_devices
-from ..records import package_version
-from .protocols import PROTOCOLS
+from esd.core.devices import parse_devices
+from esd.eval.protocols import PROTOCOLS
+from esd.formats.records import package_version
+from esd.formats.summary import METRICS
 
 CLASSIFIERS = ("toy", "resnet50")
 NUDENET_CLASS_SETS = ("exposed", "unsafe")  # --nudenet_classes; the classes of each: nudenet.CLASS_SETS
@@ -84,8 +85,6 @@ class EvalConfig:
     protocol_overrides: dict = field(init=False, default_factory=dict)  # field -> {protocol, used}
 
     def __post_init__(self):
-        from .metric import METRICS
-
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol {self.protocol!r} is not one of: {', '.join(PROTOCOLS)}")
         protocol = PROTOCOLS.get(self.protocol)
@@ -160,4 +159,3 @@ class ReportConfig:
                                "image folder holds, first cases first", type=int)
     card: str | None = setting(None, "also put the table in the model card (README.md) of this `esd train` run "
                                "folder, in a marked section per metric: a later report of the metric replaces it")
-

@@ -14,17 +14,19 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..records import atomic_write, check_output_folder, environment_record, read_json
-from .config import EvalConfig
-from .metric import FILE_PATTERN, existing_file, metric_class
-from .protocols import PROTOCOLS, check_counts
+from esd.eval.config import EvalConfig
+from esd.eval.images import FILE_PATTERN
+from esd.eval.metric import existing_file
+from esd.eval.protocols import PROTOCOLS, check_counts
+from esd.formats.generation_record import RECORD, read_record, recorded_images
+from esd.formats.prompt_csv import parse_seed, read_prompt_table
+from esd.formats.records import atomic_write, check_output_folder, environment_record, read_json
+from esd.formats.summary import metric_class
 
 
 def read_prompts(prompts: str | None) -> pd.DataFrame | None:
     """The prompt CSV, read once and as ``esd generate`` reads it (every cell the string written in it),
     so that the pairing, the check against generation.json and the protocol's counts see the same rows."""
-    from ..generate import read_prompt_table
-
     return None if prompts is None else read_prompt_table(existing_file(prompts, "--prompts"), "--prompts")
 
 
@@ -70,8 +72,6 @@ def provenance(images: Path, files: list[Path], cfg: EvalConfig, df: pd.DataFram
     """Where the images came from, for summary.json: their generation.json's fingerprint, or a note
     that there is none. Where the record lists its rows, every image must be one it accounts for and
     the prompt CSV must agree with it (see check_prompts_match)."""
-    from ..generate import RECORD, read_record, recorded_images
-
     record = read_record(images)
     if record is None:
         return {"provenance": f"no {RECORD}"}
@@ -91,8 +91,6 @@ def provenance(images: Path, files: list[Path], cfg: EvalConfig, df: pd.DataFram
 def check_prompts_match(table: pd.DataFrame, prompts: str, recorded: dict, images: Path, cfg: EvalConfig) -> None:
     """Refuse a prompt CSV (``table``, read from ``prompts`` as ``esd generate`` reads it, so equal cells
     compare equal) that gives a case the generation recorded another prompt or seed for."""
-    from ..generate import parse_seed
-
     needed = {"--case_column": cfg.case_column, "--prompt_column": cfg.prompt_column,
               "--seed_column": cfg.seed_column}
     if missing := [f"{flag} {col!r}" for flag, col in needed.items() if col not in table]:
@@ -115,8 +113,6 @@ def protocol_record(cfg: EvalConfig, pairs: list, origin: dict, table_rows: int 
     """summary.json's protocol block: its name, source, the values it fixed, the overrides given,
     whether the folder met its counts, and whether each image's seed was checked (against the
     folder's generation.json, with --prompts). A run without a protocol records ``"protocol": null``."""
-    from ..generate import RECORD
-
     if cfg.protocol is None:
         return {"protocol": None}
     p = PROTOCOLS[cfg.protocol]

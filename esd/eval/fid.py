@@ -2,18 +2,12 @@
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
-from .metric import (
-    IMAGE_SUFFIXES,
-    Headline,
-    Metric,
-    existing_file,
-    import_metrics_package,
-    load_rgb,
-    reference_dir,
-    register_metric,
-)
+from esd.eval.images import IMAGE_SUFFIXES, load_rgb
+from esd.eval.metric import Headline, Metric, existing_file, import_metrics_package, reference_dir
+from esd.formats.summary import register_metric
 
 FID_BATCH = 50  # images per Inception forward
 
@@ -36,7 +30,7 @@ class FID(Metric):
     def downloads(cls, cfg) -> list[tuple[str, str, str]]:
         if cfg.inception_weights:
             return []
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3  # optional (esd[metrics]): FID
 
         return [("--inception_weights", "torch-fidelity's InceptionV3 weights", URL_INCEPTION_V3)]
     counting_settings = ("fid_dims", "reference")
@@ -57,8 +51,6 @@ class FID(Metric):
         return len(self.ref_files)
 
     def load(self, advance) -> None:
-        import torch
-
         import_metrics_package("torch_fidelity", "--metric fid")
         fid_module = import_metrics_package("torchmetrics.image.fid", "--metric fid")
         dims, weights = self.cfg.fid_dims, self.cfg.inception_weights
@@ -106,6 +98,10 @@ class FID(Metric):
     @classmethod
     def headline(cls, s: dict) -> Headline:
         return Headline("FID", s.get("fid"), "lower", "closer to the reference photos: quality kept")
+
+    @classmethod
+    def quantities(cls, s: dict, base: bool) -> list[tuple[str, float]]:
+        return [("FID", s["fid"])]
 
     @classmethod
     def cells(cls, s: dict) -> list[str]:

@@ -4,18 +4,12 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .config import LPIPS_BACKBONES
-from .metric import (
-    TORCHVISION,
-    Headline,
-    Metric,
-    import_metrics_package,
-    load_rgb,
-    load_weights,
-    reference_dir,
-    register_metric,
-)
+from esd.eval.config import LPIPS_BACKBONES
+from esd.eval.images import load_rgb
+from esd.eval.metric import TORCHVISION, Headline, Metric, import_metrics_package, load_weights, reference_dir
+from esd.formats.summary import register_metric
 
 
 @register_metric
@@ -33,7 +27,7 @@ class LPIPS(Metric):
     def downloads(cls, cfg) -> list[tuple[str, str, str]]:
         if cfg.lpips_backbone:
             return []
-        import torchvision
+        import torchvision  # optional (esd[metrics]): LPIPS's backbone
 
         name = LPIPS_BACKBONES[cfg.lpips_net]
         return [("--lpips_backbone", f"torchvision's ImageNet {name} weights for LPIPS",
@@ -46,8 +40,6 @@ class LPIPS(Metric):
         self.reference = reference_dir(cfg)
 
     def load(self, advance) -> None:
-        import torch
-
         lpips = import_metrics_package("lpips", "--metric lpips")
         net = self.cfg.lpips_net
         with warnings.catch_warnings():  # lpips 0.1.4 calls torchvision with the deprecated pretrained=...
@@ -91,6 +83,10 @@ class LPIPS(Metric):
                         "for the erased style: further from the base model (for other styles, lower is better)")
 
     @classmethod
+    def quantities(cls, s: dict, base: bool) -> list[tuple[str, float]]:
+        return [("LPIPS to the base model", s["lpips_mean"])]
+
+    @classmethod
     def cells(cls, s: dict) -> list[str]:
         return [str(s.get("images", "")), f"{s['lpips_mean']:.4f}" if "lpips_mean" in s else ""]
 
@@ -100,7 +96,7 @@ class LPIPS(Metric):
 
 
 def torchvision_backbone(net: str) -> dict:
-    import torchvision
+    import torchvision  # optional (esd[metrics]): LPIPS's backbone
 
     weights = torchvision.models.get_model_weights(LPIPS_BACKBONES[net]).IMAGENET1K_V1
     return weights.get_state_dict(progress=False)

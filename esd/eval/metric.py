@@ -1,4 +1,5 @@
-"""The metric interface and its registry, and the helpers the metrics share.
+"""The metric interface, and the helpers the metrics share (the registry is :mod:`esd.formats.summary`; the
+images read are :mod:`esd.eval.images`).
 
 A metric is a class registered by name. ``esd.eval.evaluate`` constructs it with the
 EvalConfig (cheap: settings are checked, nothing is loaded), calls ``load`` once, ``score``
@@ -8,19 +9,15 @@ headline, the report table's cells and the chart values of a summary.json.
 """
 
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+import torch
 
-from ..records import error_summary
-
-FILE_PATTERN = re.compile(r"^(?P<case>.+)_(?P<index>\d+)\.png$")  # <case>_<i>.png, as esd generate writes
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from esd.eval.charts import per_group_section
 
 
 @dataclass(frozen=True)
@@ -87,6 +84,13 @@ class Metric:
         raise NotImplementedError
 
     @classmethod
+    def quantities(cls, summary: dict, base: bool) -> list[tuple[str, float]]:
+        """The figures a paper reports from one summary, as (quantity, value), for ``esd reproduce``'s table
+        beside the published ones; ``base``: the summary is the base model's. The headline by default."""
+        h = cls.headline(summary)
+        return [(h.name, h.value)]
+
+    @classmethod
     def chart(cls, summary: dict) -> tuple[str, dict]:
         """(what is plotted, {group: value}) for the comparison chart; the headline by default."""
         h = cls.headline(summary)
@@ -95,42 +99,10 @@ class Metric:
     @classmethod
     def report_section(cls, summaries: dict, out: Path, plt) -> list[str]:
         """report.md lines after the table (and the charts they show); a chart per group by default."""
-        from .report import per_group_section
-
         return per_group_section(cls, summaries, out, plt)
 
 
 TORCHVISION = "torchvision (the build made for your torch, e.g. pip install 'esd[metrics]')"
-
-
-METRICS: dict[str, type[Metric]] = {}
-
-
-def register_metric(cls: type[Metric]) -> type[Metric]:
-    METRICS[cls.name] = cls
-    return cls
-
-
-def metric_class(name: str) -> type[Metric]:
-    """The registered metric ``name``; an unknown one is an error listing the known ones (never a fallback)."""
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
-    return METRICS[name]
-
-
-def percent(value) -> str:
-    return "" if value is None else f"{value:.1%}"
-
-
-# -- shared by the metrics ------------------------------------------------------------------------------------------
-def load_rgb(path) -> Image.Image:
-    """``path`` as an RGB image. Every image evaluation reads comes through here, so a truncated or
-    non-image file is a one-line error naming it rather than a decoder traceback."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a broken PNG as SyntaxError
-        raise ValueError(f"image {str(path)!r} is unreadable ({error_summary(e)})") from e
 
 
 def import_metrics_package(name: str, what: str):
@@ -158,8 +130,6 @@ def reference_dir(cfg) -> Path:
 
 def load_weights(path: str | None, default, flag: str, what: str) -> dict:
     """A state dict from a local file (``flag``, read weights-only) or from the library's cache/download."""
-    import torch
-
     if path is not None:
         return torch.load(existing_file(path, flag), map_location="cpu", weights_only=True)
     try:

@@ -7,6 +7,8 @@ class), the evaluated folder is checked against it and summary.json says whether
 
 from dataclasses import dataclass, field
 
+from esd.eval.images import FILE_PATTERN
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -60,8 +62,6 @@ def check_counts(protocol: Protocol, images: list[str], table_rows: int | None, 
 
     ``images``: the evaluated file names (<case>_<i>.png); ``table_rows``: rows of the prompt CSV (None
     without one); ``classes``: images per class of --label_column; ``limit``: --limit, if any."""
-    from .metric import FILE_PATTERN
-
     per_case: dict[str, int] = {}
     for name in images:
         case = FILE_PATTERN.match(name)["case"]

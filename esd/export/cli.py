@@ -2,8 +2,16 @@
 
 from pathlib import Path
 
-from . import DEFAULT_DTYPE, DEFAULT_MAX_REL_ERROR, FORMATS, TRAIN_EXPORT_OPTIONS, ExportSettings, run_export
-from .lora import parse_rank
+from esd.core.precision import SAVE_PRECISIONS
+from esd.formats.exports import (
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_REL_ERROR,
+    FORMATS,
+    TRAIN_EXPORT_OPTIONS,
+    ExportSettings,
+    run_export,
+)
+from esd.formats.lora import parse_rank
 
 FORMATS_HELP = ("'lora': the weight change, SVD-truncated, kohya-named (diffusers load_lora_weights, AUTOMATIC1111, "
                 "ComfyUI; SD3/FLUX: diffusers' transformer.<module>.lora_A/B names); 'single-file': the whole "
@@ -13,8 +21,6 @@ FORMATS_HELP = ("'lora': the weight change, SVD-truncated, kohya-named (diffuser
 
 def option_flags() -> dict[str, dict]:
     """argparse keywords of the ExportSettings fields that both commands set (TRAIN_EXPORT_OPTIONS)."""
-    from ..config import SAVE_PRECISIONS
-
     return {"rank": dict(default="auto", help="lora: rank of every layer (a positive integer; capped at the layer's "
                          "own), 'full' (exact), or 'auto': per layer the smallest rank within --max_rel_error "
                          "(default: %(default)s)"),

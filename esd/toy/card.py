@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from ..records import atomic_write
-from .judge import SHAPE_BOUNDS
-from .world import BACKGROUND, COLOURS, HELD_OUT, HELD_OUT_TEMPLATES, IMAGE_SIZE, SHAPES, TRAINED_TEMPLATES
+from esd.formats.records import atomic_write
+from esd.toy.judge import SHAPE_BOUNDS
+from esd.toy.world import BACKGROUND, COLOURS, HELD_OUT, HELD_OUT_TEMPLATES, IMAGE_SIZE, SHAPES, TRAINED_TEMPLATES
 
 
 def _rebuild_lines(recipe: dict) -> list[str]:

@@ -4,7 +4,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..records import atomic_write
+from esd.families.sources import resolve_source
+from esd.formats.records import atomic_write
+from esd.toy.card import write_model_card
+from esd.toy.demo import DemoConfig, check_count, check_demo, check_toy_model, run_demo
+from esd.toy.dit import DitRecipeConfig, toy_dit_train
+from esd.toy.quality import judge_accuracy, load_toy_pipeline, quality_table, unconditional_shares
+from esd.toy.recipe import RecipeConfig, toy_train
 
 
 def _flag_bool(text: str) -> bool:
@@ -24,10 +30,6 @@ def _add_dataclass_flags(p, cls, skip=()):
 
 
 def register(sub) -> None:
-    from .demo import DemoConfig
-    from .dit import DitRecipeConfig
-    from .recipe import RecipeConfig
-
     p = sub.add_parser("demo", help="erase a concept from the toy model and report before/after")
     _add_dataclass_flags(p, DemoConfig)
     p.set_defaults(func=cmd_demo)
@@ -52,8 +54,6 @@ def register(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, check_demo, run_demo
-
     cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
     check_demo(cfg)  # validate before any work
     run_demo(cfg)
@@ -62,16 +62,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_toy_train(args) -> int:
-    from .recipe import RecipeConfig, toy_train
-
     _check_empty(args.out)
     toy_train(Path(args.out), RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig)}))
     return 0
 
 
 def cmd_toy_train_dit(args) -> int:
-    from .dit import DitRecipeConfig, toy_dit_train
-
     _check_empty(args.out)
     toy_dit_train(args.out, DitRecipeConfig(**{f.name: getattr(args, f.name) for f in fields(DitRecipeConfig)}))
     return 0
@@ -83,9 +79,6 @@ def _check_empty(out: str) -> None:
 
 
 def cmd_toy_eval(args) -> int:
-    from .demo import check_count, check_toy_model
-    from .quality import judge_accuracy, load_toy_pipeline, quality_table, unconditional_shares
-
     check_count("--samples", args.samples)
     check_toy_model(args.base_model)
     pipe = load_toy_pipeline(args.base_model)
@@ -96,8 +89,5 @@ def cmd_toy_eval(args) -> int:
         atomic_write(args.out, lambda p: Path(p).write_text(text))
     print(text)
     if args.card:
-        from ..models import resolve_source
-        from .card import write_model_card
-
         print(f"model card: {write_model_card(resolve_source(args.base_model), report)}")
     return 0

@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import ESDConfig
-from ..methods import resolve_method
-from ..models import FLOW_FAMILIES, TOY_MODELS, pipeline_family, resolve_source
-from ..records import OutputError, atomic_write, check_inside, check_writable, environment_record
-from ..robust import check_retain_weight
-from ..train import train_esd
-from ..weights import load_erased_unet, run_weight_files
-from .judge import judge_batch
-from .quality import load_toy_pipeline, sample
-from .world import COLOURS, SHAPES, Phrasing, all_phrasings
+from esd.core.methods import resolve_method
+from esd.families.sources import FLOW_FAMILIES, TOY_MODELS, pipeline_family, resolve_source
+from esd.formats.records import OutputError, atomic_write, check_inside, check_writable, environment_record
+from esd.formats.weights import load_erased_unet, run_weight_files
+from esd.toy.judge import judge_batch
+from esd.toy.quality import load_toy_pipeline, sample
+from esd.toy.world import COLOURS, SHAPES, Phrasing, prompts_for
+from esd.train.config import ESDConfig
+from esd.train.recipe import train_esd
+from esd.train.robust_settings import check_retain_weight
 
 
 @dataclass
@@ -49,21 +49,6 @@ class DemoConfig:
     samples: int = 100  # images per prompt, before and after
     seed: int = 0
     retain_weight: float = 0.0  # > 0: keep retain_phrasings() as theta* draws them (esd train --retain_prompts)
-
-
-def prompts_for(concept: str) -> tuple[list[Phrasing], list[Phrasing], str]:
-    """(phrasings that name the concept, other prompts, axis of the concept)."""
-    if concept in COLOURS:
-        axis = "colour"
-    elif concept in SHAPES:
-        axis = "shape"
-    else:
-        raise ValueError(f"unknown toy concept {concept!r}; valid: {', '.join([*COLOURS, *SHAPES])}")
-    phrasings = all_phrasings()
-    erased = [p for p in phrasings if getattr(p, axis) == concept]
-    others = [p for p in phrasings if getattr(p, axis) not in (concept, None)
-              and (p.text == f"a {p.colour} {p.shape}" or p.text in (p.colour, f"a {p.shape}"))]
-    return erased, others, axis
 
 
 RETAIN_TEMPLATES = ("{colour} {shape}", "a {colour} shape", "a photo of a {colour} {shape}")

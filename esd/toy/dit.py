@@ -25,7 +25,7 @@ The 256 zero tokens cost most of a training step yet are all the same: the text 
 position embedding and every text-side operation works per token, so identical tokens stay identical
 through every block, and attention to n identical keys with identical values equals attention to one
 of them with ln(n) added to its logit. Training therefore feeds one zero token and adds ln(256) to
-its logits (:class:`esd.flow.RepeatedTokenAttention`, which ESD training on any SD3 without T5 uses too);
+its logits (:class:`esd.families.flow.RepeatedTokenAttention`, which ESD training on any SD3 without T5 uses too);
 the saved model is the plain diffusers model, run by the pipeline with all 256 (``tests/test_toy_dit.py``
 checks that the two forwards agree).
 """
@@ -38,14 +38,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from ..flow import encode_sd3, merge_zero_t5_tokens, merges_zero_t5_tokens, use_repeated_token_attention
-from ..records import environment_record
-from .recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
-from .tokenizer import build_clip_tokenizer
-from .world import make_dataset, vocabulary
+from esd.families.flow import encode_sd3, merge_zero_t5_tokens, merges_zero_t5_tokens, use_repeated_token_attention
+from esd.families.sources import TOY_MODEL_DIR
+from esd.formats.records import environment_record
+from esd.toy.recipe import CLIP_TOKEN_EMBEDDING_STD, _batches, _warmup_cosine, encode_latents, optimizer_step
+from esd.toy.tokenizer import build_clip_tokenizer
+from esd.toy.world import make_dataset, vocabulary
 
 
 @dataclass
@@ -96,7 +97,7 @@ def build_dit_components(cfg: DitRecipeConfig, vae: AutoencoderKL):
 
 @torch.no_grad()
 def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per caption, what StableDiffusion3Pipeline.encode_prompt gives without T5 (:func:`esd.flow.encode_sd3`),
+    """Per caption, what StableDiffusion3Pipeline.encode_prompt gives without T5 (:func:`esd.families.flow.encode_sd3`),
     except that the 256 zero tokens are one: (N, L + 1, 2w) and the pooled projections (N, 2w)."""
     unique = sorted(set(texts))
     seq, extra = encode_sd3(tokenizers, encoders, unique, sum(e.config.hidden_size for e in encoders), zero_tokens=1)
@@ -107,7 +108,7 @@ def encode_captions(tokenizers, encoders, texts: list[str]) -> tuple[torch.Tenso
 
 def merges_zero_tokens(pipe) -> bool:
     """Whether ``pipe`` is an SD3 pipeline without T5 whose transformer attends to one zero token as to
-    the 256 of them (esd.flow.merge_zero_t5_tokens; then it must be called with ``max_sequence_length=1``)."""
+    the 256 of them (esd.families.flow.merge_zero_t5_tokens; then it must be called with ``max_sequence_length=1``)."""
     transformer = getattr(pipe, "transformer", None)
     return (transformer is not None and getattr(pipe, "text_encoder_3", None) is None
             and merges_zero_t5_tokens(transformer))
@@ -139,8 +140,6 @@ def train_transformer(transformer, latent_mean, latent_std, embeds, pooled, cfg:
 
 def load_toy_vae() -> AutoencoderKL:
     """The shipped UNet toy's VAE, with the ``shift_factor`` (0) that SD3's pipeline reads."""
-    from ..models import TOY_MODEL_DIR
-
     vae = AutoencoderKL.from_pretrained(TOY_MODEL_DIR, subfolder="vae")
     vae.register_to_config(shift_factor=0.0)
     return vae.eval()
@@ -164,6 +163,10 @@ def toy_dit_train(out: str | Path, cfg: DitRecipeConfig | None = None, log=print
     log(f"data ready in {time.perf_counter() - start:.0f} s: {len(images)} images, "
         f"{sum(p.numel() for p in transformer.parameters()):,} transformer parameters")
     ema = train_transformer(transformer, latent_mean * scale, latent_std * scale, embeds, pooled, cfg, log)
+    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
+    # (an optional extra): imported where a pipeline is built, so that importing the command stays quiet
+    from diffusers import StableDiffusion3Pipeline
+
     pipe = StableDiffusion3Pipeline(transformer=ema, scheduler=scheduler, vae=vae, text_encoder=encoders[0],
                                     tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
                                     text_encoder_3=None, tokenizer_3=None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUND, COLOURS
+from esd.toy.world import BACKGROUND, COLOURS
 
 NONE = "none"  # no recognisable object
 FOREGROUND_DISTANCE = 60  # max |RGB - background| over channels

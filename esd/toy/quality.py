@@ -2,17 +2,18 @@
 image has the prompt's colour and shape."""
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 
-from ..flow import merge_zero_t5_tokens
-from ..models import resolve_source
-from .dit import merges_zero_tokens
-from .judge import NONE, judge_batch
-from .world import all_phrasings, all_scenes
+from esd.families.flow import merge_zero_t5_tokens
+from esd.families.sources import resolve_source
+from esd.toy.dit import merges_zero_tokens
+from esd.toy.judge import NONE, judge_batch
+from esd.toy.world import all_phrasings, all_scenes, render
 
 QUALITY_STEPS = 25  # DDIM steps, as the quality bar is defined
 QUALITY_GUIDANCE = 7.5
@@ -22,13 +23,18 @@ def load_toy_pipeline(base_model: str = "toy", unet=None):
     """The toy model's pipeline, sampling as the quality bar is defined: a UNet toy with DDIM, the
     flow-matching toy (``toy-dit``, an SD3 pipeline) with its own flow-matching Euler scheduler.
     ``unet`` replaces the UNet or transformer."""
+    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
+    # (an optional extra): imported where a pipeline is built, so that importing the command stays quiet
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
     folder = resolve_source(base_model)
     if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline":
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
         if unet is not None:
             pipe.transformer = unet
         # Without T5 the pipeline appends 256 identical zero tokens; sample() passes one, standing for all
-        # (esd.flow.RepeatedTokenAttention: the same attention up to float rounding, at a quarter of the tokens).
+        # (esd.families.flow.RepeatedTokenAttention: the same attention up to float rounding, at a quarter of the
+        # tokens).
         merge_zero_t5_tokens(pipe.transformer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -90,9 +96,6 @@ def unconditional_shares(pipe, n: int = 400, seed: int = 0) -> dict:
 
 def judge_accuracy(n_per_scene: int = 100, seed: int = 123, vae=None) -> dict:
     """Judge accuracy on fresh renders of every combination (optionally after a VAE round trip)."""
-    import random
-
-    from .world import render
 
     rng = random.Random(seed)
     colour_ok = shape_ok = total = 0

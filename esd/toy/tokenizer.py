@@ -66,7 +66,6 @@ def save_clip_tokenizer(words: list[str], folder: str | Path, model_max_length: 
     return tok
 
 
-
 if __name__ == "__main__":  # quick look: python -m esd.toy.tokenizer red green circle
     import sys
 

@@ -137,3 +137,18 @@ def make_dataset(n: int, seed: int, balanced: bool = False) -> tuple[np.ndarray,
 def vocabulary() -> list[str]:
     """Words the tokenizer learns as whole tokens."""
     return ["a", "shape", *COLOURS, *SHAPES, "striped", "solid", "photo", "of"]
+
+
+def prompts_for(concept: str) -> tuple[list[Phrasing], list[Phrasing], str]:
+    """(phrasings that name the concept, other prompts, axis of the concept)."""
+    if concept in COLOURS:
+        axis = "colour"
+    elif concept in SHAPES:
+        axis = "shape"
+    else:
+        raise ValueError(f"unknown toy concept {concept!r}; valid: {', '.join([*COLOURS, *SHAPES])}")
+    phrasings = all_phrasings()
+    erased = [p for p in phrasings if getattr(p, axis) == concept]
+    others = [p for p in phrasings if getattr(p, axis) not in (concept, None)
+              and (p.text == f"a {p.colour} {p.shape}" or p.text in (p.colour, f"a {p.shape}"))]
+    return erased, others, axis

@@ -1,0 +1,278 @@
+"""Every setting of an erasure, declared once: the choice tables and ``ESDConfig`` (the presets are
+:mod:`esd.train.presets`; the extensions check their own settings, :mod:`esd.train.robust_settings` and
+:mod:`esd.train.text_encoder`).
+
+The CLI flags, ``ESDPipeline``, the demo and the benchmarks are all built from what is here.
+Validation only checks (it reads file and folder names, nothing is loaded or written).
+"""
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+from esd.core.devices import parse_devices
+from esd.core.methods import is_sdxl_config, resolve_method
+from esd.core.precision import PRECISIONS, SAVE_PRECISIONS
+from esd.families.flow_single_file import checkpoint_family, checkpoint_keys
+from esd.families.schedulers import check_model_scheduler
+from esd.families.sources import DEFAULT_BASE_MODEL, FLOW_FAMILIES, pipeline_family, resolve_source, single_file_family
+from esd.formats.exports import train_exports
+from esd.formats.records import check_name, safe_name
+from esd.train.presets import DEFAULT_PRESET, FLUX_DEFAULTS, PRESET_FIELDS, PRESETS, preset_values
+from esd.train.robust_settings import check_robust_settings
+from esd.train.text_encoder import check_text_encoder_settings
+
+# -- choice tables -----------------------------------------------------------------------------
+SAMPLER_MODELS = ("frozen", "trained")  # which weights sample x_t
+SAMPLER_SCHEDULERS = ("ddim", "model")  # DDIM (the paper's sampler) or the model's own scheduler class
+TIMESTEP_MODES = ("matched", "original")  # the query timestep: x_t's own, or the paper code's pairing
+# SDXL's unconditional prompt, for e0 (the target) and for the sampler's unconditional branch (x_t):
+# "empty": "" encoded through both text encoders, for both (what esd_sdxl.py builds e0 from: negative_prompt="");
+# "zeros": zero embeddings (hidden states and pooled; time ids kept) for both, diffusers' force_zeros_for_empty_prompt;
+# "official": esd_sdxl.py's mix: x_t sampled with zero embeddings (its pipeline call passes no negative prompt,
+#   so SDXL's force_zeros_for_empty_prompt applies), e0 from the encoded "". Other families ignore the setting.
+SDXL_UNCONDS = ("empty", "zeros", "official")
+SAVE_FORMATS = ("both", "full", "trained")
+OPTIMIZERS = ("adam", "adam8bit")
+
+
+# Settings a resumed run may change: where outputs go and how fast, never what is computed.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "save_path", "save_every", "save_format", "save_precision",
+                     "devices", "gradient_checkpointing", "compile", "preset_overrides", "export", "export_options"}
+
+
+@dataclass
+class ESDConfig:
+    """Every setting of an erasure. ``None`` in a preset field means "from ``preset``"; after
+    construction every field holds its resolved value and ``preset_overrides`` names the fields
+    that were given explicitly."""
+
+    prompt: str  # concept(s) to erase
+    train_method: str  # see esd.core.methods.TRAIN_METHODS
+    preset: str = DEFAULT_PRESET  # paper | official | fast: see PRESETS
+    base_model: str = DEFAULT_BASE_MODEL  # hub id, local diffusers folder, or "toy"
+    ckpt_path: str | None = None  # original single-file checkpoint instead of base_model
+    ckpt_config: str | None = None  # local diffusers folder with the configs for ckpt_path
+    erase_from: str | None = None  # erase the concept from this prompt ("cowboy hat" from "cowboy")
+    separator: str | None = None  # split prompt into several concepts, one drawn per iteration
+    # -- preset fields (None: the preset's value) --
+    sampler_model: str | None = None  # frozen | trained: which weights sample x_t
+    sampler_scheduler: str | None = None  # ddim | model: the scheduler that samples x_t
+    timestep_mode: str | None = None  # matched: query at x_t's own timestep; original: the paper code's pairing
+    pool_size: int | None = None  # trajectories per reused pool (the fast path); 0: a fresh x_t every iteration
+    frozen_copy: bool | None = None  # keep a whole frozen UNet (the original layout), not only the trained tensors
+    ddim_steps: int | None = None  # the sampler's schedule length T; the stopping step is drawn among its steps
+    start_guidance: float | None = None  # classifier-free guidance of the sampler that makes x_t
+    negative_guidance: float | None = None  # eta in the paper's target e0 - eta (ep - e0)
+    lr: float | None = None  # Adam learning rate
+    iterations: int | None = None
+    # -- the rest --
+    image_size: int | None = None  # None: the model's native resolution
+    batch_size: int = 1  # latents per iteration (they share t and the concept)
+    seed: int | None = None  # None: drawn at random and recorded
+    devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
+    mixed_precision: str | None = None  # no | fp16 | bf16: dtype of the frozen parts; None: FLUX_DEFAULTS or "no"
+    sdxl_uncond: str | None = None  # SDXL's "" for e0 and the sampler (SDXL_UNCONDS); None: the preset's
+    save_path: str = "models/"
+    save_every: int = 0  # checkpoint every N iterations (0: never)
+    save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
+    save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
+    gradient_checkpointing: bool | None = None  # recompute activations in backward: less memory, more time per
+    # step; None: FLUX_DEFAULTS or off
+    compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
+    optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
+    resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
+    overwrite: bool = False  # replace an existing run folder of the same name (refused without it)
+    name: str | None = None  # output folder name; default encodes the hyperparameters
+    # -- LoRA training and exports (esd.train.lora, esd.export) --
+    lora_rank: int | None = None  # train the erasure as a LoRA of this rank on the method's Linear/Conv2d layers
+    lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank (diffusers' way)
+    export: list[str] = field(default_factory=list)  # esd export formats written to RUN/export/ after training
+    export_options: dict = field(default_factory=dict)  # their ExportSettings fields (rank, max_rel_error, dtype)
+    # -- robust training (esd/train/robust.py) --
+    adversarial: str | None = None  # prefix | inversion: also erase the conditioning this attack finds; None: off
+    adv_every: int = 10  # an attack round before every N-th iteration
+    adv_steps: int = 10  # attack steps per round (each round continues from the last)
+    adv_tokens: int = 5  # prefix: tokens k (UnlearnDiffAtk's default)
+    adv_references: int = 8  # the frozen model's images of the concept that the attack explains
+    adv_memory: int = 10  # train on the last N rounds' adversarial conditionings (RECE keeps all); 1: the last only
+    retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
+    retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
+    train_text_encoder: bool = False  # also train the text encoder's layers (esd/train/text_encoder.py; AdvUnlearn)
+    text_encoder_lr: float | None = None  # the text encoder's learning rate; None: --lr (one rate for both)
+    preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
+        self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
+        self._apply_preset(self.is_sdxl if self.preset == "official" else False)  # only official differs on SDXL
+        by_family = FLUX_DEFAULTS if self.family == "flux" else {}
+        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.lora_rank and self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        self.validate()
+
+    @property
+    def family(self) -> str | None:
+        """sd3, flux or unet from the configs or the checkpoint's tensor names (no weights load); None when
+        unreadable yet (a hub id not cached, a missing file): checked once loaded, or refused by validate."""
+        if self.ckpt_path is None:
+            return pipeline_family(self.base_model)
+        try:
+            return checkpoint_family(self.ckpt_path)
+        except Exception:  # noqa: BLE001 - validate names the file; loading says what is wrong with it
+            return None
+
+    @property
+    def is_sdxl(self) -> bool | None:
+        """Whether the model is an SDXL UNet (text-time added conditioning, as esd.families.models.detect_family tells
+        it), from its UNet config or the checkpoint's tensor names (nothing loads); None when unreadable yet
+        (a hub id not cached): :meth:`resolve_for` settles it once the model is loaded."""
+        family = self.family
+        if family != "unet":
+            return None if family is None else False
+        try:
+            if self.ckpt_path is None:
+                return is_sdxl_config(UNet2DConditionModel.load_config(resolve_source(self.base_model),
+                                                                       subfolder="unet"))
+
+            keys = checkpoint_keys(self.ckpt_path)
+            return any(CHECKPOINT_KEY_NAMES[k] in keys for k in ("xl_base", "xl_refiner"))
+        except Exception:  # noqa: BLE001 - unreadable here; loading says why
+            return None
+
+    def _apply_preset(self, sdxl: bool | None) -> bool:
+        """Give every preset field not set explicitly its preset value on this kind of model; True when a
+        value changed."""
+        changed = False
+        for name, value in preset_values(self.preset, sdxl, self.train_method).items():
+            if name not in self.preset_overrides and getattr(self, name) != value:
+                setattr(self, name, value)
+                changed = True
+        return changed
+
+    def resolve_for(self, family: str) -> bool:
+        """Settle the preset for the loaded model's ``family`` (esd.families.models.FAMILIES), which the settings may
+        not have been able to read (a hub id not cached, a caller's own models); True when a value changed."""
+        return self._apply_preset(family == "sdxl")
+
+    def validate(self) -> None:
+        """Raise ValueError on any bad setting before a model is loaded."""
+        if not self.prompt or not all(self.words):
+            raise ValueError("--prompt is empty (or has an empty concept between separators)")
+        family = self.family
+        resolve_method(self.train_method, family)  # family None (not readable yet): checked once loaded
+        if family in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
+            raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
+                             "loop, which has no flow-matching counterpart; for SD3/FLUX use --preset fast or "
+                             "official (--timestep_mode matched)")
+        for name, value, low in [("iterations", self.iterations, 1), ("ddim_steps", self.ddim_steps, 1),
+                                 ("batch_size", self.batch_size, 1), ("save_every", self.save_every, 0),
+                                 ("pool_size", self.pool_size, 0)]:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        for name, value in [("start_guidance", self.start_guidance), ("negative_guidance", self.negative_guidance)]:
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"--{name} must be a finite number, got {value!r}")
+        for flag, value, choices in [("mixed_precision", self.mixed_precision, PRECISIONS),
+                                     ("sampler_model", self.sampler_model, SAMPLER_MODELS),
+                                     ("sampler_scheduler", self.sampler_scheduler, SAMPLER_SCHEDULERS),
+                                     ("timestep_mode", self.timestep_mode, TIMESTEP_MODES),
+                                     ("sdxl_uncond", self.sdxl_uncond, SDXL_UNCONDS),
+                                     ("save_format", self.save_format, SAVE_FORMATS),
+                                     ("save_precision", self.save_precision, SAVE_PRECISIONS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS)]:
+            if value not in choices:
+                raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(choices)}")
+        if self.pool_size and self.sampler_model == "trained":
+            raise ValueError("--sampler_model trained samples x_t on-policy every iteration; it needs --pool_size 0")
+        if self.pool_size and self.timestep_mode == "original":
+            raise ValueError("--timestep_mode original pairs a partial trajectory with the paper code's query draw; "
+                             "it needs --pool_size 0 (the pool stores whole trajectories at matched timesteps)")
+        if self.timestep_mode == "original" and self.sampler_scheduler != "ddim":
+            raise ValueError("--timestep_mode original reproduces the paper's DDIM loop; it needs "
+                             "--sampler_scheduler ddim")
+        if self.sampler_scheduler == "model" and self.ckpt_path is None and self.family == "unet":
+            check_model_scheduler(resolve_source(self.base_model))  # Euler (SDXL base): refused before loading
+        if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
+            raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
+                             f"--batch_size {self.batch_size}")
+        if self.name is not None:
+            check_name(self.name, "--name")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"--image_size must be positive, got {self.image_size}")
+        if self.optimizer == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or esd[8bit])")
+        if self.ckpt_path is None:
+            resolve_source(self.base_model)
+        elif not os.path.isfile(self.ckpt_path):
+            raise ValueError(f"--ckpt_path {self.ckpt_path!r} does not exist")
+        else:
+            single_file_family(self.ckpt_path, self.ckpt_config)
+        if self.resume is not None and not os.path.isfile(self.resume):
+            raise ValueError(f"--resume {self.resume!r} does not exist")
+        parse_devices(self.devices)
+        self._validate_lora_and_exports()
+        check_robust_settings(self)  # each extension checks its own settings
+        check_text_encoder_settings(self)
+
+    def _validate_lora_and_exports(self) -> None:
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
+            raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha is not None:
+            if self.lora_rank is None:
+                raise ValueError("--lora_alpha is the scale of a LoRA: it needs --lora_rank")
+            if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                    and self.lora_alpha > 0):
+                raise ValueError(f"--lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.export or self.export_options:
+            train_exports(os.path.join(self.save_path, self.run_name), self.export, self.export_options,
+                          self.overwrite, self.family)
+
+    @property
+    def words(self) -> list[str]:
+        """The concept words: the prompt, or its parts between separators."""
+        if self.separator is None:
+            return [self.prompt.strip()]
+        return [w.strip() for w in self.prompt.split(self.separator)]
+
+    @property
+    def run_name(self) -> str:
+        """The output folder's name: --name, or one that encodes the settings, made a plain file name
+        (a prompt such as "a/../b" cannot lead outside --save_path; a long one is cut and hashed)."""
+        if self.name:
+            return self.name
+        word = self.prompt.replace(" ", "").replace(self.separator or " ", "-")
+        method = resolve_method(self.train_method).name
+        lora = f"-lora_{self.lora_rank}" if self.lora_rank else ""
+        return safe_name(f"esd-word_{word}-method_{method}-sg_{self.start_guidance}-ng_{self.negative_guidance}"
+                         f"-iter_{self.iterations}-lr_{self.lr}{lora}")
+
+    def resume_conflicts(self, recorded: dict) -> list[str]:
+        """The settings that differ from a checkpoint's ``recorded`` ones, as "--flag new vs old". Only
+        what cannot change the erasure may differ (RESUME_MAY_CHANGE), and --iterations may only grow."""
+        out = []
+        for name, old in recorded.items():
+            if name in RESUME_MAY_CHANGE or name not in self.__dataclass_fields__:  # settings only, not properties
+                continue
+            new = getattr(self, name)
+            if name == "iterations":
+                if new < old:
+                    out.append(f"--iterations {new} < {old} (it may only grow)")
+            elif new != old:
+                out.append(f"--{name} {new!r} vs {old!r}")
+        return out
+
+    def record(self) -> dict:
+        """The resolved settings (what args.json and checkpoints store)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
