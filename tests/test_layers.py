@@ -17,7 +17,7 @@ TOOLS = ("generate", "eval", "attack", "export", "reproduce", "toy", "pipeline",
 def layer_of(module: str) -> str:
     """The layer of ``module`` (a dotted name under esd) by its folder; a tool's ``cli`` module is the cli's."""
     parts = module.split(".")[1:]
-    if not parts or parts[0] in ("cli", "commands", "__main__") or parts[-1] == "cli":
+    if not parts or parts[0] in ("cli", "commands", "__main__", "flags") or parts[-1] == "cli":
         return "cli"
     if parts[0] in TOOLS:
         return "tools"

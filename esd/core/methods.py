@@ -234,3 +234,10 @@ def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
         raise ValueError(f"train method {m.name!r} selects no parameters in this {type(model).__name__} "
                          f"(it has {len(list(model.parameters()))} parameter tensors)")
     return names
+
+
+def methods_help() -> str:
+    """Every train method and alias in one line, for --train_method's help."""
+    lines = [f"{name}: {m.description}" for name, m in TRAIN_METHODS.items()]
+    lines.append("aliases: " + ", ".join(f"{a}={n}" for a, n in ALIASES.items()))
+    return "; ".join(lines)

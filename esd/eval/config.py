@@ -7,10 +7,11 @@ Validation only checks: nothing is loaded or written.
 """
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from esd.core.devices import parse_devices
+from esd.core.settings import setting
 from esd.eval.protocols import PROTOCOLS
 from esd.formats.records import package_version
 from esd.formats.summary import METRICS
@@ -25,11 +26,6 @@ FID_DIMS = (64, 192, 768, 2048)  # InceptionV3 feature layers torchmetrics offer
 # common choice in later erasure work; counts depend strongly on it, so it is recorded in summary.json.
 DEFAULTS = {"metric": None, "threshold": 0.6, "nudenet_classes": "exposed", "classifier": "toy",
             "lpips_net": "alex", "fid_dims": 2048, "clip_model": None}
-
-
-def setting(default=MISSING, help: str = "", flags: tuple[str, ...] = (), **kw):  # noqa: A002 - argparse's name
-    """A dataclass field carrying its CLI help text and option strings (``kw``: type, choices, required)."""
-    return field(default=default, metadata={"help": help, "flags": flags, **kw})
 
 
 @dataclass

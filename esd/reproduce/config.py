@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from esd.core.devices import parse_devices
-from esd.eval.config import FID_DIMS, setting
+from esd.core.settings import setting
+from esd.eval.config import FID_DIMS
 from esd.eval.protocols import PROTOCOLS
 from esd.families.sources import DEFAULT_BASE_MODEL, resolve_source
 from esd.formats.records import check_output_folder
@@ -15,7 +16,6 @@ from esd.train.presets import PRESETS
 MACE = "Lu et al. 2024 (MACE, CVPR), Table 1"
 
 ESD_TABLE2 = "Gandikota et al. 2023 (ESD), Table 2 (ESD-u)"
-
 
 
 @dataclass(frozen=True)

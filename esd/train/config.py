@@ -19,26 +19,22 @@ from esd.core.methods import is_sdxl_config, resolve_method
 from esd.core.precision import PRECISIONS, SAVE_PRECISIONS
 from esd.families.flow_single_file import checkpoint_family, checkpoint_keys
 from esd.families.schedulers import check_model_scheduler
-from esd.families.sources import DEFAULT_BASE_MODEL, FLOW_FAMILIES, pipeline_family, resolve_source, single_file_family
+from esd.families.sources import FLOW_FAMILIES, pipeline_family, resolve_source, single_file_family
 from esd.formats.exports import train_exports
 from esd.formats.records import check_name, safe_name
-from esd.train.presets import DEFAULT_PRESET, FLUX_DEFAULTS, PRESET_FIELDS, PRESETS, preset_values
-from esd.train.robust_settings import check_robust_settings
-from esd.train.text_encoder import check_text_encoder_settings
-
-# -- choice tables -----------------------------------------------------------------------------
-SAMPLER_MODELS = ("frozen", "trained")  # which weights sample x_t
-SAMPLER_SCHEDULERS = ("ddim", "model")  # DDIM (the paper's sampler) or the model's own scheduler class
-TIMESTEP_MODES = ("matched", "original")  # the query timestep: x_t's own, or the paper code's pairing
-# SDXL's unconditional prompt, for e0 (the target) and for the sampler's unconditional branch (x_t):
-# "empty": "" encoded through both text encoders, for both (what esd_sdxl.py builds e0 from: negative_prompt="");
-# "zeros": zero embeddings (hidden states and pooled; time ids kept) for both, diffusers' force_zeros_for_empty_prompt;
-# "official": esd_sdxl.py's mix: x_t sampled with zero embeddings (its pipeline call passes no negative prompt,
-#   so SDXL's force_zeros_for_empty_prompt applies), e0 from the encoded "". Other families ignore the setting.
-SDXL_UNCONDS = ("empty", "zeros", "official")
-SAVE_FORMATS = ("both", "full", "trained")
-OPTIMIZERS = ("adam", "adam8bit")
-
+from esd.train.lora import LoraSettings
+from esd.train.presets import FLUX_DEFAULTS, PRESET_FIELDS, PRESETS, preset_values
+from esd.train.robust_settings import RobustSettings, check_robust_settings
+from esd.train.settings import (
+    OPTIMIZERS,
+    SAMPLER_MODELS,
+    SAMPLER_SCHEDULERS,
+    SAVE_FORMATS,
+    SDXL_UNCONDS,
+    TIMESTEP_MODES,
+    TrainSettings,
+)
+from esd.train.text_encoder import TextEncoderSettings, check_text_encoder_settings
 
 # Settings a resumed run may change: where outputs go and how fast, never what is computed.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "save_path", "save_every", "save_format", "save_precision",
@@ -46,64 +42,11 @@ RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "save_path", "save_every", "
 
 
 @dataclass
-class ESDConfig:
+class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings):
     """Every setting of an erasure. ``None`` in a preset field means "from ``preset``"; after
     construction every field holds its resolved value and ``preset_overrides`` names the fields
     that were given explicitly."""
 
-    prompt: str  # concept(s) to erase
-    train_method: str  # see esd.core.methods.TRAIN_METHODS
-    preset: str = DEFAULT_PRESET  # paper | official | fast: see PRESETS
-    base_model: str = DEFAULT_BASE_MODEL  # hub id, local diffusers folder, or "toy"
-    ckpt_path: str | None = None  # original single-file checkpoint instead of base_model
-    ckpt_config: str | None = None  # local diffusers folder with the configs for ckpt_path
-    erase_from: str | None = None  # erase the concept from this prompt ("cowboy hat" from "cowboy")
-    separator: str | None = None  # split prompt into several concepts, one drawn per iteration
-    # -- preset fields (None: the preset's value) --
-    sampler_model: str | None = None  # frozen | trained: which weights sample x_t
-    sampler_scheduler: str | None = None  # ddim | model: the scheduler that samples x_t
-    timestep_mode: str | None = None  # matched: query at x_t's own timestep; original: the paper code's pairing
-    pool_size: int | None = None  # trajectories per reused pool (the fast path); 0: a fresh x_t every iteration
-    frozen_copy: bool | None = None  # keep a whole frozen UNet (the original layout), not only the trained tensors
-    ddim_steps: int | None = None  # the sampler's schedule length T; the stopping step is drawn among its steps
-    start_guidance: float | None = None  # classifier-free guidance of the sampler that makes x_t
-    negative_guidance: float | None = None  # eta in the paper's target e0 - eta (ep - e0)
-    lr: float | None = None  # Adam learning rate
-    iterations: int | None = None
-    # -- the rest --
-    image_size: int | None = None  # None: the model's native resolution
-    batch_size: int = 1  # latents per iteration (they share t and the concept)
-    seed: int | None = None  # None: drawn at random and recorded
-    devices: str | None = None  # "0", "0,1" (frozen model on the second), "cpu"; None: cuda:0 if any
-    mixed_precision: str | None = None  # no | fp16 | bf16: dtype of the frozen parts; None: FLUX_DEFAULTS or "no"
-    sdxl_uncond: str | None = None  # SDXL's "" for e0 and the sampler (SDXL_UNCONDS); None: the preset's
-    save_path: str = "models/"
-    save_every: int = 0  # checkpoint every N iterations (0: never)
-    save_format: str = "both"  # both | full (.pt) | trained (.safetensors)
-    save_precision: str = "fp32"  # fp32 | fp16 | bf16: dtype of the saved weights (checkpoints stay fp32)
-    gradient_checkpointing: bool | None = None  # recompute activations in backward: less memory, more time per
-    # step; None: FLUX_DEFAULTS or off
-    compile: bool = False  # torch.compile the UNet (worth it on GPUs for long runs; first steps compile)
-    optimizer: str = "adam"  # adam (the paper's) | adam8bit (bitsandbytes: 2 bytes of state per parameter, not 8)
-    resume: str | None = None  # checkpoint to continue from (same settings; only --iterations may grow)
-    overwrite: bool = False  # replace an existing run folder of the same name (refused without it)
-    name: str | None = None  # output folder name; default encodes the hyperparameters
-    # -- LoRA training and exports (esd.train.lora, esd.export) --
-    lora_rank: int | None = None  # train the erasure as a LoRA of this rank on the method's Linear/Conv2d layers
-    lora_alpha: float | None = None  # the LoRA's alpha (its scale is alpha / rank); None: the rank (diffusers' way)
-    export: list[str] = field(default_factory=list)  # esd export formats written to RUN/export/ after training
-    export_options: dict = field(default_factory=dict)  # their ExportSettings fields (rank, max_rel_error, dtype)
-    # -- robust training (esd/train/robust.py) --
-    adversarial: str | None = None  # prefix | inversion: also erase the conditioning this attack finds; None: off
-    adv_every: int = 10  # an attack round before every N-th iteration
-    adv_steps: int = 10  # attack steps per round (each round continues from the last)
-    adv_tokens: int = 5  # prefix: tokens k (UnlearnDiffAtk's default)
-    adv_references: int = 8  # the frozen model's images of the concept that the attack explains
-    adv_memory: int = 10  # train on the last N rounds' adversarial conditionings (RECE keeps all); 1: the last only
-    retain_prompts: str | None = None  # text file (one prompt a line) or prompt CSV: predictions kept as theta*'s
-    retain_weight: float = 1.0  # weight of the retain MSE (AdvUnlearn's gamma)
-    train_text_encoder: bool = False  # also train the text encoder's layers (esd/train/text_encoder.py; AdvUnlearn)
-    text_encoder_lr: float | None = None  # the text encoder's learning rate; None: --lr (one rate for both)
     preset_overrides: list[str] = field(init=False, default_factory=list)  # preset fields given explicitly
 
     def __post_init__(self):

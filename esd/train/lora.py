@@ -30,6 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from esd.core.methods import TRAIN_METHODS, model_family, resolve_method, select_parameters
 from esd.core.sampler import Conditioning
+from esd.core.settings import setting
 from esd.families.encode import call_unet
 from esd.families.models import denoiser_class
 from esd.families.sources import FLOW_FAMILIES, resolve_source
@@ -39,6 +40,22 @@ from esd.formats.records import environment_record
 
 ADAPTER = "default"  # peft's adapter name
 LORA_INIT = "gaussian"  # diffusers' train_text_to_image_lora.py: A ~ N(0, 1/r), B = 0
+
+
+@dataclass
+class LoraSettings:
+    """LoRA training (``--lora_rank``) and the exports written after training (``--export``)."""
+
+    lora_rank: int | None = setting(None, "train the erasure as a LoRA of this rank (peft) on the Linear/Conv2d "
+                                    "layers the train method selects; the biases and norms it selects stay the base "
+                                    "model's. Writes lora-NAME.safetensors (kohya layout; SD3/FLUX: diffusers' "
+                                    "transformer layout) beside the merged weights")
+    lora_alpha: float | None = setting(None, "the LoRA's alpha; its update is (alpha / rank) B A (default: the rank, "
+                                       "as diffusers' LoRA examples)")
+    export: list[str] = setting(default_factory=list, cli=False,
+                                help="esd export formats written to RUN/export/ after training (--export)")
+    export_options: dict = setting(default_factory=dict, cli=False,
+                                   help="their ExportSettings fields (rank, max_rel_error, dtype): --export_<option>")
 
 
 def _lora_able(module: torch.nn.Module) -> bool:

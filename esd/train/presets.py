@@ -59,3 +59,18 @@ def preset_values(preset: str, sdxl: bool | None = False, train_method: str | No
         if ALIASES.get(train_method, train_method) not in SDXL_OFFICIAL_X_METHODS:
             values["lr"] = SDXL_OFFICIAL_OTHER_LR
     return values
+
+
+def preset_default(name: str) -> str:
+    """'(from --preset: paper X, official Y, fast Z)' for a setting whose default comes from --preset, with
+    official's value on SDXL (esd_sdxl.py's) where it differs."""
+    values = []
+    for p, v in PRESETS.items():
+        text = f"{p} {v[name]}"
+        if p == "official" and name in SDXL_OFFICIAL:
+            sdxl = SDXL_OFFICIAL[name]
+            if name == "lr":
+                sdxl = f"{sdxl} for esd-x/esd-x-strict, else {SDXL_OFFICIAL_OTHER_LR}"
+            text += f" (SDXL: {sdxl})"
+        values.append(text)
+    return "(from --preset: " + ", ".join(values) + ")"

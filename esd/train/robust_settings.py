@@ -5,12 +5,14 @@ The training itself is :mod:`esd.train.robust`."""
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import torch
 
+from esd.core.settings import setting
 from esd.families.encode import encode_prompts
 from esd.formats.prompt_csv import read_prompt_table
 from esd.formats.records import error_summary
@@ -25,6 +27,28 @@ MAX_RETAIN_PROMPTS = 10_000
 MAX_RETAIN_BYTES = 16 * 2**20
 
 ROUND_SETTINGS = ("adv_every", "adv_steps", "adv_tokens", "adv_references", "adv_memory")  # integers >= 1
+
+
+@dataclass
+class RobustSettings:
+    """Robust ESD's settings (``--adversarial``, ``--retain_prompts``): off by default."""
+
+    adversarial: str | None = setting(None, "robust ESD: every --adv_every iterations, attack the model being "
+                                      "trained ('prefix': UnlearnDiffAtk's real-token prefix; 'inversion': one "
+                                      "learned token) and train on the conditioning found as well as on the concept, "
+                                      "with the concept's ESD target (default: off)", choices=tuple(ATTACKS))
+    adv_every: int = setting(10, "an attack round before every N-th iteration (default: %(default)s)")
+    adv_steps: int = setting(10, "attack steps per round; each round continues from the last (default: %(default)s)")
+    adv_tokens: int = setting(5, "prefix: adversarial tokens k (default: %(default)s)")
+    adv_references: int = setting(8, "the frozen model's images of the concept the attack explains, drawn once "
+                                  "(default: %(default)s)")
+    adv_memory: int = setting(10, "train on the adversarial conditionings of the last N rounds, each row one drawn "
+                              "at random, not only the last round's (default: %(default)s)")
+    retain_prompts: str | None = setting(None, "prompts whose predictions must not change: a text file, one prompt a "
+                                         "line, or a prompt CSV with a 'prompt' column; adds weight x MSE(trained, "
+                                         "frozen) on them")
+    retain_weight: float = setting(1.0, "weight of the --retain_prompts term (AdvUnlearn's gamma) (default: "
+                                   "%(default)s)")
 
 
 def adversarial_choices() -> tuple[str, ...]:

@@ -19,16 +19,29 @@ One CLIP text encoder only (SD 1.x, 2.x), as the attacks.
 """
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from esd.core.sampler import Conditioning
+from esd.core.settings import setting
 from esd.families.flow import tokenize
 from esd.families.sources import FLOW_FAMILIES, resolve_source
 from esd.formats.weights import TEXT_ENCODER_PREFIX
 
 PREFIX = TEXT_ENCODER_PREFIX  # of the text encoder's tensors in a weights file
+
+
+@dataclass
+class TextEncoderSettings:
+    """Training the text encoder too (``--train_text_encoder``): off by default."""
+
+    train_text_encoder: bool = setting(False, "also train the text encoder's transformer layers (AdvUnlearn's robust "
+                                       "module; SD 1.x/2.x, --save_format trained: its tensors are saved beside the "
+                                       "UNet's under 'text_encoder.')")
+    text_encoder_lr: float | None = setting(None, "with --train_text_encoder: the text encoder's learning rate "
+                                            "(default: --lr)")
 
 
 def trainable_names(encoder: torch.nn.Module) -> list[str]:
