@@ -47,7 +47,7 @@ from esd.formats.weights import (
     deterministic_safetensors,
 )
 from esd.generate.config import SCHEDULERS, Job
-from esd.generate.images import initial_latents
+from esd.generate.images import draw as draw_images
 from esd.toy.world import prompts_for
 from esd.train.attacks.inversion import TOKEN, inversion_attack, inversion_prompt
 from esd.train.attacks.prefix import check_prefix_fits, prefix_attack, stored_tokenizer, word_tokens
@@ -86,13 +86,13 @@ def load_pipeline(base_model: str, device: torch.device):
 
 @torch.no_grad()
 def draw(pipe, cfg: AttackConfig, case: str, prompt: str, seed: int) -> tuple[torch.Tensor, list]:
-    """The ``cfg.samples`` images of one row, as ``esd generate`` draws them: (final latents x_0
+    """The ``cfg.samples`` images of one row, drawn by ``esd generate``'s own function: (final latents x_0
     (n, C, h, w), PIL images)."""
     size = pipe.unet.config.sample_size
     shape = (pipe.unet.config.in_channels, size, size)
-    start = torch.stack([initial_latents(Job(case, i, prompt, seed), cfg.samples, shape) for i in range(cfg.samples)])
-    x0 = pipe([prompt] * cfg.samples, latents=start.to(pipe.device), num_inference_steps=cfg.ddim_steps,
-              guidance_scale=cfg.guidance_scale, output_type="latent").images
+    jobs = [Job(case, i, prompt, seed) for i in range(cfg.samples)]
+    x0 = draw_images(pipe, jobs, cfg.samples, shape, steps=cfg.ddim_steps, guidance=cfg.guidance_scale,
+                     device=pipe.device, output_type="latent")
     pixels = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     return x0, pipe.image_processor.postprocess(pixels, output_type="pil")
 

@@ -147,6 +147,21 @@ def flow_pipeline_class(base_model: str) -> dict:
     return {"pipeline_class": names[0]} if names else {}
 
 
+@torch.no_grad()
+def draw(pipe, jobs: list[Job], num_samples: int, shape: tuple, *, steps: int, guidance: float, device,
+         dtype=None, size: int | None = None, flux: bool = False, output_type: str = "pil", **pipeline_kw):
+    """The images of ``jobs`` as ``esd generate`` draws them, whoever asks (``esd attack`` too): each from its
+    initial latents (:func:`initial_latents`: the row's seed, image i's slice; packed 2x2 for FLUX), with
+    ancestral noise seeded per image. ``shape``: (C, h, w) of one latent; ``output_type`` as the pipeline's
+    ("latent": the final latents x_0)."""
+    latents = torch.stack([initial_latents(j, num_samples, shape) for j in jobs])
+    latents = pack_latents(latents) if flux else latents
+    gens = [torch.Generator("cpu").manual_seed(j.seed * 1000 + j.index) for j in jobs]  # ancestral noise
+    size_kw = {"height": size, "width": size} if size else {}
+    return pipe([j.prompt for j in jobs], latents=latents.to(device=device, dtype=dtype), num_inference_steps=steps,
+                guidance_scale=guidance, generator=gens, output_type=output_type, **size_kw, **pipeline_kw).images
+
+
 def build_pipeline(cfg: GenerationConfig, device: torch.device):
     pipe = load_pipeline(cfg.base_model, cfg.safety_checker)
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
@@ -204,12 +219,8 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
         if not cfg.overwrite and all((out / j.filename).exists() for j in batch):
             skipped += len(batch)
             continue
-        latents = torch.stack([initial_latents(j, cfg.num_samples, shape) for j in batch])
-        latents = pack_latents(latents) if flux else latents
-        gens = [torch.Generator("cpu").manual_seed(j.seed * 1000 + j.index) for j in batch]  # ancestral noise
-        images = pipe([j.prompt for j in batch], latents=latents.to(device, PRECISIONS[cfg.mixed_precision]),
-                      num_inference_steps=cfg.ddim_steps, guidance_scale=cfg.guidance_scale, generator=gens,
-                      height=size, width=size, **sld).images
+        images = draw(pipe, batch, cfg.num_samples, shape, steps=cfg.ddim_steps, guidance=cfg.guidance_scale,
+                      device=device, dtype=PRECISIONS[cfg.mixed_precision], size=size, flux=flux, **sld)
         for j, image in zip(batch, images):
             if cfg.overwrite or not (out / j.filename).exists():
                 atomic_write(out / j.filename, lambda p, im=image: im.save(p, format="PNG"))
