@@ -30,7 +30,6 @@ from esd.formats.exports import run_export, train_export_path, train_exports
 from esd.train.config import ESDConfig
 from esd.train.lora import LoraTraining, check_lora_method
 from esd.train.robust import RobustESD
-from esd.train.robust_settings import check_loaded_text_encoders, is_robust
 from esd.train.run_folder import (
     check_output_dir,
     check_room,
@@ -123,14 +122,12 @@ class ESDTrainer:
             enc.to(self.device, self.dtype)
         self.prompts = encode_erasure_prompts(m, cfg.words, cfg.erase_from, self.image_size,
                                               cfg.sdxl_uncond, cfg.start_guidance).to(self.device)
-        # theta*'s prompts stay the ones just encoded; with --train_text_encoder theta encodes its own at every step
-        self.text_encoder = None
-        if cfg.train_text_encoder:
-            check_loaded_text_encoders(m, "--train_text_encoder")
-            self.text_encoder = TrainedTextEncoder(m.text_encoders[0], m.tokenizers[0], cfg.words, cfg.erase_from)
-        # Robust training (esd/train/robust.py) keeps what it needs: its retain prompts, encoded, and its own encoder.
-        self.robust = (RobustESD(cfg, m, self.prompts, latent_shape, self.image_size, self.text_encoder)
-                       if is_robust(cfg) else None)
+        # The extensions (esd.train.extension), each None when its settings are off, take what they need from the
+        # models before the text encoders go: the trained text encoder; robust ESD its retain prompts, encoded,
+        # and an encoder to attack (the trained one, when there is one).
+        text_encoder = TrainedTextEncoder.from_settings(cfg, m)
+        robust = RobustESD.from_settings(cfg, m, self.prompts, latent_shape, self.image_size, text_encoder)
+        self.extensions = [e for e in (text_encoder, robust) if e is not None]
         m.text_encoders.clear()
 
         self.unet = m.unet.to(self.device)
@@ -147,19 +144,19 @@ class ESDTrainer:
                                getattr(scheduler, "alphas_cumprod", None), m.prediction_type, frozen,
                                call=call_unet, true_cfg=uses_true_cfg(self.unet))
         trained = set(self.trained_names)
-        self.params = [p for n, p in self.unet.named_parameters() if n in trained]
-        if self.text_encoder is not None:
-            self.params += self.text_encoder.params
+        own = [p for n, p in self.unet.named_parameters() if n in trained]
+        extra = [e.param_group() for e in self.extensions]
+        self.params = own + [p for params, _ in extra for p in params]
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # diffusers' blocks checkpoint when grad is enabled
         if cfg.compile:
             # One compiled forward serves both views: the module's parameters are inputs of the traced
             # graph (or guarded on), so the frozen values functional_call swaps in are used, never baked in.
             self.unet.forward = torch.compile(self.unet.forward)
-        groups = self.params
-        if self.text_encoder is not None and cfg.text_encoder_lr is not None:  # the encoder's own rate
-            groups = [{"params": self.params[:-len(self.text_encoder.params)]},
-                      {"params": self.text_encoder.params, "lr": cfg.text_encoder_lr}]
+        groups = self.params  # one group at --lr, unless an extension trains at its own rate
+        if any(lr is not None for params, lr in extra if params):
+            groups = [{"params": own}] + [{"params": params, **({} if lr is None else {"lr": lr})}
+                                          for params, lr in extra if params]
         self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.source = make_source(cfg, self.views, scheduler, self.prompts, latent_shape, self.generator)
@@ -185,10 +182,11 @@ class ESDTrainer:
         against the target, one optimizer step. Returns the iteration's loss.csv row. Robust ESD adds
         rows with their own targets; all rows go through the trained view in one forward."""
         batch = self.source.next_batch()
-        encoder = self.prompts if self.text_encoder is None else self.text_encoder  # theta's conditioning
+        # theta's conditioning: the encoded prompts, or an extension's (the trained text encoder's)
+        encoder = next((c for e in self.extensions if (c := e.conditioning()) is not None), self.prompts)
         groups = [TrainedRows("esd", batch.latents, batch.timesteps, encoder.source(batch.concept), batch.target)]
-        if self.robust is not None:  # robust ESD's adversarial and retain rows, predicted in the same forward
-            groups += self.robust.rows(self.views, batch, self.generator)
+        for e in self.extensions:  # e.g. robust ESD's adversarial and retain rows, predicted in the same forward
+            groups += e.rows(self.views, batch, self.generator)
         latents = torch.cat([g.latents for g in groups])
         timesteps = torch.cat([g.timesteps for g in groups])
         with self.views.autocast():
@@ -214,7 +212,7 @@ class ESDTrainer:
         print("***** Running ESD training *****")
         print(f"  concept(s) = {cfg.words}  method = {resolve_method(cfg.train_method).name}  "
               f"trained parameters = {n_params:,} in {len(self.params)} tensors"
-              + ("" if self.text_encoder is None else f" (the text encoder's: {len(self.text_encoder.names)})"))
+              + "".join(e.header() for e in self.extensions))
         if self.lora:
             print(self.lora.describe())
         print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
@@ -253,10 +251,13 @@ class ESDTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict:
-        """The trained tensors (fp32, CPU): the UNet's by name, the text encoder's under ``text_encoder.``."""
+        """The trained tensors (fp32, CPU): the UNet's by name, the extensions' under their own names (the text
+        encoder's under ``text_encoder.``)."""
         params = dict(self.unet.named_parameters())
         state = {n: params[n].detach().float().cpu() for n in self.trained_names}
-        return state if self.text_encoder is None else {**state, **self.text_encoder.state()}
+        for e in self.extensions:
+            state.update(e.trained_tensors())
+        return state
 
     def save_checkpoint(self) -> Path:
         return write_checkpoint(self)

@@ -43,7 +43,9 @@ from esd.train.attacks import ATTACKS
 from esd.train.attacks.inversion import TOKEN, inversion_attack, inversion_prompt
 from esd.train.attacks.prefix import check_prefix_fits, prefix_attack, word_tokens
 from esd.train.attacks.target import Target, add_placeholders, slot_embeddings, token_ids
-from esd.train.robust_settings import check_loaded_text_encoders, check_retain_memory, read_retain_prompts
+from esd.train.extension import Extension
+from esd.train.robust_settings import check_retain_memory, is_robust, read_retain_prompts
+from esd.train.text_encoder import check_loaded_text_encoders
 
 
 def forward_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:
@@ -56,8 +58,16 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     return ((1 - s) * x0 + s * noise).to(x0.dtype)
 
 
-class RobustESD:
+class RobustESD(Extension):
     """The adversarial and preservation terms of one robust run, and their state (checkpointed)."""
+
+    name = "robust"
+
+    @classmethod
+    def from_settings(cls, cfg, models, prompts: PromptConditioning, latent_shape: tuple, image_size: int,
+                      text_encoder=None) -> "RobustESD | None":
+        """The run's (see ``__init__``); None when neither --adversarial nor --retain_prompts is set."""
+        return cls(cfg, models, prompts, latent_shape, image_size, text_encoder) if is_robust(cfg) else None
 
     def __init__(self, cfg, models, prompts: PromptConditioning, latent_shape: tuple, image_size: int,
                  text_encoder=None):
@@ -245,3 +255,6 @@ class RobustESD:
         if self.target is not None:
             out["adversarial_prompt"] = self.prompt
         return out
+
+    def record_entries(self) -> dict:
+        return {"robust": self.record()}

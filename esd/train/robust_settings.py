@@ -151,14 +151,6 @@ def check_robust_settings(cfg) -> None:
         read_retain_prompts(cfg.retain_prompts, cfg.words)
 
 
-def check_loaded_text_encoders(models, flag_name: str) -> None:
-    """Once loaded, what :func:`check_one_text_encoder` could not read before (a hub id's SDXL): one text
-    encoder, or ``flag_name`` is refused in one line."""
-    if len(models.text_encoders) != 1:
-        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {models.source} is "
-                         f"{models.family} with {len(models.text_encoders)}")
-
-
 def check_resume_robust(cfg, state: dict) -> None:
     """What a resumed robust run must keep beyond the flags ``resume_conflicts`` compares. A checkpoint from
     before --adv_memory trained on its last round only, which --adv_memory 1 continues. And the checkpoint's

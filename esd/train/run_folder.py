@@ -93,12 +93,12 @@ def save_run(trainer, result=None) -> Path:
               "prediction_type": trainer.models.prediction_type, "resolved_image_size": trainer.image_size,
               "trained_parameters": sum(v.numel() for v in trained.values()),
               "trained_tensors": len(trained), **(trainer.lora.record() if trainer.lora else {}),
-              "text_encoder_tensors": 0 if trainer.text_encoder is None else len(trainer.text_encoder.names),
+              "text_encoder_tensors": 0,  # unless an extension trains the text encoder (its entries follow)
               "environment": environment_record()}
     if result is not None:
         record.update(seconds=result.seconds, unet_evals=result.unet_evals)
-    if trainer.robust is not None:
-        record["robust"] = trainer.robust.record()
+    for e in trainer.extensions:  # the text encoder's tensor count, robust ESD's rounds
+        record.update(e.record_entries())
     write_run_record(out, record, trainer.history)
     write_model_card(out)
     return out
@@ -138,15 +138,16 @@ def write_checkpoint(trainer) -> Path:
     state = {"iteration": iteration, "trained": trainer.trained_state(),
              "optimizer": trainer.optimizer.state_dict(), "generator": trainer.generator.get_state(),
              "history": trainer.history, "config": trainer.config.record(), "pool": trainer.source.state_dict()}
-    if trainer.robust is not None:
-        state["robust"] = trainer.robust.state_dict()
+    for e in trainer.extensions:  # e.g. robust ESD's rounds
+        if (extra := e.state_dict()) is not None:
+            state[e.name] = extra
     torch_save(state, path)
     return path
 
 
 def restore_checkpoint(trainer, state: dict) -> None:
     """``trainer`` as the checkpoint ``state`` left it (which must hold the tensors it trains)."""
-    names = sorted(trainer.trained_names + ([] if trainer.text_encoder is None else trainer.text_encoder.keys))
+    names = sorted(trainer.trained_names + [k for e in trainer.extensions for k in e.trained_tensors()])
     if sorted(state["trained"]) != names:
         raise ValueError(f"checkpoint {trainer.config.resume!r} was trained with another train method or model "
                          f"({len(state['trained'])} tensors vs {len(names)} selected now)")
@@ -154,12 +155,12 @@ def restore_checkpoint(trainer, state: dict) -> None:
     with torch.no_grad():
         for n in trainer.trained_names:
             params[n].copy_(state["trained"][n])
-    if trainer.text_encoder is not None:
-        trainer.text_encoder.load(state["trained"])
+    for e in trainer.extensions:
+        e.load_trained(state["trained"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.generator.set_state(state["generator"])
     trainer.start_iteration = state["iteration"]
     trainer.history = list(state["history"])
     trainer.source.load_state_dict(state.get("pool"))
-    if trainer.robust is not None:
-        trainer.robust.load_state_dict(state.get("robust"))
+    for e in trainer.extensions:
+        e.load_state_dict(state.get(e.name))

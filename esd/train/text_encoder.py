@@ -29,6 +29,7 @@ from esd.core.settings import setting
 from esd.families.flow import tokenize
 from esd.families.sources import FLOW_FAMILIES, resolve_source
 from esd.formats.weights import TEXT_ENCODER_PREFIX
+from esd.train.extension import Extension
 
 PREFIX = TEXT_ENCODER_PREFIX  # of the text encoder's tensors in a weights file
 
@@ -75,12 +76,25 @@ def check_text_encoder_settings(cfg) -> None:
     check_one_text_encoder(cfg, "--train_text_encoder")
 
 
-class TrainedTextEncoder:
-    """The trained text encoder of one run: its trained parameters (fp32) and the conditioning it gives."""
+class TrainedTextEncoder(Extension):
+    """The trained text encoder of one run (--train_text_encoder): its trained parameters (fp32) and the
+    conditioning it gives theta."""
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer, words: list[str], erase_from: str | None):
-        """``encoder`` is trained in place; ``words`` and ``erase_from`` are the erasure's prompts."""
-        self.encoder, self.tokenizer = encoder, tokenizer
+    name = "text_encoder"
+
+    @classmethod
+    def from_settings(cls, cfg, models) -> "TrainedTextEncoder | None":
+        """The run's, on the loaded ``models`` (before their text encoders are released); None when off."""
+        if not cfg.train_text_encoder:
+            return None
+        check_loaded_text_encoders(models, "--train_text_encoder")
+        return cls(models.text_encoders[0], models.tokenizers[0], cfg.words, cfg.erase_from, cfg.text_encoder_lr)
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer, words: list[str], erase_from: str | None,
+                 lr: float | None = None):
+        """``encoder`` is trained in place; ``words`` and ``erase_from`` are the erasure's prompts; ``lr`` its
+        learning rate (None: --lr)."""
+        self.encoder, self.tokenizer, self.lr = encoder, tokenizer, lr
         self.names = trainable_names(encoder)
         encoder.requires_grad_(False)
         params = dict(encoder.named_parameters())
@@ -119,6 +133,25 @@ class TrainedTextEncoder:
             for k, p in zip(self.keys, self.params):
                 p.copy_(state[k])
 
+    # -- the recipe's hooks (see esd.train.extension.Extension) --
+    def param_group(self):
+        return self.params, self.lr
+
+    def conditioning(self):
+        return self  # theta encodes its own prompts at every step; theta*'s stay the ones encoded at setup
+
+    def header(self) -> str:
+        return f" (the text encoder's: {len(self.names)})"
+
+    def trained_tensors(self) -> dict:
+        return self.state()
+
+    def load_trained(self, tensors: dict) -> None:
+        self.load(tensors)
+
+    def record_entries(self) -> dict:
+        return {"text_encoder_tensors": len(self.names)}
+
 
 def check_one_text_encoder(cfg, flag_name: str) -> None:
     """The attacks and --train_text_encoder work through one text encoder: SDXL (two, plus pooled embeddings)
@@ -133,3 +166,11 @@ def check_one_text_encoder(cfg, flag_name: str) -> None:
         if config.is_file() and '"text_time"' in config.read_text():
             raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); --base_model "
                              f"{cfg.base_model!r} is SDXL")
+
+
+def check_loaded_text_encoders(models, flag_name: str) -> None:
+    """Once loaded, what :func:`check_one_text_encoder` could not read before (a hub id's SDXL): one text
+    encoder, or ``flag_name`` is refused in one line."""
+    if len(models.text_encoders) != 1:
+        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {models.source} is "
+                         f"{models.family} with {len(models.text_encoders)}")

@@ -147,7 +147,7 @@ def test_a_text_encoder_rate_it_cannot_use_is_refused(extra, message, tiny_model
 def test_a_loaded_model_with_two_text_encoders_is_refused_in_one_line(tiny_models):
     """Sources the settings check cannot read before loading (a hub id) are checked once loaded, by the one
     check both --train_text_encoder and --adversarial use."""
-    from esd.train.robust_settings import check_loaded_text_encoders
+    from esd.train.text_encoder import check_loaded_text_encoders
 
     check_loaded_text_encoders(load_models(tiny_models["sd1"]), "--train_text_encoder")  # one encoder: passes
     with pytest.raises(ValueError) as e:
