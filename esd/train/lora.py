@@ -96,7 +96,9 @@ def _methods_with_lora_layers(unet: torch.nn.Module) -> list[str]:
 def check_lora_method(config, models=None) -> None:
     """Refuse a method without LoRA layers before any weights load: the UNet (or SD3/FLUX transformer) is built
     from its config on the meta device (no memory). A single-file base model is checked once loaded, by
-    ``LoraTraining.attach``."""
+    ``LoraTraining.attach``. Without --lora_rank there is nothing to check."""
+    if not config.lora_rank:
+        return
     if models is not None:
         lora_targets(models.unet, config.train_method)
     elif config.ckpt_path is None:
@@ -104,6 +106,48 @@ def check_lora_method(config, models=None) -> None:
         with torch.device("meta"):
             lora_targets(cls.from_config(cls.load_config(resolve_source(config.base_model), subfolder=subfolder)),
                          config.train_method)
+
+
+class MethodTensors:
+    """theta as the paper trains it: the train method's own tensors of the denoiser, saved as they are. The
+    other kind is :class:`LoraTraining`; :func:`trained_tensors_of` picks one from the settings. Both answer
+    the recipe and the run folder the same questions, so neither holds a branch for LoRA."""
+
+    needs_full_state = False  # writing the erasure needs the whole base state dict (LoRA merges into it)
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def names(self, unet: torch.nn.Module) -> list[str]:
+        return select_parameters(unet, self.method)
+
+    def frozen(self, unet: torch.nn.Module):
+        """theta* when there is a cheaper exact one than a copy of the trained tensors; None: the copy."""
+        return None
+
+    def describe(self) -> str | None:
+        return None
+
+    def erasure(self, unet: torch.nn.Module, trained: dict, base: dict | None) -> dict:
+        """The tensors the run's weights files hold for the erasure: the trained ones themselves."""
+        return trained
+
+    def write_own(self, trained: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
+        """A file of its own beside the run's weights: none."""
+
+    def saved_numel(self, unet: torch.nn.Module, trained: int) -> tuple[int, int]:
+        """(elements of the erasure in the run's weights files, elements of its own file)."""
+        return trained, 0
+
+    def record(self) -> dict:
+        return {}
+
+
+def trained_tensors_of(cfg, unet: torch.nn.Module) -> "MethodTensors | LoraTraining":
+    """What trains: LoRA adapters (attached to ``unet`` now) under --lora_rank, else the method's tensors."""
+    if cfg.lora_rank:
+        return LoraTraining.attach(unet, cfg.train_method, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    return MethodTensors(cfg.train_method)
 
 
 @dataclass
@@ -129,8 +173,23 @@ class LoraTraining:
         """The trained tensors: every layer's A and B (peft's ``lora_A`` / ``lora_B``)."""
         return [n for n, _ in unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
+    needs_full_state = True  # the merged weights W + (alpha / r) B A are written beside the factors
+
+    def names(self, unet: torch.nn.Module) -> list[str]:
+        return self.factor_names(unet)
+
     def frozen(self, unet: torch.nn.Module) -> "AdaptersOff":
         return AdaptersOff(unet)
+
+    def erasure(self, unet: torch.nn.Module, trained: dict, base: dict) -> dict:
+        """The run's weights files hold the merged weights; the factors go to their own file (:meth:`write`)."""
+        return self.merged(unet, base)
+
+    def write_own(self, trained: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
+        self.write(trained, path, config, unet_config, family, dtype)
+
+    def saved_numel(self, unet: torch.nn.Module, trained: int) -> tuple[int, int]:
+        return self.merged_numel(unet), trained
 
     def merged_numel(self, unet: torch.nn.Module) -> int:
         """Elements of the merged weights written beside the factors."""

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esd.core.devices import parse_devices
-from esd.core.methods import resolve_method, select_parameters
+from esd.core.methods import resolve_method
 from esd.core.objective import esd_loss
 from esd.core.precision import PRECISIONS
 from esd.core.sampler import Conditioning
@@ -28,7 +28,7 @@ from esd.families.schedulers import sampler_scheduler
 from esd.families.sources import resolve_source
 from esd.formats.exports import run_export, train_export_path, train_exports
 from esd.train.config import ESDConfig
-from esd.train.lora import LoraTraining, check_lora_method
+from esd.train.lora import check_lora_method, trained_tensors_of
 from esd.train.robust import RobustESD
 from esd.train.run_folder import (
     check_output_dir,
@@ -80,8 +80,7 @@ class ESDTrainer:
             config.seed = secrets.randbelow(2**31)
         self.output_dir = Path(config.save_path) / config.run_name
         self._check_output_dir()
-        if config.lora_rank:
-            check_lora_method(config, models)
+        check_lora_method(config, models)
 
     # -- checks before any model loads ---------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -133,13 +132,10 @@ class ESDTrainer:
         self.unet = m.unet.to(self.device)
         self.unet.requires_grad_(False)
         frozen_device = devices[1] if len(devices) == 2 else (self.device if cfg.frozen_copy else None)
-        self.lora, frozen = None, None
-        if cfg.lora_rank:  # only the adapters' factors train; theta* is the UNet with them off (esd.train.lora)
-            self.lora = LoraTraining.attach(self.unet, cfg.train_method, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-            self.trained_names = self.lora.factor_names(self.unet)
-            frozen = self.lora.frozen(self.unet) if frozen_device is None else None
-        else:
-            self.trained_names = select_parameters(self.unet, cfg.train_method)
+        # What trains: the method's tensors, or LoRA factors (whose theta* is the UNet with them off; esd.train.lora)
+        self.theta = trained_tensors_of(cfg, self.unet)
+        self.trained_names = self.theta.names(self.unet)
+        frozen = self.theta.frozen(self.unet) if frozen_device is None else None
         self.views = UNetViews(self.unet, self.trained_names, self.dtype, self.device, frozen_device,
                                getattr(scheduler, "alphas_cumprod", None), m.prediction_type, frozen,
                                call=call_unet, true_cfg=uses_true_cfg(self.unet))
@@ -213,8 +209,8 @@ class ESDTrainer:
         print(f"  concept(s) = {cfg.words}  method = {resolve_method(cfg.train_method).name}  "
               f"trained parameters = {n_params:,} in {len(self.params)} tensors"
               + "".join(e.header() for e in self.extensions))
-        if self.lora:
-            print(self.lora.describe())
+        if (line := self.theta.describe()) is not None:
+            print(line)
         print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
               f"{self.models.prediction_type})  image size = {self.image_size}  device = {self.device}  "
               f"precision = {cfg.mixed_precision}  seed = {cfg.seed}")

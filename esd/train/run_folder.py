@@ -70,16 +70,15 @@ def save_run(trainer, result=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     weights = run_weight_files(out)
     save_dtype = SAVE_PRECISIONS[cfg.save_precision]
-    if cfg.save_format in ("both", "full") or trainer.lora:
+    full = None
+    if cfg.save_format in ("both", "full") or trainer.theta.needs_full_state:
         if trainer.dtype == torch.float32:
             full = plain_state_dict(trainer.unet)
         else:  # frozen weights were cast down; take them from the source again at full precision
             full = load_denoiser(cfg.base_model, cfg.ckpt_path, cfg.ckpt_config).state_dict()
-    if trainer.lora:  # the factors go to their own file; the run's usual files hold the merged weights
-        trainer.lora.write(trained, weights["lora"], cfg, trainer.unet.config, trainer.models.family, save_dtype)
-        erased = trainer.lora.merged(trainer.unet, full)
-    else:
-        erased = trained
+    # LoRA: the factors go to their own file and the run's usual files hold the merged weights
+    trainer.theta.write_own(trained, weights["lora"], cfg, trainer.unet.config, trainer.models.family, save_dtype)
+    erased = trainer.theta.erasure(trainer.unet, trained, full)
     if cfg.save_format in ("both", "full"):
         full.update(erased)
         save_full_state_dict({k: v.to(save_dtype) if v.is_floating_point() else v for k, v in full.items()},
@@ -92,7 +91,7 @@ def save_run(trainer, result=None) -> Path:
     record = {**trainer.config.record(), "family": trainer.models.family,
               "prediction_type": trainer.models.prediction_type, "resolved_image_size": trainer.image_size,
               "trained_parameters": sum(v.numel() for v in trained.values()),
-              "trained_tensors": len(trained), **(trainer.lora.record() if trainer.lora else {}),
+              "trained_tensors": len(trained), **trainer.theta.record(),
               "text_encoder_tensors": 0,  # unless an extension trains the text encoder (its entries follow)
               "environment": environment_record()}
     if result is not None:
@@ -119,9 +118,9 @@ def check_room(trainer) -> None:
     cfg = trainer.config
     width = SAVE_PRECISIONS[cfg.save_precision].itemsize
     trained = sum(p.numel() for p in trainer.params)
-    saved = trained if trainer.lora is None else trainer.lora.merged_numel(trainer.unet)
+    saved, own_file = trainer.theta.saved_numel(trainer.unet, trained)
     need = saved * width if cfg.save_format in ("both", "trained") else 0
-    need += trained * width if trainer.lora else 0
+    need += own_file * width
     if cfg.save_format in ("both", "full"):
         need += sum(v.numel() for v in trainer.unet.state_dict().values()) * width
     if cfg.save_every:

@@ -55,12 +55,12 @@ def test_only_factors_train_and_the_files_agree_with_them(tiny_models, tmp_path,
     assert every(n.endswith(("lora_A.default.weight", "lora_B.default.weight")) for n in trainer.trained_names)
     assert any(dict(trainer.unet.named_parameters())[n].abs().max() > 0
                for n in trainer.trained_names if "lora_B" in n)  # B starts at 0 and trained
-    assert trainer.lora.excluded and every(n.endswith(".bias") or "norm" in n for n in trainer.lora.excluded)
+    assert trainer.theta.excluded and every(n.endswith(".bias") or "norm" in n for n in trainer.theta.excluded)
 
     run = trainer.output_dir
     factors, header = lora_factors(run / "lora-run.safetensors")
     merged = load_file(run / "run.safetensors")
-    assert set(merged) == {f"{m}.weight" for m in trainer.lora.modules}
+    assert set(merged) == {f"{m}.weight" for m in trainer.theta.modules}
     assert any(before[k].ndim == 4 and before[k].shape[-1] == 3 for k in merged)  # a 3x3 conv among them
     for name, weight in merged.items():
         key = kohya_name(name.removesuffix(".weight"), trainer.unet.config, "sd1")
