@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import esd  # noqa: E402, F401 - before tiny: it quietens a bitsandbytes kernel warning before diffusers loads it
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402

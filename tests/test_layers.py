@@ -147,6 +147,14 @@ def test_imports_left_inside_functions_say_why():
     assert kept and not unexplained, "\n".join(unexplained)
 
 
+def test_the_tests_mirror_the_layers():
+    """tests/ has one folder per layer (the tools together), and its test files live in them."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders == {"core", "families", "formats", "train", "tools", "cli"}
+    assert [p.name for p in tests.glob("test_*.py")] == ["test_layers.py"]  # the house's own test
+
+
 def test_the_checks_catch_what_they_are_for():
     """The walk sees an import inside a function, a relative one and a circle."""
     source = "from .b import x\n\ndef f():\n    from esd.c import y\n"
