@@ -68,7 +68,7 @@ from esd.formats.lora import LayerFactors, lora_tensors  # noqa: E402
 TOLERANCE = 1e-4  # fp32 full-rank files: ComfyUI patches in fp32, so ~1e-6 is expected
 TINY_NOTE = " (tiny, by hand)"  # not detected (widths): the family's class built on the detected config
 COMFY_CLASS = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL", "toy": "SD15"}
-UNET_METHODS = [name for name, m in TRAIN_METHODS.items() if "unet" in m.families]
+UNET_METHODS = [name for name, m in TRAIN_METHODS.items() if "unet" in m.denoisers]
 # The tiny exports' default: the paper's ESD-x and ESD-u, self-attention, and every parameter / every Linear and
 # Conv2d (all layer kinds: attention, feed-forward, resnet convs, time and added embeddings, conv_in/out,
 # down/upsamplers); the other methods train subsets of these. The real-config name checks take every method.

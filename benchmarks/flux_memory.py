@@ -52,7 +52,7 @@ def estimate() -> dict:
     total = sum(p.numel() for p in params.values())
     out = {}
     for name, method in TRAIN_METHODS.items():
-        if "flux" in method.families:
+        if "flux" in method.denoisers:
             n = sum(params[k].numel() for k in select_parameters(model, name))
             out[name] = {"trained": n, "adam_gb": (2 * total + 16 * n) / GB, "adam8bit_gb": (2 * total + 10 * n) / GB}
     out["_frozen_bf16_gb"] = 2 * total / GB

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from esd.core.devices import check_device
 from esd.core.methods import is_sdxl_config
 from esd.eval.metric import import_metrics_package
-from esd.families.sources import DEFAULT_BASE_MODEL, FLOW_FAMILIES, pipeline_family, resolve_source
+from esd.families.sources import DEFAULT_BASE_MODEL, FLOW_FAMILIES, pipeline_denoiser, resolve_source
 from esd.formats.prompt_csv import MAX_SEED
 from esd.formats.records import (
     check_inside,
@@ -119,7 +119,7 @@ def check_family(base_model: str) -> None:
     are not attacked here."""
 
     source = resolve_source(base_model)
-    if (family := pipeline_family(base_model)) in FLOW_FAMILIES:
+    if (family := pipeline_denoiser(base_model)) in FLOW_FAMILIES:
         raise ValueError(f"--base_model {base_model!r} is a {family} transformer; esd attack supports SD 1.x and "
                          "2.x models")
     try:

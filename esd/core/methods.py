@@ -1,9 +1,10 @@
 """Train methods: which UNet or transformer parameters ESD fine-tunes.
 
 One table, ``TRAIN_METHODS``, feeds the CLI choices, the README and the tests. Each method
-names the model families it applies to (``FAMILIES``): parameter names mean different things
-in different families (SD3.5's ``attn2`` is a second *image* self-attention, not the UNet's
-cross-attention), so a method applied to the wrong family is refused, naming the valid ones.
+names the denoiser architectures it applies to (``DENOISERS``: the UNet of SD 1.x/2.x/XL, the SD3
+and the FLUX transformers; a *family* is sd1, sd2, sdxl, sd3 or flux): parameter names mean different
+things in different architectures (SD3.5's ``attn2`` is a second *image* self-attention, not the UNet's
+cross-attention), so a method applied to the wrong one is refused, naming the valid ones.
 
 Parameter names are diffusers ``UNet2DConditionModel`` names. The paper's code
 selected by CompVis ``ldm`` names; the correspondences are:
@@ -61,8 +62,8 @@ _OUTPUT_LAYER = ("conv_norm_out.", "conv_out.")
 _TEXT_TIME_EMBEDDING = ("time_text_embed.",)
 _TRANSFORMER_OUTPUT_LAYER = ("norm_out.", "proj_out.")
 
-# Model family -> (diffusers class name, what to call it in messages).
-FAMILIES = {
+# Denoiser architecture -> (diffusers class name, what to call it in messages).
+DENOISERS = {
     "unet": ("UNet2DConditionModel", "UNet (SD 1.x, 2.x, XL)"),
     "sd3": ("SD3Transformer2DModel", "SD3/SD3.5 transformer"),
     "flux": ("FluxTransformer2DModel", "FLUX.1 transformer"),
@@ -101,7 +102,7 @@ class TrainMethod:
     description: str
     # (parameter name, the module holding it, layers_per_block) -> trained?
     selects: Callable[[str, torch.nn.Module, int], bool]
-    families: tuple[str, ...] = ("unet",)  # the FAMILIES whose parameter names `selects` understands
+    denoisers: tuple[str, ...] = ("unet",)  # the DENOISERS whose parameter names `selects` understands
     sdxl_selects: Callable[[str, torch.nn.Module, int], bool] | None = None  # on SDXL UNets (None: `selects`)
 
 
@@ -197,32 +198,32 @@ ALIASES = {"esd-x": "xattn", "esd-x-strict": "xattn-strict"}
 METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
 
 
-def resolve_method(name: str, family: str | None = None) -> TrainMethod:
-    """Return the train method called ``name`` (aliases accepted), checked against ``family`` (a FAMILIES
+def resolve_method(name: str, denoiser: str | None = None) -> TrainMethod:
+    """Return the train method called ``name`` (aliases accepted), checked against ``denoiser`` (a DENOISERS
     key) when it is known."""
     key = ALIASES.get(name, name)
     if key not in TRAIN_METHODS:
         raise ValueError(f"unknown train method {name!r}; valid: {', '.join(METHOD_CHOICES)}")
     method = TRAIN_METHODS[key]
-    if family is not None and family not in method.families:
-        valid = [c for c in METHOD_CHOICES if family in TRAIN_METHODS[ALIASES.get(c, c)].families]
-        raise ValueError(f"train method {name!r} is for the {' or '.join(FAMILIES[f][1] for f in method.families)}, "
-                         f"not the {FAMILIES[family][1]}; valid for it: {', '.join(valid)}")
+    if denoiser is not None and denoiser not in method.denoisers:
+        valid = [c for c in METHOD_CHOICES if denoiser in TRAIN_METHODS[ALIASES.get(c, c)].denoisers]
+        raise ValueError(f"train method {name!r} is for the {' or '.join(DENOISERS[f][1] for f in method.denoisers)}, "
+                         f"not the {DENOISERS[denoiser][1]}; valid for it: {', '.join(valid)}")
     return method
 
 
-def model_family(model: torch.nn.Module) -> str:
-    """The FAMILIES key of ``model``, by its diffusers class."""
-    for family, (cls, _) in FAMILIES.items():
+def model_denoiser(model: torch.nn.Module) -> str:
+    """The DENOISERS key of ``model``, by its diffusers class."""
+    for denoiser, (cls, _) in DENOISERS.items():
         if any(c.__name__ == cls for c in type(model).__mro__):
-            return family
+            return denoiser
     raise ValueError(f"no train methods for a {type(model).__name__}; valid models: "
-                     f"{', '.join(cls for cls, _ in FAMILIES.values())}")
+                     f"{', '.join(cls for cls, _ in DENOISERS.values())}")
 
 
 def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
     """Names of the parameters of ``model`` (a UNet or transformer) that ``method`` trains (never empty)."""
-    m = resolve_method(method, model_family(model))
+    m = resolve_method(method, model_denoiser(model))
     selects = m.sdxl_selects if m.sdxl_selects is not None and is_sdxl_unet(model) else m.selects
     lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
     if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value

@@ -53,7 +53,7 @@ def _checkpoint_keys(path: str, mtime_ns: int, size: int) -> frozenset[str]:
     return frozenset(state)
 
 
-def checkpoint_family(path: str) -> str:
+def checkpoint_denoiser(path: str) -> str:
     """``sd3`` (SD3, SD3.5) or ``flux`` (FLUX.1 dev/schnell) for an original transformer checkpoint; ``unet``
     for anything else (SD 1.x/2.x/SDXL, whose loader says what is wrong with other files)."""
     keys = checkpoint_keys(path)

@@ -32,9 +32,9 @@ from esd.families.sources import (
     FLUX_DEFAULT_SAMPLE_SIZE,
     ModelLoadError,
     check_model_index,
-    pipeline_family,
+    pipeline_denoiser,
     resolve_source,
-    single_file_family,
+    single_file_denoiser,
     vae_scale_factor_of,
     without_t5,
 )
@@ -162,7 +162,7 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
 
 def denoiser_class(base_model: str) -> tuple[type, str]:
     """The class of the base model's denoiser and its subfolder: the UNet, or SD3's or FLUX's transformer."""
-    family = pipeline_family(base_model)
+    family = pipeline_denoiser(base_model)
     if family in FLOW_FAMILIES:
         return (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel), "transformer"
     return UNet2DConditionModel, "unet"
@@ -171,7 +171,7 @@ def denoiser_class(base_model: str) -> tuple[type, str]:
 def load_denoiser(base_model: str, ckpt_path: str | None = None, ckpt_config: str | None = None) -> torch.nn.Module:
     """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32); from ``ckpt_path`` when given."""
     if ckpt_path is not None:
-        family = single_file_family(ckpt_path, ckpt_config)
+        family = single_file_denoiser(ckpt_path, ckpt_config)
         if family in FLOW_FAMILIES:
             source = resolve_source(ckpt_config)
             return load_flow_transformer(ckpt_path, family, source, os.path.isdir(source))
@@ -218,7 +218,7 @@ def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_v
 def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool, torch_dtype=None) -> DiffusionModels:
     """An original checkpoint: SD3/SD3.5 and FLUX.1 transformers (``torch_dtype`` as for folders), or an SD
     1.x/2.x/SDXL file through diffusers' pipeline single-file loading (fp32)."""
-    family = single_file_family(ckpt_path, ckpt_config)
+    family = single_file_denoiser(ckpt_path, ckpt_config)
     if family in FLOW_FAMILIES:
         return _load_flow_single_file(ckpt_path, family, ckpt_config, load_vae, torch_dtype)
     # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision

@@ -16,7 +16,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from esd.families.flow_single_file import FLOW_CHECKPOINTS, checkpoint_family
+from esd.families.flow_single_file import FLOW_CHECKPOINTS, checkpoint_denoiser
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -156,7 +156,7 @@ def check_model_index(index: dict, name: str) -> None:
                              f"{choices} or [null, null]")
 
 
-def pipeline_family(base_model: str) -> str | None:
+def pipeline_denoiser(base_model: str) -> str | None:
     """``sd3`` or ``flux`` for a flow-matching transformer pipeline, ``unet`` for another diffusers
     pipeline, from model_index.json alone (nothing is loaded); None when it cannot be read (a hub id
     not in the cache): the family is then checked once the model is loaded. A local folder that is missing
@@ -174,7 +174,7 @@ def native_resolution_of(base_model: str) -> int:
     """The model's native image size from its configs alone (no weights): the UNet's or SD3
     transformer's sample_size, FluxPipeline's default for FLUX, times the VAE factor."""
     source = resolve_source(base_model)
-    family = pipeline_family(base_model)
+    family = pipeline_denoiser(base_model)
     if family == "flux":
         sample_size = FLUX_DEFAULT_SAMPLE_SIZE
     elif family == "sd3":
@@ -193,7 +193,7 @@ def without_t5(index: dict) -> dict:
     return {}
 
 
-def single_file_family(ckpt_path: str, ckpt_config: str | None) -> str:
+def single_file_denoiser(ckpt_path: str, ckpt_config: str | None) -> str:
     """``sd3`` or ``flux`` for an original SD3/SD3.5 or FLUX.1 transformer file, ``unet`` for another
     checkpoint, from its tensor names alone; a transformer file must come with a ``ckpt_config`` pipeline
     of its own family (its text encoders, tokenizers, scheduler and VAE are not in the file)."""
@@ -202,7 +202,7 @@ def single_file_family(ckpt_path: str, ckpt_config: str | None) -> str:
     if ckpt_config is not None:
         resolve_source(ckpt_config)  # a local folder: checked (check_model_folder) before anything reads it
     try:
-        family = checkpoint_family(ckpt_path)
+        family = checkpoint_denoiser(ckpt_path)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ModelLoadError(f"could not read checkpoint {ckpt_path!r} ({type(e).__name__}: {e})") from e
     if family not in FLOW_FAMILIES:
@@ -211,7 +211,7 @@ def single_file_family(ckpt_path: str, ckpt_config: str | None) -> str:
     if ckpt_config is None:
         raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} transformer checkpoint without "
                              f"text encoders or VAE; pass --ckpt_config with a {pipeline} folder or hub id")
-    config_family = pipeline_family(ckpt_config)  # None: a hub id not cached; loading says why
+    config_family = pipeline_denoiser(ckpt_config)  # None: a hub id not cached; loading says why
     if config_family is not None and config_family != family:
         raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} checkpoint but --ckpt_config "
                              f"{ckpt_config!r} is a {config_family} pipeline; pass a {pipeline} folder or hub id")

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from esd.families.models import DiffusionModels, load_models
-from esd.families.sources import ModelLoadError, pipeline_family, resolve_source, single_file_family
+from esd.families.sources import ModelLoadError, pipeline_denoiser, resolve_source, single_file_denoiser
 from esd.formats.records import error_summary, read_json
 from esd.formats.weights import apply_erased_weights, run_weight_files
 
@@ -26,11 +26,12 @@ class Erasure:
     record: dict  # the run's args.json, or {} for a bare weights file
 
     @property
-    def family(self) -> str | None:
-        """sd3, flux or unet, from the base model's configs or the checkpoint's tensor names (no weights load)."""
+    def denoiser(self) -> str | None:
+        """unet, sd3 or flux (esd.core.methods.DENOISERS), from the base model's configs or the checkpoint's
+        tensor names (no weights load)."""
         if self.ckpt_path is None:
-            return pipeline_family(self.base_model)
-        return single_file_family(self.ckpt_path, self.ckpt_config)
+            return pipeline_denoiser(self.base_model)
+        return single_file_denoiser(self.ckpt_path, self.ckpt_config)
 
     @property
     def base(self) -> str:

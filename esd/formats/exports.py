@@ -98,16 +98,17 @@ def train_export_path(run_dir: str | os.PathLike, fmt: str) -> Path:
     return Path(run_dir) / "export" / (fmt if fmt not in FILE_FORMATS else f"{fmt}.safetensors")
 
 
-def check_family(formats: list[str], family: str | None, flag: str = "--format") -> None:
-    """Refuse, before any weights load, a format the model ``family`` cannot be written in."""
-    bad = [f for f in formats if family in FLOW_FAMILIES and f not in FLOW_FORMATS]
+def check_formats(formats: list[str], denoiser: str | None, flag: str = "--format") -> None:
+    """Refuse, before any weights load, a format that a model of this ``denoiser`` (unet, sd3, flux) cannot be
+    written in."""
+    bad = [f for f in formats if denoiser in FLOW_FAMILIES and f not in FLOW_FORMATS]
     if bad:
-        raise ValueError(f"{flag} {bad[0]} is not available for {family} erasures (the original SD3/FLUX layout "
+        raise ValueError(f"{flag} {bad[0]} is not available for {denoiser} erasures (the original SD3/FLUX layout "
                          f"is not written); use {' or '.join(FLOW_FORMATS)}")
 
 
 def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
-                  overwrite: bool, family: str | None = None) -> list[ExportSettings]:
+                  overwrite: bool, denoiser: str | None = None) -> list[ExportSettings]:
     """The exports of ``esd train --export``, each checked now (before any training) as ``esd export`` checks."""
     unknown = sorted(set(options) - set(TRAIN_EXPORT_OPTIONS))
     if unknown:
@@ -120,7 +121,7 @@ def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
     bad = [f for f in formats if f not in FORMATS]
     if bad or len(set(formats)) != len(formats):
         raise ValueError(f"--export {','.join(formats)!r} is not valid: give each of {', '.join(FORMATS)} at most once")
-    check_family(formats, family, "--export")
+    check_formats(formats, denoiser, "--export")
     settings = [ExportSettings(f, train_export_path(run_dir, f), overwrite=overwrite, **options) for f in formats]
     for s in settings:
         s.check()
@@ -243,7 +244,7 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
                                    "its args.json": run / "args.json" if run else None, "--base_model":
                                    erasure.base_model, "--ckpt_path": ckpt_path, "--ckpt_config": ckpt_config},
                     may_hold=("the erasure",))  # a run's exports go into its export/ folder
-    check_family([settings.format], erasure.family)
+    check_formats([settings.format], erasure.denoiser)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
     settings.out.parent.mkdir(parents=True, exist_ok=True)  # checked to be makeable before loading

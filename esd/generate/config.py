@@ -10,7 +10,7 @@ from esd.core.precision import PRECISIONS
 from esd.families.sources import (
     DEFAULT_BASE_MODEL,
     FLOW_FAMILIES,
-    pipeline_family,
+    pipeline_denoiser,
     resolve_source,
 )
 from esd.formats.weights import run_weight_files
@@ -58,7 +58,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.scheduler is None:  # an unreadable --base_model is named below, by resolve_source
-            self.scheduler = "flow-euler" if pipeline_family(self.base_model) in FLOW_FAMILIES else "lms"
+            self.scheduler = "flow-euler" if pipeline_denoiser(self.base_model) in FLOW_FAMILIES else "lms"
         for flag, value, choices in [("scheduler", self.scheduler, SCHEDULERS), ("pipeline", self.pipeline, PIPELINES),
                                      ("sld_preset", self.sld_preset, SLD_PRESETS),
                                      ("mixed_precision", self.mixed_precision, PRECISIONS)]:

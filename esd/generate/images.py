@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from esd.core.precision import PRECISIONS
 from esd.families.flow import pack_latents
 from esd.families.models import load_pipeline, vae_scale_factor_of
-from esd.families.sources import FLOW_FAMILIES, FLOW_PIPELINES, native_resolution_of, pipeline_family, resolve_source
+from esd.families.sources import FLOW_FAMILIES, FLOW_PIPELINES, native_resolution_of, pipeline_denoiser, resolve_source
 from esd.formats.generation_record import check_folder, folder_sha256, sha256, write_record
 from esd.formats.prompt_csv import parse_seed, read_prompt_table
 from esd.formats.records import atomic_write, check_name, environment_record
@@ -108,7 +108,7 @@ def resolved_image_size(cfg: GenerationConfig) -> int:
     fingerprint, which is checked before any model loads. SD3/FLUX pipelines (flow matching) are checked
     here too: they sample with --scheduler flow-euler only, which the UNet pipelines cannot, and have no SLD."""
     source = resolve_source(cfg.base_model)
-    flow = pipeline_family(cfg.base_model) in FLOW_FAMILIES
+    flow = pipeline_denoiser(cfg.base_model) in FLOW_FAMILIES
     if flow != (cfg.scheduler == "flow-euler"):
         raise ValueError(f"--scheduler {cfg.scheduler} does not fit {cfg.base_model!r}: SD3/FLUX pipelines sample "
                          "with --scheduler flow-euler, the UNet pipelines with any other")
@@ -142,7 +142,7 @@ def pixel_settings(cfg: GenerationConfig, weights_sha256: str | None, size: int)
 def flow_pipeline_class(base_model: str) -> dict:
     """{"pipeline_class": StableDiffusion3Pipeline | FluxPipeline} for a flow-matching model, else {}: the
     UNet pipelines' fingerprints predate the key and stay as they were."""
-    family = pipeline_family(base_model)
+    family = pipeline_denoiser(base_model)
     names = [name for name, f in FLOW_PIPELINES.items() if f == family]
     return {"pipeline_class": names[0]} if names else {}
 

@@ -17,9 +17,9 @@ from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 from esd.core.devices import parse_devices
 from esd.core.methods import is_sdxl_config, resolve_method
 from esd.core.precision import PRECISIONS, SAVE_PRECISIONS
-from esd.families.flow_single_file import checkpoint_family, checkpoint_keys
+from esd.families.flow_single_file import checkpoint_denoiser, checkpoint_keys
 from esd.families.schedulers import check_model_scheduler
-from esd.families.sources import FLOW_FAMILIES, pipeline_family, resolve_source, single_file_family
+from esd.families.sources import FLOW_FAMILIES, pipeline_denoiser, resolve_source, single_file_denoiser
 from esd.formats.exports import train_exports
 from esd.formats.records import check_name, safe_name
 from esd.train.lora import LoraSettings
@@ -54,8 +54,8 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
             raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
         self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
         self._apply_preset(self.is_sdxl if self.preset == "official" else False)  # only official differs on SDXL
-        by_family = FLUX_DEFAULTS if self.family == "flux" else {}
-        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_family}.items():
+        by_model = FLUX_DEFAULTS if self.denoiser == "flux" else {}
+        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_model}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.lora_rank and self.lora_alpha is None:
@@ -63,13 +63,15 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         self.validate()
 
     @property
-    def family(self) -> str | None:
-        """sd3, flux or unet from the configs or the checkpoint's tensor names (no weights load); None when
-        unreadable yet (a hub id not cached, a missing file): checked once loaded, or refused by validate."""
+    def denoiser(self) -> str | None:
+        """The denoiser's architecture (esd.core.methods.DENOISERS: unet, sd3 or flux) from the configs or the
+        checkpoint's tensor names, no weights load; the family (sd1, sd2, sdxl, sd3, flux) is the loaded models'.
+        None when unreadable yet (a hub id not cached, a missing file): checked once loaded, or refused by
+        validate."""
         if self.ckpt_path is None:
-            return pipeline_family(self.base_model)
+            return pipeline_denoiser(self.base_model)
         try:
-            return checkpoint_family(self.ckpt_path)
+            return checkpoint_denoiser(self.ckpt_path)
         except Exception:  # noqa: BLE001 - validate names the file; loading says what is wrong with it
             return None
 
@@ -78,9 +80,9 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         """Whether the model is an SDXL UNet (text-time added conditioning, as esd.families.models.detect_family tells
         it), from its UNet config or the checkpoint's tensor names (nothing loads); None when unreadable yet
         (a hub id not cached): :meth:`resolve_for` settles it once the model is loaded."""
-        family = self.family
-        if family != "unet":
-            return None if family is None else False
+        denoiser = self.denoiser
+        if denoiser != "unet":
+            return None if denoiser is None else False
         try:
             if self.ckpt_path is None:
                 return is_sdxl_config(UNet2DConditionModel.load_config(resolve_source(self.base_model),
@@ -102,17 +104,18 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         return changed
 
     def resolve_for(self, family: str) -> bool:
-        """Settle the preset for the loaded model's ``family`` (esd.families.models.FAMILIES), which the settings may
-        not have been able to read (a hub id not cached, a caller's own models); True when a value changed."""
+        """Settle the preset for the loaded model's ``family`` (sd1, sd2, sdxl, sd3 or flux:
+        esd.families.models.FAMILIES), which the settings may not have been able to read (a hub id not cached, a
+        caller's own models); True when a value changed."""
         return self._apply_preset(family == "sdxl")
 
     def validate(self) -> None:
         """Raise ValueError on any bad setting before a model is loaded."""
         if not self.prompt or not all(self.words):
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
-        family = self.family
-        resolve_method(self.train_method, family)  # family None (not readable yet): checked once loaded
-        if family in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
+        denoiser = self.denoiser
+        resolve_method(self.train_method, denoiser)  # None (not readable yet): checked once loaded
+        if denoiser in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
             raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
                              "loop, which has no flow-matching counterpart; for SD3/FLUX use --preset fast or "
                              "official (--timestep_mode matched)")
@@ -144,7 +147,7 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         if self.timestep_mode == "original" and self.sampler_scheduler != "ddim":
             raise ValueError("--timestep_mode original reproduces the paper's DDIM loop; it needs "
                              "--sampler_scheduler ddim")
-        if self.sampler_scheduler == "model" and self.ckpt_path is None and self.family == "unet":
+        if self.sampler_scheduler == "model" and self.ckpt_path is None and self.denoiser == "unet":
             check_model_scheduler(resolve_source(self.base_model))  # Euler (SDXL base): refused before loading
         if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
             raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
@@ -160,7 +163,7 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         elif not os.path.isfile(self.ckpt_path):
             raise ValueError(f"--ckpt_path {self.ckpt_path!r} does not exist")
         else:
-            single_file_family(self.ckpt_path, self.ckpt_config)
+            single_file_denoiser(self.ckpt_path, self.ckpt_config)
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)
@@ -180,7 +183,7 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
                 raise ValueError(f"--lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if self.export or self.export_options:
             train_exports(os.path.join(self.save_path, self.run_name), self.export, self.export_options,
-                          self.overwrite, self.family)
+                          self.overwrite, self.denoiser)
 
     @property
     def words(self) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from esd.core.methods import TRAIN_METHODS, model_family, resolve_method, select_parameters
+from esd.core.methods import TRAIN_METHODS, model_denoiser, resolve_method, select_parameters
 from esd.core.sampler import Conditioning
 from esd.core.settings import setting
 from esd.families.encode import call_unet
@@ -81,11 +81,11 @@ def lora_targets(unet: torch.nn.Module, method: str) -> tuple[list[str], list[st
 
 
 def _methods_with_lora_layers(unet: torch.nn.Module) -> list[str]:
-    modules, family = dict(unet.named_modules()), model_family(unet)
+    modules, family = dict(unet.named_modules()), model_denoiser(unet)
     found = []
     for name, spec in TRAIN_METHODS.items():
         try:
-            selected = select_parameters(unet, name) if family in spec.families else []
+            selected = select_parameters(unet, name) if family in spec.denoisers else []
         except ValueError:  # selects nothing in this model
             continue
         if any(n.endswith(".weight") and _lora_able(modules[n.rpartition(".")[0]]) for n in selected):

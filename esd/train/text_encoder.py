@@ -158,9 +158,9 @@ def check_one_text_encoder(cfg, flag_name: str) -> None:
     and SD3/FLUX (CLIP and T5) are refused, naming ``flag_name``. A local folder or a single file is checked now
     (configs, tensor names); other sources once loaded (see RobustESD and ESDTrainer.setup)."""
     flag, model = ("--base_model", cfg.base_model) if cfg.ckpt_path is None else ("--ckpt_path", cfg.ckpt_path)
-    if cfg.family in FLOW_FAMILIES:
+    if cfg.denoiser in FLOW_FAMILIES:
         raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is a "
-                         f"{cfg.family} transformer")
+                         f"{cfg.denoiser} transformer")
     if cfg.ckpt_path is None:
         config = Path(resolve_source(cfg.base_model)) / "unet" / "config.json"
         if config.is_file() and '"text_time"' in config.read_text():

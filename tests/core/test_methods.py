@@ -11,7 +11,7 @@ from esd.core.methods import (
     ALIASES,
     TRAIN_METHODS,
     compvis_block_to_diffusers,
-    model_family,
+    model_denoiser,
     resolve_method,
     select_parameters,
 )
@@ -47,7 +47,7 @@ def test_every_method_selects_exactly_its_parameters(unet):
         "esd-u": [n for n in linear_or_conv if ".attn2." not in n],
         "esd-all": linear_or_conv,
     }
-    assert set(expected) == {name for name, m in TRAIN_METHODS.items() if "unet" in m.families}
+    assert set(expected) == {name for name, m in TRAIN_METHODS.items() if "unet" in m.denoisers}
     for method, want in expected.items():
         got = select_parameters(unet, method)
         assert got == want, method
@@ -112,8 +112,8 @@ def test_transformer_methods_select_exactly_their_parameters(transformers):
             assert "transformer_blocks.0.attn2.to_k.weight" in expected["mmdit-u"]
             assert "pos_embed.proj.weight" in expected["mmdit-u"]
             assert not any(n.startswith("transformer_blocks.1.attn.to_add_out") for n in everything)
-        assert model_family(model) == family
-        assert set(expected) == {name for name, m in TRAIN_METHODS.items() if family in m.families}, family
+        assert model_denoiser(model) == family
+        assert set(expected) == {name for name, m in TRAIN_METHODS.items() if family in m.denoisers}, family
         for method, want in expected.items():
             got = select_parameters(model, method)
             assert got and sorted(got) == sorted(want), (family, method)

@@ -168,7 +168,7 @@ def test_official_method_names_select_the_official_codes_parameters():
     unet = sd14_unet()
     params = dict(unet.named_parameters())
     counts = {m: (len(names), sum(params[n].numel() for n in names))
-              for m, method in TRAIN_METHODS.items() if "unet" in method.families
+              for m, method in TRAIN_METHODS.items() if "unet" in method.denoisers
               for names in [select_parameters(unet, m)]}
     assert counts == {
         "xattn": (80, 43_962_560), "noxattn": (598, 813_495_680), "selfattn": (80, 49_574_080),
