@@ -9,6 +9,18 @@ import logging  # noqa: E402
 # a kernel ESD never calls. Only that one logger is quietened; bitsandbytes' other warnings still show.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+
+class _NoImageProcessorFallbackNote(logging.Filter):
+    """Without torchvision (an optional extra), importing diffusers' SD pipelines makes transformers note that
+    CLIP's and SigLIP's image processors fall back to PIL: processors ESD never uses. Only that note is dropped;
+    the logger's other records still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNote())
+
 import esd.eval  # noqa: E402, F401 - registers the metrics whose summaries model cards and reports read
 from esd.core.methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
 from esd.core.objective import esd_loss, esd_target  # noqa: E402

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from esd import ESDConfig, train_esd
 from esd.cli import main
+from esd.eval import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA = Path(__file__).resolve().parent / "data"  # the tests' own small prompt CSVs
@@ -30,8 +31,6 @@ def every(items) -> bool:
 def eval_config(**settings):
     """An EvalConfig built as a library caller would (no argparse); ``images``/``out`` are not read by the
     summarise-only tests. Each test module passes its own defaults with ``functools.partial``."""
-    from esd.eval import EvalConfig
-
     return EvalConfig(**{"images": "unused", "out": "unused", **settings})
 
 
@@ -50,7 +49,7 @@ def run_weights(result) -> dict:
 
 def same_tensors(a: dict, b: dict) -> bool:
     """The same names and bit-identical tensors."""
-    return a.keys() == b.keys() and every(torch.equal(a[k], b[k]) for k in a) if a else a == b
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def snapshot(folder, mtimes: bool = False, folders: bool = False) -> dict:

@@ -8,8 +8,8 @@ def setting(default=MISSING, help: str = "", flags: tuple[str, ...] = (), *,  # 
             default_factory=MISSING, cli: bool = True, **argparse_kw):
     """A dataclass field that carries its flag: ``help``; ``flags``, the option strings (the first is the
     name used everywhere, the others aliases; default ``--<field name>``); ``cli`` False for a field that no
-    flag sets directly; ``argparse_kw``: type, choices, required, metavar, nargs, action as argparse takes them
-    (type is read from the annotation when not given: int, float, or bool for a switch)."""
+    flag sets directly; ``argparse_kw``: type, choices, required, metavar, nargs as argparse takes them, or
+    positional=True (type is read from the annotation when not given: int, float, or bool for a switch)."""
     metadata = {"help": help, "flags": flags, "cli": cli, **argparse_kw}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)

@@ -18,6 +18,8 @@ from diffusers import (
     FluxTransformer2DModel,
     SchedulerMixin,
     SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
@@ -221,10 +223,6 @@ def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool, t
     family = single_file_denoiser(ckpt_path, ckpt_config)
     if family in FLOW_FAMILIES:
         return _load_flow_single_file(ckpt_path, family, ckpt_config, load_vae, torch_dtype)
-    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
-    # (an optional extra): imported where a pipeline is built, so that `import esd` stays quiet
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     checkpoint = load_single_file_checkpoint(ckpt_path)
     pipeline_cls = StableDiffusionXLPipeline if infer_diffusers_model_type(checkpoint).startswith("xl") \
         else StableDiffusionPipeline

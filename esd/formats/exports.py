@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from esd.core.precision import SAVE_PRECISIONS
@@ -173,10 +173,6 @@ def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSetti
 def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, settings: ExportSettings) -> None:
     """The base pipeline, every part of it (safety checker, feature extractor...), with the erased UNet or
     transformer. An SD3/FLUX single-file base is a transformer file whose other parts are its --ckpt_config's."""
-
-    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
-    # (an optional extra): imported where a pipeline is built, so that `import esd` stays quiet
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     m = loaded.models
     if m.family in FLOW_FAMILIES:

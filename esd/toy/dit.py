@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from esd.families.flow import encode_sd3, merge_zero_t5_tokens, merges_zero_t5_tokens, use_repeated_token_attention
@@ -163,10 +163,6 @@ def toy_dit_train(out: str | Path, cfg: DitRecipeConfig | None = None, log=print
     log(f"data ready in {time.perf_counter() - start:.0f} s: {len(images)} images, "
         f"{sum(p.numel() for p in transformer.parameters()):,} transformer parameters")
     ema = train_transformer(transformer, latent_mean * scale, latent_std * scale, embeds, pooled, cfg, log)
-    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
-    # (an optional extra): imported where a pipeline is built, so that importing the command stays quiet
-    from diffusers import StableDiffusion3Pipeline
-
     pipe = StableDiffusion3Pipeline(transformer=ema, scheduler=scheduler, vae=vae, text_encoder=encoders[0],
                                     tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
                                     text_encoder_3=None, tokenizer_3=None)

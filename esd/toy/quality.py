@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from esd.families.flow import merge_zero_t5_tokens
 from esd.families.sources import resolve_source
@@ -23,10 +23,6 @@ def load_toy_pipeline(base_model: str = "toy", unet=None):
     """The toy model's pipeline, sampling as the quality bar is defined: a UNet toy with DDIM, the
     flow-matching toy (``toy-dit``, an SD3 pipeline) with its own flow-matching Euler scheduler.
     ``unet`` replaces the UNet or transformer."""
-    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
-    # (an optional extra): imported where a pipeline is built, so that importing the command stays quiet
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
-
     folder = resolve_source(base_model)
     if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline":
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from esd.formats.records import environment_record
@@ -200,10 +200,6 @@ def toy_train(out: str | Path, cfg: RecipeConfig | None = None, log=print) -> Pa
     embeds = encode_captions(tokenizer, text_encoder, texts)
     ema_unet = train_unet(unet, scheduler, latent_mean * scaling_factor, latent_std * scaling_factor, embeds,
                           cfg, log)
-    # diffusers' SD pipelines import transformers' image processors, which warn on import without torchvision
-    # (an optional extra): imported where a pipeline is built, so that importing the command stays quiet
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
