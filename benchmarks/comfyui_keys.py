@@ -59,8 +59,9 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny import make_run  # noqa: E402  (tests/tiny.py, as tests/test_export.py makes its erasures)
 
-from esd.core.methods import TRAIN_METHODS, select_parameters  # noqa: E402
+from esd.core.methods import TRAIN_METHODS  # noqa: E402
 from esd.families.ldm_single_file import UNET_PREFIX, unet_to_ldm  # noqa: E402
+from esd.families.registry import FAMILIES, applies, select_parameters  # noqa: E402
 from esd.families.sources import TOY_MODEL_DIR  # noqa: E402
 from esd.formats.exports import ExportSettings, run_export  # noqa: E402
 from esd.formats.lora import LayerFactors, lora_tensors  # noqa: E402
@@ -68,7 +69,7 @@ from esd.formats.lora import LayerFactors, lora_tensors  # noqa: E402
 TOLERANCE = 1e-4  # fp32 full-rank files: ComfyUI patches in fp32, so ~1e-6 is expected
 TINY_NOTE = " (tiny, by hand)"  # not detected (widths): the family's class built on the detected config
 COMFY_CLASS = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL", "toy": "SD15"}
-UNET_METHODS = [name for name, m in TRAIN_METHODS.items() if "unet" in m.denoisers]
+UNET_METHODS = [name for name, m in TRAIN_METHODS.items() if applies(m, FAMILIES["sd1"])]
 # The tiny exports' default: the paper's ESD-x and ESD-u, self-attention, and every parameter / every Linear and
 # Conv2d (all layer kinds: attention, feed-forward, resnet convs, time and added embeddings, conv_in/out,
 # down/upsamplers); the other methods train subsets of these. The real-config name checks take every method.
@@ -318,7 +319,7 @@ def real_rows(c: Comfy, family: str, methods: list[str]) -> list[dict]:
                 down = torch.empty((r, *w.shape[1:]), device="meta")
                 up = torch.empty((w.shape[0], r, *([1, 1] if w.ndim == 4 else [])), device="meta")
                 layers[module] = LayerFactors(down, up, r, 0.0)
-        lora = lora_tensors(layers, 4.0, unet.config, family, torch.float32)
+        lora = lora_tensors(layers, 4.0, unet.config, FAMILIES[family], torch.float32)
         ok, total, _, problems, _ = lora_keys(c, model, lora)
         rows.append(dict(family=label, method=method, format="lora names", model=cls if detected else "-",
                          keys=f"{ok}/{total}", error="-", ok=not problems and ok == total, problems=problems))

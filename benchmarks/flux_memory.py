@@ -29,7 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 from tiny import FLUX1_DEV_TRANSFORMER, flux1_dev_transformer  # noqa: E402
 
-from esd.core.methods import TRAIN_METHODS, select_parameters  # noqa: E402
+from esd.core.methods import TRAIN_METHODS  # noqa: E402
+from esd.families.registry import FAMILIES, applies, select_parameters  # noqa: E402
 from esd.formats.records import environment_record  # noqa: E402
 
 GB = 1e9
@@ -52,7 +53,7 @@ def estimate() -> dict:
     total = sum(p.numel() for p in params.values())
     out = {}
     for name, method in TRAIN_METHODS.items():
-        if "flux" in method.denoisers:
+        if applies(method, FAMILIES["flux"]):
             n = sum(params[k].numel() for k in select_parameters(model, name))
             out[name] = {"trained": n, "adam_gb": (2 * total + 16 * n) / GB, "adam8bit_gb": (2 * total + 10 * n) / GB}
     out["_frozen_bf16_gb"] = 2 * total / GB
@@ -66,14 +67,12 @@ def measure_one(method: str, checkpointing: bool) -> dict:
     from benchmarks.peak_memory import PeakRSS
     from esd.core.sampler import Conditioning
     from esd.core.views import UNetViews
-    from esd.families.encode import call_unet
-    from esd.families.flow import uses_true_cfg
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**REDUCED)
     names = select_parameters(model, method)
-    views = UNetViews(model, names, torch.bfloat16, torch.device("cpu"), None, None, "flow", call=call_unet,
-                      true_cfg=uses_true_cfg(model))
+    views = UNetViews(model, names, torch.bfloat16, torch.device("cpu"), None, None, "flow", call=FAMILIES["flux"].call,
+                      true_cfg=FAMILIES["flux"].true_cfg)
     if checkpointing:
         model.enable_gradient_checkpointing()
     side = REDUCED_PIXELS // 8

@@ -13,7 +13,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tiny import flux1_dev_transformer, sd14_unet, sd35_medium_transformer  # noqa: E402
 
-from esd.core.methods import TRAIN_METHODS, model_denoiser, select_parameters  # noqa: E402
+from esd.core.methods import TRAIN_METHODS  # noqa: E402
+from esd.families.registry import applies, detect_family, select_parameters  # noqa: E402
 from esd.train.lora import lora_targets  # noqa: E402
 
 LORA_RANKS = (4, 16, 64)
@@ -23,14 +24,14 @@ MODELS = {"SD v1.4 UNet": sd14_unet, "SD3.5-medium transformer": sd35_medium_tra
 if __name__ == "__main__":
     for title, build in MODELS.items():
         model = build("meta")
-        family = model_denoiser(model)
+        family = detect_family(model)
         params = dict(model.named_parameters())
         total = sum(p.numel() for p in params.values())
         # 2 bytes per parameter: the trained weights saved in bf16 (or fp16, the same size).
         print(f"\n{title} ({family})")
         print(f"{'method':<15} {'tensors':>8} {'parameters':>15} {'share':>7} {'bf16 MB':>10}  description")
         for name, method in TRAIN_METHODS.items():
-            if family not in method.denoisers:
+            if not applies(method, family):
                 continue
             names = select_parameters(model, name)
             n = sum(params[k].numel() for k in names)

@@ -22,9 +22,10 @@ class _NoImageProcessorFallbackNote(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNote())
 
 import esd.eval  # noqa: E402, F401 - registers the metrics whose summaries model cards and reports read
-from esd.core.methods import TRAIN_METHODS, resolve_method, select_parameters  # noqa: E402
+from esd.core.methods import TRAIN_METHODS, resolve_method  # noqa: E402
 from esd.core.objective import esd_loss, esd_target  # noqa: E402
 from esd.families.models import DiffusionModels, load_models  # noqa: E402
+from esd.families.registry import FAMILIES, detect_family, select_parameters  # noqa: E402
 from esd.families.sources import ModelLoadError  # noqa: E402
 from esd.formats.weights import apply_erased_weights, load_erased_unet  # noqa: E402
 from esd.pipeline import ESDPipeline  # noqa: E402
@@ -33,6 +34,6 @@ from esd.train.modelcard import write_model_card  # noqa: E402
 from esd.train.presets import PRESETS  # noqa: E402
 from esd.train.recipe import ESDTrainer, train_esd  # noqa: E402
 
-__all__ = ["PRESETS", "TRAIN_METHODS", "DiffusionModels", "ESDConfig", "ESDPipeline", "ESDTrainer", "ModelLoadError",
-           "apply_erased_weights", "esd_loss", "esd_target", "load_erased_unet", "load_models", "resolve_method",
-           "select_parameters", "train_esd", "write_model_card"]
+__all__ = ["FAMILIES", "PRESETS", "TRAIN_METHODS", "DiffusionModels", "ESDConfig", "ESDPipeline", "ESDTrainer",
+           "ModelLoadError", "apply_erased_weights", "detect_family", "esd_loss", "esd_target", "load_erased_unet",
+           "load_models", "resolve_method", "select_parameters", "train_esd", "write_model_card"]

@@ -5,6 +5,7 @@ original-format files is checked without downloading any."""
 from tiny import SD_UP
 
 from esd.families.ldm_single_file import checkpoint_to_ldm, unet_to_ldm
+from esd.families.registry import FAMILIES
 
 SD1_UNET = {"layers_per_block": 2, "up_block_types": SD_UP}  # the block layout of SD 1.x and the tiny sd1
 
@@ -16,4 +17,5 @@ def to_ldm(state_dict: dict) -> dict:
 
 def pipeline_to_ldm(pipe) -> dict:
     """A whole SD 1.x pipeline as one CompVis-format checkpoint (UNet, VAE, CLIP text encoder)."""
-    return checkpoint_to_ldm(pipe.unet.state_dict(), pipe.unet.config, "sd1", pipe.vae, [pipe.text_encoder])
+    return checkpoint_to_ldm(pipe.unet.state_dict(), pipe.unet.config, FAMILIES["sd1"].ldm_text_encoders, pipe.vae,
+                             [pipe.text_encoder])

@@ -170,3 +170,32 @@ def test_the_checks_catch_what_they_are_for():
     assert found == [("esd.b", 1, False), ("esd.c", 4, True)]
     assert circles({"esd.a": {"esd.b"}, "esd.b": {"esd.c"}, "esd.c": {"esd.a"}}) == [["esd.a", "esd.b", "esd.c"]]
     assert layer_of("esd.eval.cli") == "cli" and layer_of("esd.core.views") == "core"
+
+
+FAMILY_NAMES = {"sd1", "sd2", "sdxl", "sd3", "flux"}
+
+
+def family_tests(tree: ast.AST) -> list[int]:
+    """Lines of a comparison with a family's name (``x == "sdxl"``, ``x in ("sd3", "flux")``): what a family's
+    own object should answer (esd.families.family.Family)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = [n for o in operands for n in ([o] if isinstance(o, ast.Constant) else
+                                                     getattr(o, "elts", []) if isinstance(o, (ast.Tuple, ast.List,
+                                                                                                ast.Set)) else [])
+                     if isinstance(n, ast.Constant) and n.value in FAMILY_NAMES]
+            if names:
+                found.append(node.lineno)
+    return found
+
+
+def test_no_family_is_tested_by_name_outside_the_families():
+    """Outside esd/families, nothing compares with a family's name: the family's object answers (one adapter per
+    family; a new family is one file there)."""
+    found = {f"{m}:{line}" for m, p in modules().items() if layer_of(m) != "families"
+             for line in family_tests(ast.parse(p.read_text()))}
+    assert not found, sorted(found)
+    # the check sees what it is for
+    assert family_tests(ast.parse('if family == "sdxl": pass\nok = m in ("sd3", "flux")\nx = a == "unet"')) == [1, 2]

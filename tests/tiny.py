@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from esd.core.methods import select_parameters
+from esd.families.registry import select_parameters
 from esd.formats.weights import save_trained_parameters
 from esd.toy.tokenizer import build_clip_tokenizer
 

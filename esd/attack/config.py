@@ -4,17 +4,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import UNet2DConditionModel
-
 from esd.core.devices import check_device
-from esd.core.methods import is_sdxl_config
 from esd.eval.metric import import_metrics_package
-from esd.families.sources import DEFAULT_BASE_MODEL, FLOW_FAMILIES, pipeline_denoiser, resolve_source
+from esd.families.sources import DEFAULT_BASE_MODEL, source_family
 from esd.formats.prompt_csv import MAX_SEED
 from esd.formats.records import (
     check_inside,
     check_output_folder,
-    error_summary,
 )
 from esd.generate.config import GenerationConfig
 from esd.generate.images import read_prompt_rows
@@ -115,16 +111,11 @@ def check_concept(judge: str, concept: str) -> None:
 
 
 def check_family(base_model: str) -> None:
-    """One text encoder only: SDXL's second encoder and pooled embeddings, and SD3's and FLUX's encoders,
-    are not attacked here."""
-
-    source = resolve_source(base_model)
-    if (family := pipeline_denoiser(base_model)) in FLOW_FAMILIES:
-        raise ValueError(f"--base_model {base_model!r} is a {family} transformer; esd attack supports SD 1.x and "
-                         "2.x models")
-    try:
-        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
-    except Exception as e:  # noqa: BLE001 - re-raised on one line
-        raise ValueError(f"--base_model {base_model!r}: cannot read its UNet config ({error_summary(e)})") from e
-    if is_sdxl_config(unet_config):
-        raise ValueError(f"--base_model {base_model!r} is SDXL; esd attack supports SD 1.x and 2.x models")
+    """One text encoder only (Family.one_text_encoder): SDXL's second encoder and pooled embeddings, and SD3's
+    and FLUX's encoders, are not attacked here."""
+    family = source_family(base_model)
+    if family is None:
+        raise ValueError(f"--base_model {base_model!r}: cannot read its configs (not a local diffusers folder and not "
+                         "in the hub cache); offline, pass a local folder or 'toy'")
+    if not family.one_text_encoder:
+        raise ValueError(f"--base_model {base_model!r} is {family.phrase}; esd attack supports SD 1.x and 2.x models")

@@ -1,10 +1,11 @@
 """Train methods: which UNet or transformer parameters ESD fine-tunes.
 
 One table, ``TRAIN_METHODS``, feeds the CLI choices, the README and the tests. Each method
-names the denoiser architectures it applies to (``DENOISERS``: the UNet of SD 1.x/2.x/XL, the SD3
-and the FLUX transformers; a *family* is sd1, sd2, sdxl, sd3 or flux): parameter names mean different
-things in different architectures (SD3.5's ``attn2`` is a second *image* self-attention, not the UNet's
-cross-attention), so a method applied to the wrong one is refused, naming the valid ones.
+names the parameter layouts its names are written for (``unet``: diffusers' UNet2DConditionModel; ``mmdit``:
+the joint blocks of diffusers' SD3/FLUX transformers; ``mmdit-single``: FLUX's single-stream blocks). Parameter
+names mean different things in different layouts (SD3.5's ``attn2`` is a second *image* self-attention, not the
+UNet's cross-attention), so each model family says which layouts its denoiser has
+(``esd.families.family.Family.layouts``) and a method of another is refused there, naming the valid ones.
 
 Parameter names are diffusers ``UNet2DConditionModel`` names. The paper's code
 selected by CompVis ``ldm`` names; the correspondences are:
@@ -28,10 +29,10 @@ their own; ``esd-x`` and ``esd-x-strict`` select what ``xattn`` and ``xattn-stri
 The official SDXL code (``esd_sdxl.py``) selects its ``esd-u`` and ``esd-all`` otherwise: of those
 ``Linear``/``Conv2d`` layers, only the ones whose module name holds ``block`` and not ``emb``, which on
 the SDXL UNet are the layers of ``down_blocks``, ``mid_block`` and ``up_blocks`` less the resnets'
-``time_emb_proj``: no ``time_embedding``, ``add_embedding``, ``conv_in`` or ``conv_out``. On an SDXL UNet
-(text-time added conditioning) ``esd-u`` and ``esd-all`` select that (``sdxl_selects``). The paper
-code's names keep their rule there: the paper never ran SDXL, and ``noxattn``/``full`` are its rules
-on diffusers names, whatever the UNet.
+``time_emb_proj``: no ``time_embedding``, ``add_embedding``, ``conv_in`` or ``conv_out``. On a family that
+asks for it (``Family.blocks_only_official``: SDXL) ``esd-u`` and ``esd-all`` select that
+(``blocks_only_selects``). The paper code's names keep their rule there: the paper never ran SDXL, and
+``noxattn``/``full`` are its rules on diffusers names, whatever the UNet.
 
 Transformers (diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``) have no
 cross-attention. Their joint (MMDiT) blocks, ``transformer_blocks.N``, keep a text stream and an
@@ -61,15 +62,6 @@ _OUTPUT_LAYER = ("conv_norm_out.", "conv_out.")
 # Transformer counterparts: the conditioning embedding and the output layer.
 _TEXT_TIME_EMBEDDING = ("time_text_embed.",)
 _TRANSFORMER_OUTPUT_LAYER = ("norm_out.", "proj_out.")
-
-# Denoiser architecture -> (diffusers class name, what to call it in messages).
-DENOISERS = {
-    "unet": ("UNet2DConditionModel", "UNet (SD 1.x, 2.x, XL)"),
-    "sd3": ("SD3Transformer2DModel", "SD3/SD3.5 transformer"),
-    "flux": ("FluxTransformer2DModel", "FLUX.1 transformer"),
-}
-_TRANSFORMERS = ("sd3", "flux")
-
 
 def compvis_block_to_diffusers(kind: str, index: int, layers_per_block: int = 2) -> str:
     """Map a CompVis ``input_blocks.N`` / ``output_blocks.N`` index to the
@@ -102,8 +94,9 @@ class TrainMethod:
     description: str
     # (parameter name, the module holding it, layers_per_block) -> trained?
     selects: Callable[[str, torch.nn.Module, int], bool]
-    denoisers: tuple[str, ...] = ("unet",)  # the DENOISERS whose parameter names `selects` understands
-    sdxl_selects: Callable[[str, torch.nn.Module, int], bool] | None = None  # on SDXL UNets (None: `selects`)
+    layouts: tuple[str, ...] = ("unet",)  # the parameter layouts whose names `selects` understands
+    # esd_sdxl.py's rule, on a family that asks for it (Family.blocks_only_official); None: `selects`
+    blocks_only_selects: Callable[[str, torch.nn.Module, int], bool] | None = None
 
 
 def _xlayer(name: str, module: torch.nn.Module, lpb: int) -> bool:
@@ -135,20 +128,9 @@ def _linear_or_conv(module: torch.nn.Module) -> bool:
 _UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 
 
-def _sdxl_official(name: str, module: torch.nn.Module) -> bool:
+def _blocks_only(name: str, module: torch.nn.Module) -> bool:
     # esd_sdxl.py's esd-all: Linear/Conv2d layers of the down, mid and up blocks, less the resnets' time_emb_proj.
     return _linear_or_conv(module) and name.startswith(_UNET_BLOCKS) and ".time_emb_proj." not in name
-
-
-def is_sdxl_config(config) -> bool:
-    """A UNet config (its config.json as a dict, or a model's ``config``) with SDXL's text-time added
-    conditioning: the one test of SDXL, for a loaded UNet (esd.families.models.detect_family) and for a config alone."""
-    return config is not None and config.get("addition_embed_type") == "text_time"
-
-
-def is_sdxl_unet(model: torch.nn.Module) -> bool:
-    """An SDXL UNet: a UNet2DConditionModel with the text-time added conditioning."""
-    return is_sdxl_config(getattr(model, "config", None))
 
 
 TRAIN_METHODS: dict[str, TrainMethod] = {
@@ -161,7 +143,7 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
                     lambda n, m, _: not ("attn2" in n or n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER))),
         TrainMethod("selfattn", "self-attention (attn1) only", lambda n, m, _: "attn1" in n),
         TrainMethod("full", "every parameter of the UNet or transformer", lambda n, m, _: True,
-                    ("unet",) + _TRANSFORMERS),
+                    ("unet", "mmdit")),
         TrainMethod("notime", "everything but time embedding and output layer",
                     lambda n, m, _: not n.startswith(_TIME_EMBEDDING + _OUTPUT_LAYER)),
         TrainMethod("xlayer", "cross-attention of CompVis output_blocks.6 and .8 (up_blocks.2.attentions.0 "
@@ -174,22 +156,22 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
                     "and output conv included, norm layers not); on SDXL esd_sdxl.py's: only those in the down/mid/up "
                     "blocks, less the resnets' time_emb_proj",
                     lambda n, m, _: _linear_or_conv(m) and "attn2" not in n,
-                    sdxl_selects=lambda n, m, _: _sdxl_official(n, m) and "attn2" not in n),
+                    blocks_only_selects=lambda n, m, _: _blocks_only(n, m) and "attn2" not in n),
         TrainMethod("esd-all", "the official code's ESD-all: every Linear/Conv2d layer (norm layers not); on SDXL "
                     "esd_sdxl.py's: only those in the down/mid/up blocks, less the resnets' time_emb_proj",
                     lambda n, m, _: _linear_or_conv(m),
-                    sdxl_selects=lambda n, m, _: _sdxl_official(n, m)),
+                    blocks_only_selects=lambda n, m, _: _blocks_only(n, m)),
         TrainMethod("mmdit-x", "SD3/FLUX transformer, the ESD-x analogue: text keys and values of the joint "
                     "blocks (attn.add_k_proj, attn.add_v_proj); for styles and artists",
-                    lambda n, m, _: _joint_text_kv(n), _TRANSFORMERS),
+                    lambda n, m, _: _joint_text_kv(n), ("mmdit",)),
         TrainMethod("mmdit-u", "SD3/FLUX transformer, the ESD-u analogue: everything but mmdit-x, the "
                     "timestep/guidance/pooled-text embedding and the output layer; for nudity and objects",
                     lambda n, m, _: not (_joint_text_kv(n)
                                          or n.startswith(_TEXT_TIME_EMBEDDING + _TRANSFORMER_OUTPUT_LAYER)),
-                    _TRANSFORMERS),
+                    ("mmdit",)),
         TrainMethod("mmdit-x-single", "FLUX transformer: mmdit-x plus the single-stream blocks' attn.to_k and "
                     "attn.to_v, which project text and image tokens alike",
-                    lambda n, m, _: _joint_text_kv(n) or _single_stream_kv(n), ("flux",)),
+                    lambda n, m, _: _joint_text_kv(n) or _single_stream_kv(n), ("mmdit-single",)),
     ]
 }
 
@@ -198,33 +180,20 @@ ALIASES = {"esd-x": "xattn", "esd-x-strict": "xattn-strict"}
 METHOD_CHOICES = list(TRAIN_METHODS) + list(ALIASES)
 
 
-def resolve_method(name: str, denoiser: str | None = None) -> TrainMethod:
-    """Return the train method called ``name`` (aliases accepted), checked against ``denoiser`` (a DENOISERS
-    key) when it is known."""
+def resolve_method(name: str) -> TrainMethod:
+    """The train method called ``name`` (aliases accepted); esd.families.registry.check_method also checks it
+    against a model family."""
     key = ALIASES.get(name, name)
     if key not in TRAIN_METHODS:
         raise ValueError(f"unknown train method {name!r}; valid: {', '.join(METHOD_CHOICES)}")
-    method = TRAIN_METHODS[key]
-    if denoiser is not None and denoiser not in method.denoisers:
-        valid = [c for c in METHOD_CHOICES if denoiser in TRAIN_METHODS[ALIASES.get(c, c)].denoisers]
-        raise ValueError(f"train method {name!r} is for the {' or '.join(DENOISERS[f][1] for f in method.denoisers)}, "
-                         f"not the {DENOISERS[denoiser][1]}; valid for it: {', '.join(valid)}")
-    return method
+    return TRAIN_METHODS[key]
 
 
-def model_denoiser(model: torch.nn.Module) -> str:
-    """The DENOISERS key of ``model``, by its diffusers class."""
-    for denoiser, (cls, _) in DENOISERS.items():
-        if any(c.__name__ == cls for c in type(model).__mro__):
-            return denoiser
-    raise ValueError(f"no train methods for a {type(model).__name__}; valid models: "
-                     f"{', '.join(cls for cls, _ in DENOISERS.values())}")
-
-
-def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
-    """Names of the parameters of ``model`` (a UNet or transformer) that ``method`` trains (never empty)."""
-    m = resolve_method(method, model_denoiser(model))
-    selects = m.sdxl_selects if m.sdxl_selects is not None and is_sdxl_unet(model) else m.selects
+def select_by(model: torch.nn.Module, method: TrainMethod, blocks_only: bool = False) -> list[str]:
+    """Names of the parameters of ``model`` that ``method`` trains (never empty); ``blocks_only``: its
+    ``blocks_only_selects`` where it has one (esd.families.registry.select_parameters says when)."""
+    selects = method.blocks_only_selects if blocks_only and method.blocks_only_selects is not None \
+        else method.selects
     lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
     if not isinstance(lpb, int):  # a per-block list in some configs; the paper's mapping assumes one value
         lpb = lpb[0]
@@ -232,7 +201,7 @@ def select_parameters(model: torch.nn.Module, method: str) -> list[str]:
              for p, _ in module.named_parameters(recurse=False)}
     names = [n for n, _ in model.named_parameters() if selects(n, owner[n], lpb)]
     if not names:
-        raise ValueError(f"train method {m.name!r} selects no parameters in this {type(model).__name__} "
+        raise ValueError(f"train method {method.name!r} selects no parameters in this {type(model).__name__} "
                          f"(it has {len(list(model.parameters()))} parameter tensors)")
     return names
 

@@ -117,7 +117,7 @@ def denoise(unet_fn: UNetFn, scheduler, noise: torch.Tensor, cond: Conditioning,
     noise taken to be at the first): one scheduler step per timestep. ``scheduler.set_timesteps``
     must have been called (it also resets multistep schedulers' state, so call it per trajectory).
     ``guidance_scale`` None: the conditional prediction alone, one pass (FLUX: see
-    :func:`esd.families.flow.uses_true_cfg`)."""
+    :attr:`esd.families.family.Family.true_cfg`)."""
     x = noise * initial_noise_sigma(scheduler)
     for t in timesteps:
         if guidance_scale is None:

@@ -71,7 +71,7 @@ class UNetViews:
                  frozen_unet=None, *, call: DenoiserCall, true_cfg: bool):
         """``frozen_unet``: theta* when the caller has a cheaper exact one (a LoRA's adapters switched off);
         ``call``: the family's call of its denoiser; ``true_cfg``: the model samples x_t with one conditional
-        pass, its guidance an input (FLUX.1-dev, :func:`esd.families.flow.uses_true_cfg`)."""
+        pass, its guidance an input (FLUX.1-dev, :attr:`esd.families.family.Family.true_cfg`)."""
         self.unet, self.dtype, self.device, self.call = unet, dtype, device, call
         self.frozen_unet = frozen_unet or FrozenUNet(unet, trained_names, dtype, frozen_device, call=call)
         trained = set(trained_names)

@@ -4,7 +4,7 @@
 Both are flow-matching models: x_t = (1 - s) x0 + s eps at noise level s = sigma in [0, 1], and the
 transformer predicts the velocity v = eps - x0 (the ODE dx/ds = v carries noise, s = 1, to data, s = 0).
 The scheduler's timesteps are s * 1000. x_t keeps the VAE latents' layout (B, C, h, w) everywhere in
-the engine; FLUX's 2x2 packing into tokens happens only inside :func:`call_transformer`.
+the engine; FLUX's 2x2 packing into tokens happens only inside :func:`call_flux`.
 """
 
 import math
@@ -12,22 +12,12 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch.func import functional_call
 
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default
 FLUX_T5_TOKENS = 512  # FluxPipeline's
-
-
-def is_flow_model(model: torch.nn.Module) -> bool:
-    return isinstance(model, (SD3Transformer2DModel, FluxTransformer2DModel))
-
-
-def uses_true_cfg(model: torch.nn.Module) -> bool:
-    """SD3 samples with classifier-free guidance (two passes); FLUX.1 does not: dev takes the guidance
-    scale as an input embedding (one conditional pass), schnell is distilled to sample without guidance."""
-    return not isinstance(model, FluxTransformer2DModel)
 
 
 def tokenize(tokenizer, prompts: list[str], device, length: int | None = None) -> torch.Tensor:
@@ -165,26 +155,31 @@ def image_ids(h: int, w: int, device) -> torch.Tensor:
     return ids.reshape(h * w, 3).to(device)
 
 
-def call_transformer(model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                     prompt_embeds: torch.Tensor, extra: dict, params: dict | None = None) -> torch.Tensor:
-    """The velocity the transformer predicts at x_t = ``latents`` (B, C, h, w), in that layout.
-    ``timesteps`` (B,) are the scheduler's (s * 1000): SD3 takes them so; FLUX takes s (timestep / 1000,
-    as FluxPipeline passes it; the model multiplies by 1000 again), its guidance as given, and the
-    token positions (txt_ids zeros, img_ids the packed grid). With ``params``, those tensors replace the
-    module's own (theta* through ``functional_call``)."""
+def _call(model: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, params: dict | None) -> torch.Tensor:
+    return model(hidden, **kwargs)[0] if params is None else functional_call(model, params, (hidden,), kwargs)[0]
+
+
+def call_sd3(model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+             extra: dict, params: dict | None = None) -> torch.Tensor:
+    """The velocity SD3's transformer predicts at x_t = ``latents`` (B, C, h, w). ``timesteps`` (B,) are the
+    scheduler's (s * 1000), as the pipeline passes them. With ``params``, those tensors replace the module's own
+    (theta* through ``functional_call``)."""
     kwargs = {"encoder_hidden_states": prompt_embeds, "pooled_projections": extra["pooled_projections"],
-              "return_dict": False}
+              "timestep": timesteps, "return_dict": False}
+    return _call(model, latents, kwargs, params)
+
+
+def call_flux(model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+              extra: dict, params: dict | None = None) -> torch.Tensor:
+    """The velocity FLUX's transformer predicts at x_t = ``latents`` (B, C, h, w), in that layout: packed 2x2
+    into tokens here only. It takes s (timestep / 1000, as FluxPipeline passes it; the model multiplies by 1000
+    again), its guidance as given, and the token positions (txt_ids zeros, img_ids the packed grid)."""
     h, w = latents.shape[-2:]
-    if isinstance(model, FluxTransformer2DModel):
-        hidden = pack_latents(latents)
-        kwargs.update(timestep=timesteps / 1000, guidance=extra.get("guidance"),
-                      txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device),
-                      img_ids=image_ids(h // 2, w // 2, latents.device))
-    else:
-        hidden = latents
-        kwargs.update(timestep=timesteps)
-    out = model(hidden, **kwargs)[0] if params is None else functional_call(model, params, (hidden,), kwargs)[0]
-    return unpack_latents(out, h, w) if isinstance(model, FluxTransformer2DModel) else out
+    kwargs = {"encoder_hidden_states": prompt_embeds, "pooled_projections": extra["pooled_projections"],
+              "timestep": timesteps / 1000, "guidance": extra.get("guidance"),
+              "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=latents.device),
+              "img_ids": image_ids(h // 2, w // 2, latents.device), "return_dict": False}
+    return unpack_latents(_call(model, pack_latents(latents), kwargs, params), h, w)
 
 
 class PipelineFlowSchedule(FlowMatchEulerDiscreteScheduler):
@@ -193,22 +188,23 @@ class PipelineFlowSchedule(FlowMatchEulerDiscreteScheduler):
     pipelines pass the resolution-dependent shift mu when the scheduler shifts dynamically (FLUX.1-dev),
     from the image's token count. So the sources can reset it per trajectory with the steps alone."""
 
-    flux_sigmas: bool = False
+    linspace_sigmas: bool = False
     mu: float | None = None
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs):
         n = num_inference_steps
-        sigmas = np.linspace(1.0, 1 / n, n) if self.flux_sigmas else None
+        sigmas = np.linspace(1.0, 1 / n, n) if self.linspace_sigmas else None
         super().set_timesteps(n, device, sigmas=sigmas, mu=self.mu)
 
 
-def flow_scheduler(scheduler, steps: int, latent_size: tuple[int, int], flux: bool) -> PipelineFlowSchedule:
+def flow_scheduler(scheduler, steps: int, latent_size: tuple[int, int],
+                   linspace_sigmas: bool) -> PipelineFlowSchedule:
     """The sampler of x_t for a flow model: its own flow-matching Euler scheduler on its pipeline's
     schedule (see :class:`PipelineFlowSchedule`), ``steps`` timesteps set. Euler on dx/ds = v is DDIM
     (eta 0) in the flow parameterisation (x0 and eps predicted from v, x_t rebuilt at the next s), so
     ``--sampler_scheduler ddim`` and ``model`` both mean this sampler."""
     own = PipelineFlowSchedule.from_config(scheduler.config)
-    own.flux_sigmas = flux
+    own.linspace_sigmas = linspace_sigmas
     if own.config.use_dynamic_shifting:
         tokens = (latent_size[0] // 2) * (latent_size[1] // 2)  # the pipelines' image_seq_len (2x2 patches)
         c = own.config

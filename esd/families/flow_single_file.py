@@ -8,6 +8,8 @@ same architecture at another size. A ``.safetensors`` header lists the names wit
 
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -19,48 +21,58 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 
 ORIGINAL_PREFIX = "model.diffusion_model."  # Stability's files nest the denoiser under it; FLUX.1's do not
-# family -> (names that mark it in an original file, its transformer class, the pipeline class its folder needs)
-FLOW_CHECKPOINTS = {
-    "sd3": (CHECKPOINT_KEY_NAMES["sd3"] + CHECKPOINT_KEY_NAMES["sd35_large"], SD3Transformer2DModel,
-            "StableDiffusion3Pipeline"),
-    "flux": (CHECKPOINT_KEY_NAMES["flux"], FluxTransformer2DModel, "FluxPipeline"),
-}
-# Later models that share FLUX.1's double_blocks names; diffusers tells them apart by these and so do we.
-NOT_FLUX1 = CHECKPOINT_KEY_NAMES["flux2"] + CHECKPOINT_KEY_NAMES["flux3"] + CHECKPOINT_KEY_NAMES["chroma"]
+
+
+@dataclass(frozen=True)
+class OriginalLayout:
+    """A transformer family's original single-file layout."""
+
+    markers: tuple[str, ...]  # names that mark it in an original file
+    not_markers: tuple[str, ...]  # names of later models that share its markers (diffusers tells them apart so)
+    transformer_class: type
+    pipeline: str  # the pipeline class its --ckpt_config folder needs
+    to_diffusers: Callable  # (the file's state dict, the transformer's config) -> diffusers' state dict
+
+
 FLUX_MLP_RATIO = 4  # FLUX.1's feed-forward width over its model width (the single blocks' fused linear1)
 
 
 def checkpoint_keys(path: str) -> frozenset[str]:
-    """The tensor names of a checkpoint: a safetensors header, or a ``.ckpt``/``.pt`` opened memory-mapped
-    where its format allows (``weights_only``: files may come from strangers) so that its tensors are not read.
+    """The tensor names of a checkpoint: see :func:`checkpoint_shapes`."""
+    return frozenset(checkpoint_shapes(path))
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple]:
+    """Each tensor's shape by name: from a safetensors header, or a ``.ckpt``/``.pt`` opened memory-mapped where
+    its format allows (``weights_only``: files may come from strangers) so that its tensors are not read.
     Read once per file version: the settings' checks, loading and saving each ask for the family."""
     stat = os.stat(path)
-    return _checkpoint_keys(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    return _checkpoint_shapes(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _checkpoint_keys(path: str, mtime_ns: int, size: int) -> frozenset[str]:
-    """checkpoint_keys, for one version of the file (a rewritten file has another mtime or size)."""
+def _checkpoint_shapes(path: str, mtime_ns: int, size: int) -> dict[str, tuple]:
+    """checkpoint_shapes, for one version of the file (a rewritten file has another mtime or size)."""
     if str(path).endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
-            return frozenset(f.keys())
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # a file from before torch 1.6's zip format cannot be memory-mapped: read it whole
         state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, dict) and "state_dict" in state:  # Lightning-style nesting, as diffusers unwraps it
         state = state["state_dict"]
-    return frozenset(state)
+    return {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
 
 
-def checkpoint_denoiser(path: str) -> str:
-    """``sd3`` (SD3, SD3.5) or ``flux`` (FLUX.1 dev/schnell) for an original transformer checkpoint; ``unet``
-    for anything else (SD 1.x/2.x/SDXL, whose loader says what is wrong with other files)."""
+def flow_checkpoint_family(path: str) -> str | None:
+    """``sd3`` (SD3, SD3.5) or ``flux`` (FLUX.1 dev/schnell) for an original transformer checkpoint; None for
+    anything else (an SD 1.x/2.x/SDXL file, whose loader says what is wrong with other files)."""
     keys = checkpoint_keys(path)
-    for family, (markers, _, _) in FLOW_CHECKPOINTS.items():
-        if any(k in keys for k in markers) and not (family == "flux" and any(k in keys for k in NOT_FLUX1)):
+    for family, layout in FLOW_CHECKPOINTS.items():
+        if any(k in keys for k in layout.markers) and not any(k in keys for k in layout.not_markers):
             return family
-    return "unet"
+    return None
 
 
 def flux_to_diffusers(checkpoint: dict, config) -> dict:
@@ -128,20 +140,33 @@ def flux_to_diffusers(checkpoint: dict, config) -> dict:
     return out
 
 
+# family -> its original layout
+FLOW_CHECKPOINTS = {
+    "sd3": OriginalLayout(tuple(CHECKPOINT_KEY_NAMES["sd3"] + CHECKPOINT_KEY_NAMES["sd35_large"]), (),
+                          SD3Transformer2DModel, "StableDiffusion3Pipeline",
+                          lambda checkpoint, config: convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)),
+    # FLUX.2, FLUX.3 and Chroma share FLUX.1's double_blocks names; diffusers tells them apart by these, and so do we.
+    "flux": OriginalLayout(tuple(CHECKPOINT_KEY_NAMES["flux"]),
+                           tuple(CHECKPOINT_KEY_NAMES["flux2"] + CHECKPOINT_KEY_NAMES["flux3"]
+                                 + CHECKPOINT_KEY_NAMES["chroma"]),
+                           FluxTransformer2DModel, "FluxPipeline", flux_to_diffusers),
+}
+
+
 def load_flow_transformer(ckpt_path: str, family: str, ckpt_config: str, local_files_only: bool,
                           torch_dtype: torch.dtype | None = None):
     """The transformer of an original SD3/SD3.5 or FLUX.1 file, built from ``ckpt_config``'s
     ``transformer/config.json`` and loaded strictly (a missing or unexpected tensor is named), in
     ``torch_dtype`` (default fp32, as ``from_pretrained``). Tensors of
     other components in the file (text encoders, VAE of an all-in-one SD3 file) are left unread here."""
-    _, cls, _ = FLOW_CHECKPOINTS[family]
+    layout = FLOW_CHECKPOINTS[family]
+    cls = layout.transformer_class
     config = cls.load_config(ckpt_config, subfolder="transformer", local_files_only=local_files_only)
     with torch.device("meta"):
         model = cls.from_config(config)
     checkpoint = load_single_file_checkpoint(ckpt_path, local_files_only=True)
     try:
-        state = (convert_sd3_transformer_checkpoint_to_diffusers(checkpoint) if family == "sd3"
-                 else flux_to_diffusers(checkpoint, model.config))
+        state = layout.to_diffusers(checkpoint, model.config)
     except KeyError as e:
         raise ValueError(f"no tensor {e} in the {family} checkpoint {ckpt_path!r}") from e
     dtype = torch_dtype or torch.float32  # as from_pretrained: fp32 unless asked, whatever the file holds

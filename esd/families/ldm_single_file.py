@@ -14,11 +14,6 @@ import torch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# Where each family keeps its text encoders: HF CLIP (SD 1.x, SDXL's first) or OpenCLIP (SD 2.x, SDXL's second).
-TEXT_ENCODER_LAYOUTS = {"sd1": [("clip", "cond_stage_model.transformer.")],
-                        "sd2": [("openclip", "cond_stage_model.model.")],
-                        "sdxl": [("clip", "conditioner.embedders.0.transformer."),
-                                 ("openclip", "conditioner.embedders.1.model.")]}
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -133,11 +128,13 @@ def clip_to_openclip(state_dict: dict) -> dict:
     return out
 
 
-def checkpoint_to_ldm(unet_state_dict: dict, unet_config, family: str, vae, text_encoders: list) -> dict:
-    """A whole Stable Diffusion model as one original-layout checkpoint: UNet, VAE, text encoder(s)."""
+def checkpoint_to_ldm(unet_state_dict: dict, unet_config, text_encoder_layouts, vae, text_encoders: list) -> dict:
+    """A whole Stable Diffusion model as one original-layout checkpoint: UNet, VAE, text encoder(s).
+    ``text_encoder_layouts``: where the family keeps each text encoder, HF CLIP (SD 1.x, SDXL's first) or
+    OpenCLIP (SD 2.x, SDXL's second), and under which prefix (Family.ldm_text_encoders)."""
     ckpt = unet_to_ldm(unet_state_dict, unet_config)
     ckpt.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
-    for (kind, prefix), encoder in zip(TEXT_ENCODER_LAYOUTS[family], text_encoders, strict=True):
+    for (kind, prefix), encoder in zip(text_encoder_layouts, text_encoders, strict=True):
         sd = clip_to_openclip(encoder.state_dict()) if kind == "openclip" else _text_model_keys(encoder.state_dict())
         ckpt.update({prefix + k: v for k, v in sd.items()})
     return ckpt

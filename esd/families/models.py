@@ -6,6 +6,7 @@ The family (SD 1.x, SD 2.x, SDXL UNets; SD3/SD3.5 and FLUX.1 transformers), the
 prediction type and the native resolution are read from the loaded configs, never assumed.
 """
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -18,30 +19,24 @@ from diffusers import (
     FluxTransformer2DModel,
     SchedulerMixin,
     SD3Transformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from esd.core.methods import is_sdxl_config
+from esd.families.family import Family
 from esd.families.flow_single_file import load_flow_transformer
+from esd.families.registry import denoiser_of, detect_family, families_of_pipeline
 from esd.families.sources import (
     DEFAULT_BASE_MODEL,
-    FLOW_FAMILIES,
-    FLOW_PIPELINES,
-    FLUX_DEFAULT_SAMPLE_SIZE,
     ModelLoadError,
     check_model_index,
-    pipeline_denoiser,
+    pipeline_load_kwargs,
     resolve_source,
-    single_file_denoiser,
+    single_file_family,
+    source_family,
     vae_scale_factor_of,
-    without_t5,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 # from_pretrained's dtype argument: diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
 DTYPE_ARGUMENT = "dtype" if tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 
@@ -58,7 +53,7 @@ class DiffusionModels:
     vae: AutoencoderKL | None
     vae_scale_factor: int
     source: str  # what the user passed, for records and error messages
-    family: str = field(init=False)
+    family: Family = field(init=False)  # read from the denoiser (esd.families.registry.detect_family)
 
     def __post_init__(self):
         self.family = detect_family(self.unet)
@@ -67,36 +62,21 @@ class DiffusionModels:
     def prediction_type(self) -> str:
         """epsilon, v_prediction or sample (the scheduler's config); ``flow`` for the flow-matching
         transformers, which predict the velocity v = eps - x0."""
-        return "flow" if self.family in FLOW_FAMILIES else self.scheduler.config.prediction_type
+        return "flow" if self.family.flow else self.scheduler.config.prediction_type
 
     @property
     def native_resolution(self) -> int:
-        sample_size = FLUX_DEFAULT_SAMPLE_SIZE if self.family == "flux" else self.unet.config.sample_size
-        return sample_size * self.vae_scale_factor
+        return self.family.sample_size(self.unet.config) * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
         """Channels of the VAE latents x_t lives in: FLUX's transformer reads them packed 2x2 (4x the channels)."""
-        return self.unet.config.in_channels // (4 if self.family == "flux" else 1)
+        return self.unet.config.in_channels // self.family.packed_channels
 
     @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this: the VAE factor, times the transformers' 2x2 patches."""
-        return self.vae_scale_factor * (2 if self.family in FLOW_FAMILIES else 1)
-
-
-def detect_family(unet: torch.nn.Module) -> str:
-    """SD3 and FLUX by their transformer class. SDXL has the text-time added conditioning; SD 2.x uses
-    linear projections in its transformers (and head-dim lists); SD 1.x is the rest."""
-    if isinstance(unet, SD3Transformer2DModel):
-        return "sd3"
-    if isinstance(unet, FluxTransformer2DModel):
-        return "flux"
-    if is_sdxl_config(unet.config):
-        return "sdxl"
-    if unet.config.use_linear_projection:
-        return "sd2"
-    return "sd1"
+        return self.vae_scale_factor * self.family.patch
 
 
 def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=DiffusionPipeline):
@@ -108,7 +88,7 @@ def load_pipeline(base_model: str, safety_checker: bool = False, pipeline_class=
     check_model_index(index, base_model)  # a hub id's (a local folder's is checked by resolve_source)
     extra = {"safety_checker": None, "requires_safety_checker": False} \
         if "safety_checker" in index and not safety_checker else {}
-    return pipeline_class.from_pretrained(source, **extra, **without_t5(index))
+    return pipeline_class.from_pretrained(source, **extra, **pipeline_load_kwargs(index))
 
 
 def load_scheduler(source: str) -> SchedulerMixin:
@@ -147,16 +127,16 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
                              "folder and not in the hub cache; offline, pass a local folder as --base_model, "
                              "'toy', or --ckpt_path with --ckpt_config") from e
     check_model_index(index, base_model)  # a hub id's (a local folder's is checked by resolve_source)
-    if index["_class_name"] in FLOW_PIPELINES:
+    if families_of_pipeline(index["_class_name"])[0].flow:
         return _load_flow_pipeline(source, base_model, index, load_vae, torch_dtype)
-    is_xl = "text_encoder_2" in index
+    # A UNet pipeline: its CLIP text encoder, and SDXL's second (with projection) where the folder has one.
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
     scheduler = load_scheduler(source)
-    tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")]
-    text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder")]
-    if is_xl:
-        tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"))
+    tokenizers, text_encoders = [], []
+    for n, encoder_class in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+        if f"text_encoder{n}" in index:
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{n}"))
+            text_encoders.append(encoder_class.from_pretrained(source, subfolder=f"text_encoder{n}"))
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if load_vae else None
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else vae_scale_factor_of(source)
     return DiffusionModels(unet, scheduler, tokenizers, text_encoders, vae, factor, base_model)
@@ -164,19 +144,17 @@ def load_models(base_model: str = DEFAULT_BASE_MODEL, ckpt_path: str | None = No
 
 def denoiser_class(base_model: str) -> tuple[type, str]:
     """The class of the base model's denoiser and its subfolder: the UNet, or SD3's or FLUX's transformer."""
-    family = pipeline_denoiser(base_model)
-    if family in FLOW_FAMILIES:
-        return (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel), "transformer"
-    return UNet2DConditionModel, "unet"
+    family = source_family(base_model)  # None: unreadable before loading; a UNet's, as the loader then reads it
+    return (family.denoiser_class, family.subfolder) if family is not None else (UNet2DConditionModel, "unet")
 
 
 def load_denoiser(base_model: str, ckpt_path: str | None = None, ckpt_config: str | None = None) -> torch.nn.Module:
     """The base model's UNet, or its transformer for SD3/FLUX, alone (fp32); from ``ckpt_path`` when given."""
     if ckpt_path is not None:
-        family = single_file_denoiser(ckpt_path, ckpt_config)
-        if family in FLOW_FAMILIES:
+        family = single_file_family(ckpt_path, ckpt_config)
+        if family.flow:
             source = resolve_source(ckpt_config)
-            return load_flow_transformer(ckpt_path, family, source, os.path.isdir(source))
+            return load_flow_transformer(ckpt_path, family.name, source, os.path.isdir(source))
         return load_models(base_model, ckpt_path, ckpt_config).unet
     cls, subfolder = denoiser_class(base_model)
     return cls.from_pretrained(resolve_source(base_model), subfolder=subfolder)
@@ -187,7 +165,7 @@ def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: boo
     encoder classes). SD3's T5 is optional: a folder whose model_index.json has no ``text_encoder_3`` loads
     without it, and the prompts get zeros in its place, as the pipeline does."""
     kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
-    kwargs.update(without_t5(index))
+    kwargs.update(pipeline_load_kwargs(index))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -196,7 +174,7 @@ def _load_flow_pipeline(source: str, base_model: str, index: dict, load_vae: boo
     return models_from_pipeline(pipe, base_model, pipe.vae if load_vae else None)
 
 
-def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_vae: bool,
+def _load_flow_single_file(ckpt_path: str, family: Family, ckpt_config: str, load_vae: bool,
                            torch_dtype) -> DiffusionModels:
     """The transformer from the original file; text encoders, tokenizers, scheduler and VAE from the
     ``ckpt_config`` pipeline. FLUX.1's original files hold the transformer alone, as do most SD3.5
@@ -206,11 +184,11 @@ def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_v
     source = resolve_source(ckpt_config)
     local = os.path.isdir(source)  # a folder: nothing is fetched; a hub id: its cache, else the hub
     try:
-        transformer = load_flow_transformer(ckpt_path, family, source, local, torch_dtype)
+        transformer = load_flow_transformer(ckpt_path, family.name, source, local, torch_dtype)
         index = DiffusionPipeline.load_config(source, local_files_only=local)
         kwargs = {DTYPE_ARGUMENT: torch_dtype} if torch_dtype is not None else {}
         pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, local_files_only=local,
-                                                 **kwargs, **without_t5(index))
+                                                 **kwargs, **pipeline_load_kwargs(index))
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load the {family} checkpoint {ckpt_path!r} with --ckpt_config "
                              f"{ckpt_config!r} ({type(e).__name__}: {e})") from e
@@ -220,14 +198,12 @@ def _load_flow_single_file(ckpt_path: str, family: str, ckpt_config: str, load_v
 def _load_single_file(ckpt_path: str, ckpt_config: str | None, load_vae: bool, torch_dtype=None) -> DiffusionModels:
     """An original checkpoint: SD3/SD3.5 and FLUX.1 transformers (``torch_dtype`` as for folders), or an SD
     1.x/2.x/SDXL file through diffusers' pipeline single-file loading (fp32)."""
-    family = single_file_denoiser(ckpt_path, ckpt_config)
-    if family in FLOW_FAMILIES:
+    family = single_file_family(ckpt_path, ckpt_config)
+    if family.flow:
         return _load_flow_single_file(ckpt_path, family, ckpt_config, load_vae, torch_dtype)
-    checkpoint = load_single_file_checkpoint(ckpt_path)
-    pipeline_cls = StableDiffusionXLPipeline if infer_diffusers_model_type(checkpoint).startswith("xl") \
-        else StableDiffusionPipeline
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if pipeline_cls is StableDiffusionPipeline \
-        else {}
+    pipeline_cls = getattr(diffusers, family.pipeline_classes[0])
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} \
+        if "safety_checker" in inspect.signature(pipeline_cls.__init__).parameters else {}
     try:
         pipe = pipeline_cls.from_single_file(ckpt_path, config=ckpt_config,
                                              local_files_only=ckpt_config is not None, **kwargs)
@@ -244,5 +220,4 @@ def models_from_pipeline(pipe, source: str, vae=None) -> DiffusionModels:
     tokenizers = [getattr(pipe, f"tokenizer{n}") for n in names]
     text_encoders = [getattr(pipe, f"text_encoder{n}") for n in names]
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
-    return DiffusionModels(denoiser, pipe.scheduler, tokenizers, text_encoders, vae, factor, source)
+    return DiffusionModels(denoiser_of(pipe), pipe.scheduler, tokenizers, text_encoders, vae, factor, source)

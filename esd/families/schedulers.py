@@ -9,15 +9,16 @@ from esd.families.flow import flow_scheduler
 
 
 def sampler_scheduler(scheduler, kind: str, steps: int, latent_size: tuple[int, int] | None = None,
-                      flux: bool = False):
+                      linspace_sigmas: bool = False):
     """The scheduler that samples x_t, with ``steps`` timesteps set: ``ddim`` (the paper's sampler,
     eta 0) from the model's schedule, or ``model``, the model's own class (PNDM for SD1.4, as the
     current official code samples). Schedulers that work on sigma-scaled latents (Euler, LMS) are
     refused: their x_t is not the x_t the UNet is trained on without input scaling. Flow-matching
     models (a ``FlowMatchEulerDiscreteScheduler``) sample with :func:`esd.families.flow.flow_scheduler` for
-    either kind; ``latent_size`` (h, w) sets FLUX's resolution-dependent shift, ``flux`` its sigmas."""
+    either kind; ``latent_size`` (h, w) sets FLUX's resolution-dependent shift, ``linspace_sigmas``
+    FluxPipeline's sigmas (Family.linspace_sigmas)."""
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return flow_scheduler(scheduler, steps, latent_size, flux)
+        return flow_scheduler(scheduler, steps, latent_size, linspace_sigmas)
     own = DDIMScheduler.from_config(scheduler.config) if kind == "ddim" else \
         type(scheduler).from_config(scheduler.config)
     own.set_timesteps(steps)

@@ -8,15 +8,12 @@ import re
 from pathlib import Path
 
 import diffusers
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    SchedulerMixin,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
 
-from esd.families.flow_single_file import FLOW_CHECKPOINTS, checkpoint_denoiser
+from esd.families.family import Family
+from esd.families.flow_single_file import FLOW_CHECKPOINTS, checkpoint_shapes, flow_checkpoint_family
+from esd.families.ldm_single_file import UNET_PREFIX as LDM_UNET_PREFIX
+from esd.families.registry import FAMILIES, PIPELINE_CLASSES, families_of_pipeline, family_of_config
 
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -27,16 +24,11 @@ TOY_DIT_DIR = Path(__file__).parents[1] / "toy" / "model-dit"
 # The shipped toy models by name, and the command that rebuilds each.
 TOY_MODELS = {"toy": (TOY_MODEL_DIR, "esd toy-train"), "toy-dit": (TOY_DIT_DIR, "esd toy-train-dit")}
 
-# Pipelines whose denoiser is a flow-matching transformer (model_index.json's class) -> family.
-FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-
-FLOW_FAMILIES = tuple(FLOW_PIPELINES.values())
-
 # What a model folder's model_index.json may name (folders may come from strangers, and diffusers imports
 # whatever module an entry names): the pipelines this tool loads, and per component the [library, class]
 # pairs it loads; ("diffusers", SCHEDULER) stands for any of diffusers' scheduler classes. Every entry may
-# also be [null, null] (a component saved without, as the toy models' safety checker).
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+# also be [null, null] (a component saved without, as the toy models' safety checker). The pipelines are the
+# families' (esd.families.registry.PIPELINE_CLASSES).
 
 SCHEDULER = "<a diffusers scheduler, e.g. DDIMScheduler>"
 
@@ -156,69 +148,90 @@ def check_model_index(index: dict, name: str) -> None:
                              f"{choices} or [null, null]")
 
 
-def pipeline_denoiser(base_model: str) -> str | None:
-    """``sd3`` or ``flux`` for a flow-matching transformer pipeline, ``unet`` for another diffusers
-    pipeline, from model_index.json alone (nothing is loaded); None when it cannot be read (a hub id
-    not in the cache): the family is then checked once the model is loaded. A local folder that is missing
-    or not one this tool loads (:func:`check_model_folder`) is refused here."""
+def source_family(base_model: str) -> Family | None:
+    """The family of a diffusers folder or cached hub id from its configs alone (nothing is loaded): the
+    pipeline class in model_index.json, and for the UNets the UNet's config.json. None when they cannot be read
+    (a hub id not in the cache): the family is then checked once the model is loaded. A local folder that is
+    missing or not one this tool loads (:func:`check_model_folder`) is refused here."""
     source = resolve_source(base_model)
     try:
         index = DiffusionPipeline.load_config(source)
     except Exception:  # noqa: BLE001 - unreadable here; load_models says why
         return None
     check_model_index(index, base_model)
-    return FLOW_PIPELINES.get(index["_class_name"], "unet")
+    candidates = families_of_pipeline(index["_class_name"])
+    if len(candidates) == 1:
+        return candidates[0]
+    try:
+        config = candidates[0].denoiser_class.load_config(source, subfolder=candidates[0].subfolder)
+    except Exception:  # noqa: BLE001 - unreadable here; load_models says why
+        return None
+    return family_of_config(candidates, config)
+
+
+def source_denoiser_config(base_model: str, family: Family) -> dict:
+    """The denoiser's config.json of a model folder or cached hub id of ``family``."""
+    return family.denoiser_class.load_config(resolve_source(base_model), subfolder=family.subfolder)
 
 
 def native_resolution_of(base_model: str) -> int:
-    """The model's native image size from its configs alone (no weights): the UNet's or SD3
-    transformer's sample_size, FluxPipeline's default for FLUX, times the VAE factor."""
-    source = resolve_source(base_model)
-    family = pipeline_denoiser(base_model)
-    if family == "flux":
-        sample_size = FLUX_DEFAULT_SAMPLE_SIZE
-    elif family == "sd3":
-        sample_size = SD3Transformer2DModel.load_config(source, subfolder="transformer")["sample_size"]
-    else:
-        sample_size = UNet2DConditionModel.load_config(source, subfolder="unet")["sample_size"]
-    return sample_size * vae_scale_factor_of(source)
+    """The model's native image size from its configs alone (no weights): the denoiser config's sample_size
+    (FluxPipeline's default for FLUX), times the VAE factor."""
+    family = source_family(base_model)
+    if family is None:
+        raise ModelLoadError(f"could not read the configs of {base_model!r}: not a local diffusers folder and not "
+                             "in the hub cache; offline, pass a local folder or 'toy'")
+    sample_size = family.sample_size(source_denoiser_config(base_model, family))
+    return sample_size * vae_scale_factor_of(resolve_source(base_model))
 
 
-def without_t5(index: dict) -> dict:
-    """from_pretrained's arguments for an SD3 folder saved without its optional T5 (no ``text_encoder_3``)."""
-    name = index.get("_class_name")
-    t5 = index.get("text_encoder_3") or [None]
-    if isinstance(name, str) and FLOW_PIPELINES.get(name) == "sd3" and isinstance(t5, list) and t5[0] is None:
-        return {"text_encoder_3": None, "tokenizer_3": None}
-    return {}
+def pipeline_load_kwargs(index: dict) -> dict:
+    """from_pretrained's arguments for a folder of this model_index.json beyond its own (an SD3 folder saved
+    without its optional T5)."""
+    candidates = families_of_pipeline(index.get("_class_name"))
+    return candidates[0].load_kwargs(index) if candidates else {}
 
 
-def single_file_denoiser(ckpt_path: str, ckpt_config: str | None) -> str:
-    """``sd3`` or ``flux`` for an original SD3/SD3.5 or FLUX.1 transformer file, ``unet`` for another
-    checkpoint, from its tensor names alone; a transformer file must come with a ``ckpt_config`` pipeline
-    of its own family (its text encoders, tokenizers, scheduler and VAE are not in the file)."""
+def checkpoint_family(ckpt_path: str) -> Family:
+    """The family of an original single-file checkpoint from its tensor names and shapes alone: the SD3/FLUX
+    transformers by their blocks' names; SDXL by its UNet's ``label_emb`` (the original name of the text-time
+    added conditioning that marks an SDXL UNet config); SD 2.x by its transformers' Linear ``proj_in`` (SD 1.x's
+    is a 1x1 conv: the config's ``use_linear_projection``)."""
+    flow = flow_checkpoint_family(ckpt_path)
+    if flow is not None:
+        return FAMILIES[flow]
+    shapes = checkpoint_shapes(ckpt_path)
+    xl = any(key.startswith(f"{LDM_UNET_PREFIX}label_emb.") for key in shapes)
+    proj_in = [shape for key, shape in shapes.items() if key.endswith(".proj_in.weight")]
+    config = {"addition_embed_type": "text_time" if xl else None,
+              "use_linear_projection": bool(proj_in) and len(proj_in[0]) == 2}
+    return family_of_config([f for f in FAMILIES.values() if not f.flow], config)
+
+
+def single_file_family(ckpt_path: str, ckpt_config: str | None) -> Family:
+    """The family of an original single file (:func:`checkpoint_family`); a transformer file must come with a
+    ``ckpt_config`` pipeline of its own family (its text encoders, tokenizers, scheduler and VAE are not in the
+    file)."""
     if not os.path.isfile(ckpt_path):
         raise ModelLoadError(f"checkpoint file {ckpt_path!r} does not exist")
     if ckpt_config is not None:
         resolve_source(ckpt_config)  # a local folder: checked (check_model_folder) before anything reads it
     try:
-        family = checkpoint_denoiser(ckpt_path)
+        family = checkpoint_family(ckpt_path)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ModelLoadError(f"could not read checkpoint {ckpt_path!r} ({type(e).__name__}: {e})") from e
-    if family not in FLOW_FAMILIES:
+    if not family.flow:
         return family
-    pipeline = FLOW_CHECKPOINTS[family][2]
+    pipeline = FLOW_CHECKPOINTS[family.name].pipeline
     if ckpt_config is None:
         raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} transformer checkpoint without "
                              f"text encoders or VAE; pass --ckpt_config with a {pipeline} folder or hub id")
-    config_family = pipeline_denoiser(ckpt_config)  # None: a hub id not cached; loading says why
-    if config_family is not None and config_family != family:
+    config_family = source_family(ckpt_config)  # None: a hub id not cached; loading says why
+    if config_family is not None and config_family.denoiser != family.denoiser:
         raise ModelLoadError(f"--ckpt_path {ckpt_path!r} is an original {family} checkpoint but --ckpt_config "
-                             f"{ckpt_config!r} is a {config_family} pipeline; pass a {pipeline} folder or hub id")
+                             f"{ckpt_config!r} is a {config_family.denoiser} pipeline; pass a {pipeline} folder or "
+                             "hub id")
     return family
-
-
-FLUX_DEFAULT_SAMPLE_SIZE = 128  # latent pixels; FluxPipeline's default_sample_size (its transformer config has none)
 
 
 def vae_scale_factor_of(source: str) -> int:

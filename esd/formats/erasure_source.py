@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from esd.families.family import Family
 from esd.families.models import DiffusionModels, load_models
-from esd.families.sources import ModelLoadError, pipeline_denoiser, resolve_source, single_file_denoiser
+from esd.families.sources import ModelLoadError, resolve_source, single_file_family, source_family
 from esd.formats.records import error_summary, read_json
 from esd.formats.weights import apply_erased_weights, run_weight_files
 
@@ -26,12 +27,12 @@ class Erasure:
     record: dict  # the run's args.json, or {} for a bare weights file
 
     @property
-    def denoiser(self) -> str | None:
-        """unet, sd3 or flux (esd.core.methods.DENOISERS), from the base model's configs or the checkpoint's
-        tensor names (no weights load)."""
+    def family(self) -> Family | None:
+        """The base model's family, from its configs or the checkpoint's tensor names (no weights load); None
+        when unreadable yet (a hub id not cached)."""
         if self.ckpt_path is None:
-            return pipeline_denoiser(self.base_model)
-        return single_file_denoiser(self.ckpt_path, self.ckpt_config)
+            return source_family(self.base_model)
+        return single_file_family(self.ckpt_path, self.ckpt_config)
 
     @property
     def base(self) -> str:

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from esd.core.precision import SAVE_PRECISIONS
+from esd.families.family import Family
 from esd.families.ldm_single_file import checkpoint_to_ldm
-from esd.families.sources import FLOW_FAMILIES, resolve_source, without_t5
+from esd.families.sources import pipeline_load_kwargs, resolve_source
 from esd.formats.erasure_source import Erasure, LoadedErasure, find_erasure, load_erasure
 from esd.formats.lora import RANK_CHOICES, LoraExport, lora_from_erasure, lora_metadata
 from esd.formats.records import (
@@ -42,8 +43,6 @@ from esd.formats.weights import deterministic_safetensors
 
 FORMATS = ("lora", "single-file", "diffusers")
 FILE_FORMATS = ("lora", "single-file")  # one .safetensors file; "diffusers" is a folder
-# SD3/FLUX: no writer of their original layout (esd.families.ldm_single_file is the UNet's)
-FLOW_FORMATS = ("lora", "diffusers")
 DEFAULT_DTYPE = "fp16"  # what A1111/ComfyUI checkpoints and LoRAs ship in: half the size of fp32
 DEFAULT_MAX_REL_ERROR = 0.01  # --rank auto: each layer's change kept to 1% (relative Frobenius error)
 RECORD_NAME = "esd_export.json"  # a diffusers folder's record
@@ -98,17 +97,24 @@ def train_export_path(run_dir: str | os.PathLike, fmt: str) -> Path:
     return Path(run_dir) / "export" / (fmt if fmt not in FILE_FORMATS else f"{fmt}.safetensors")
 
 
-def check_formats(formats: list[str], denoiser: str | None, flag: str = "--format") -> None:
-    """Refuse, before any weights load, a format that a model of this ``denoiser`` (unet, sd3, flux) cannot be
-    written in."""
-    bad = [f for f in formats if denoiser in FLOW_FAMILIES and f not in FLOW_FORMATS]
+def formats_of(family: Family) -> tuple[str, ...]:
+    """The formats a model of ``family`` can be written in: single-file where the family has a writer of its
+    original layout (esd.families.ldm_single_file is the UNets'; SD3/FLUX have none)."""
+    return tuple(f for f in FORMATS if f != "single-file" or family.ldm_text_encoders is not None)
+
+
+def check_formats(formats: list[str], family: Family | None, flag: str = "--format") -> None:
+    """Refuse, before any weights load, a format that a model of this ``family`` (None: not known yet) cannot
+    be written in."""
+    valid = formats_of(family) if family is not None else FORMATS
+    bad = [f for f in formats if f not in valid]
     if bad:
-        raise ValueError(f"{flag} {bad[0]} is not available for {denoiser} erasures (the original SD3/FLUX layout "
-                         f"is not written); use {' or '.join(FLOW_FORMATS)}")
+        raise ValueError(f"{flag} {bad[0]} is not available for {family} erasures (the original SD3/FLUX layout "
+                         f"is not written); use {' or '.join(valid)}")
 
 
 def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
-                  overwrite: bool, denoiser: str | None = None) -> list[ExportSettings]:
+                  overwrite: bool, family: Family | None = None) -> list[ExportSettings]:
     """The exports of ``esd train --export``, each checked now (before any training) as ``esd export`` checks."""
     unknown = sorted(set(options) - set(TRAIN_EXPORT_OPTIONS))
     if unknown:
@@ -121,7 +127,7 @@ def train_exports(run_dir: str | os.PathLike, formats: list[str], options: dict,
     bad = [f for f in formats if f not in FORMATS]
     if bad or len(set(formats)) != len(formats):
         raise ValueError(f"--export {','.join(formats)!r} is not valid: give each of {', '.join(FORMATS)} at most once")
-    check_formats(formats, denoiser, "--export")
+    check_formats(formats, family, "--export")
     settings = [ExportSettings(f, train_export_path(run_dir, f), overwrite=overwrite, **options) for f in formats]
     for s in settings:
         s.check()
@@ -161,7 +167,8 @@ def write_lora(loaded: LoadedErasure, record: dict, settings: ExportSettings) ->
 
 def write_single_file(loaded: LoadedErasure, record: dict, settings: ExportSettings) -> None:
     m = loaded.models
-    ckpt = checkpoint_to_ldm(loaded.erased_unet.state_dict(), m.unet.config, m.family, m.vae, m.text_encoders)
+    ckpt = checkpoint_to_ldm(loaded.erased_unet.state_dict(), m.unet.config, m.family.ldm_text_encoders, m.vae,
+                             m.text_encoders)
     dtype = settings.torch_dtype
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
     check_free_space(settings.out.parent, sum(v.nbytes for v in tensors.values()), str(settings.out))
@@ -175,18 +182,12 @@ def write_diffusers(loaded: LoadedErasure, erasure: Erasure, record: dict, setti
     transformer. An SD3/FLUX single-file base is a transformer file whose other parts are its --ckpt_config's."""
 
     m = loaded.models
-    if m.family in FLOW_FAMILIES:
+    pipe = m.family.assemble_pipeline(m, loaded.erased_unet) if erasure.ckpt_path else None
+    if pipe is None:  # the base's folder, or the --ckpt_config folder of a transformer file
         source = resolve_source(erasure.ckpt_config if erasure.ckpt_path else erasure.base_model)
-        pipe = DiffusionPipeline.from_pretrained(source, transformer=loaded.erased_unet,
+        pipe = DiffusionPipeline.from_pretrained(source, **{m.family.subfolder: loaded.erased_unet},
                                                  local_files_only=os.path.isdir(source),
-                                                 **without_t5(DiffusionPipeline.load_config(source)))
-    elif erasure.ckpt_path is None:
-        pipe = DiffusionPipeline.from_pretrained(resolve_source(erasure.base_model), unet=loaded.erased_unet)
-    elif m.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(m.vae, *m.text_encoders, *m.tokenizers, loaded.erased_unet, m.scheduler)
-    else:
-        pipe = StableDiffusionPipeline(m.vae, m.text_encoders[0], m.tokenizers[0], loaded.erased_unet, m.scheduler,
-                                       None, None, requires_safety_checker=False)
+                                                 **pipeline_load_kwargs(DiffusionPipeline.load_config(source)))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             # torch's own .to: diffusers' warns of "modules to keep in float32" even when there are none
@@ -240,7 +241,7 @@ def run_export(source: str, settings: ExportSettings, base_model: str | None = N
                                    "its args.json": run / "args.json" if run else None, "--base_model":
                                    erasure.base_model, "--ckpt_path": ckpt_path, "--ckpt_config": ckpt_config},
                     may_hold=("the erasure",))  # a run's exports go into its export/ folder
-    check_formats([settings.format], erasure.denoiser)
+    check_formats([settings.format], erasure.family)
     loaded = load_erasure(erasure, load_vae=settings.format != "lora")
     record = provenance(erasure, settings)
     settings.out.parent.mkdir(parents=True, exist_ok=True)  # checked to be makeable before loading

@@ -13,10 +13,11 @@ AUTOMATIC1111 and ComfyUI, but diffusers (0.42) misnames the alphas of attention
 gives them the file's most common alpha: with ranks that differ between layers, their change came out
 scaled (found with the toy model, whose blocks are 32 and 64 channels wide).
 
-SD3 and FLUX transformers (``esd.families.models.FLOW_FAMILIES``) use diffusers' own transformer layout instead, the one
-``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights`` read as it is: ``transformer.<module>.lora_A.weight``
-(down) and ``.lora_B.weight`` (up), diffusers module names, no alphas. kohya names would not do: diffusers
-converts kohya FLUX files by the original BFL block names and SD3 files not at all. Without alphas diffusers (0.42)
+SD3 and FLUX transformers (families without ``Family.kohya`` labels) use diffusers' own transformer layout
+instead, the one ``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights`` read as it is:
+``transformer.<module>.lora_A.weight`` (down) and ``.lora_B.weight`` (up), diffusers module names, no alphas.
+kohya names would not do: diffusers converts kohya FLUX files by the original BFL block names and SD3 files not
+at all. Without alphas diffusers (0.42)
 gives every layer alpha = its rank, scale 1, so up is written as the whole product's share (up @ down = the change).
 
 Biases and norm parameters cannot be carried by a LoRA: their changes are dropped and reported.
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esd.families.family import Family
 from esd.families.ldm_single_file import ldm_unet_key
-from esd.families.sources import FLOW_FAMILIES
 
 RANK_CHOICES = ("full", "auto")  # or a positive integer
 
@@ -98,15 +99,15 @@ def _cast(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: floa
     return LayerFactors(down.contiguous(), up.contiguous(), r, rel_error)
 
 
-def kohya_name(module: str, unet_config, family: str) -> str:
+def kohya_name(module: str, unet_config, family: Family) -> str:
     """``lora_unet_`` + the module's name with '.' -> '_': diffusers names for SD 1.x/2.x, original
     (sgm) names for SDXL, as kohya-ss writes them."""
-    if family == "sdxl":
+    if family.kohya.sgm_names:
         module = ldm_unet_key(f"{module}.weight", unet_config).removesuffix(".weight")
     return "lora_unet_" + module.replace(".", "_")
 
 
-def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, rank: int | str,
+def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: Family, rank: int | str,
                       max_rel_error: float, dtype: torch.dtype) -> LoraExport:
     """The LoRA of the change from ``base_unet`` to the ``erased`` tensors (diffusers names; only the
     changed ones need be given)."""
@@ -130,7 +131,7 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     if not factors:
         raise ValueError("the erasure changed no Linear or Conv2d weight, so there is no LoRA to write"
                          + (f" (changed only {', '.join(sorted(dropped)[:3])}...)" if dropped else ""))
-    alpha = None if family in FLOW_FAMILIES else float(max(down.shape[0] for *_, down in factors.values()))
+    alpha = None if family.kohya is None else float(max(down.shape[0] for *_, down in factors.values()))
     for module, (delta, norm_sq, up, down) in factors.items():
         f = _cast(delta, up, down, alpha, dtype)
         layers[module] = f
@@ -140,12 +141,12 @@ def lora_from_erasure(base_unet: torch.nn.Module, erased: dict, family: str, ran
     return LoraExport(tensors, layers, dropped, (error_sq / total_sq) ** 0.5, alpha)
 
 
-def lora_tensors(layers: dict[str, LayerFactors], alpha: float | None, unet_config, family: str,
+def lora_tensors(layers: dict[str, LayerFactors], alpha: float | None, unet_config, family: Family,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The file's tensors: per layer ``lora_down.weight``, ``lora_up.weight`` and ``alpha``, kohya-named; for
     SD3/FLUX ``transformer.<module>.lora_A.weight`` and ``.lora_B.weight`` (``alpha`` None). Also what
     ``esd train --lora_rank`` writes, so that a trained LoRA and an exported one read alike."""
-    if family in FLOW_FAMILIES:
+    if family.kohya is None:
         if alpha is not None:
             raise ValueError(f"a {family} LoRA has no alphas (diffusers reads every layer at scale 1)")
         return {f"transformer.{module}.lora_{part}.weight": tensor for module, f in layers.items()
@@ -159,22 +160,19 @@ def lora_tensors(layers: dict[str, LayerFactors], alpha: float | None, unet_conf
     return tensors
 
 
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya-ss sd-scripts' names
-
-
-def kohya_metadata(export: LoraExport, family: str, output_name: str, base: str) -> dict[str, str]:
+def kohya_metadata(export: LoraExport, family: Family, output_name: str, base: str) -> dict[str, str]:
     """The ``ss_*`` strings kohya-ss writes and AUTOMATIC1111's Lora extension reads: it labels a LoRA SDXL by
     ``ss_base_model_version`` (``sdxl_...``), SD2 by ``ss_v2``, and SD1 otherwise, and lists only the LoRAs of
     the loaded checkpoint's version. None for SD3/FLUX (diffusers layout, no kohya names)."""
-    if export.alpha is None or family not in KOHYA_BASE_VERSION:
+    if export.alpha is None or family.kohya is None:
         return {}
     ranks = {f.rank for f in export.layers.values()}
-    return {"ss_network_module": "networks.lora", "ss_base_model_version": KOHYA_BASE_VERSION[family],
-            "ss_v2": str(family == "sd2"), "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": family.kohya.base_version,
+            "ss_v2": str(family.kohya.v2), "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": f"{export.alpha:g}", "ss_output_name": output_name, "ss_sd_model_name": base}
 
 
-def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float, family: str, output_name: str,
+def lora_metadata(export: LoraExport, rank: int | str, max_rel_error: float, family: Family, output_name: str,
                   base: str) -> dict[str, str]:
     """The safetensors header's strings: how the factors were made and how far they are from the erasure,
     and kohya's labels beside them."""

@@ -7,12 +7,7 @@ from pathlib import Path
 
 from esd.core.devices import check_device
 from esd.core.precision import PRECISIONS
-from esd.families.sources import (
-    DEFAULT_BASE_MODEL,
-    FLOW_FAMILIES,
-    pipeline_denoiser,
-    resolve_source,
-)
+from esd.families.sources import DEFAULT_BASE_MODEL, resolve_source, source_family
 from esd.formats.weights import run_weight_files
 
 SCHEDULERS = {
@@ -58,7 +53,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.scheduler is None:  # an unreadable --base_model is named below, by resolve_source
-            self.scheduler = "flow-euler" if pipeline_denoiser(self.base_model) in FLOW_FAMILIES else "lms"
+            family = source_family(self.base_model)
+            self.scheduler = "flow-euler" if family is not None and family.flow else "lms"
         for flag, value, choices in [("scheduler", self.scheduler, SCHEDULERS), ("pipeline", self.pipeline, PIPELINES),
                                      ("sld_preset", self.sld_preset, SLD_PRESETS),
                                      ("mixed_precision", self.mixed_precision, PRECISIONS)]:

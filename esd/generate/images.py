@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from esd.core.precision import PRECISIONS
 from esd.families.flow import pack_latents
 from esd.families.models import load_pipeline, vae_scale_factor_of
-from esd.families.sources import FLOW_FAMILIES, FLOW_PIPELINES, native_resolution_of, pipeline_denoiser, resolve_source
+from esd.families.registry import denoiser_of, detect_family
+from esd.families.sources import native_resolution_of, resolve_source, source_family
 from esd.formats.generation_record import check_folder, folder_sha256, sha256, write_record
 from esd.formats.prompt_csv import parse_seed, read_prompt_table
 from esd.formats.records import atomic_write, check_name, environment_record
@@ -108,7 +109,8 @@ def resolved_image_size(cfg: GenerationConfig) -> int:
     fingerprint, which is checked before any model loads. SD3/FLUX pipelines (flow matching) are checked
     here too: they sample with --scheduler flow-euler only, which the UNet pipelines cannot, and have no SLD."""
     source = resolve_source(cfg.base_model)
-    flow = pipeline_denoiser(cfg.base_model) in FLOW_FAMILIES
+    family = source_family(cfg.base_model)
+    flow = family is not None and family.flow
     if flow != (cfg.scheduler == "flow-euler"):
         raise ValueError(f"--scheduler {cfg.scheduler} does not fit {cfg.base_model!r}: SD3/FLUX pipelines sample "
                          "with --scheduler flow-euler, the UNet pipelines with any other")
@@ -118,8 +120,8 @@ def resolved_image_size(cfg: GenerationConfig) -> int:
     size = cfg.image_size or native_resolution_of(cfg.base_model)
     if size % factor:
         raise ValueError(f"--image_size {size} is not a multiple of the VAE factor {factor}")
-    if flow and size % (2 * factor):
-        raise ValueError(f"--image_size {size} is not a multiple of {2 * factor} (the VAE factor times the "
+    if family is not None and size % (family.patch * factor):
+        raise ValueError(f"--image_size {size} is not a multiple of {family.patch * factor} (the VAE factor times the "
                          "transformer's 2x2 patches)")
     return size
 
@@ -142,20 +144,19 @@ def pixel_settings(cfg: GenerationConfig, weights_sha256: str | None, size: int)
 def flow_pipeline_class(base_model: str) -> dict:
     """{"pipeline_class": StableDiffusion3Pipeline | FluxPipeline} for a flow-matching model, else {}: the
     UNet pipelines' fingerprints predate the key and stay as they were."""
-    family = pipeline_denoiser(base_model)
-    names = [name for name, f in FLOW_PIPELINES.items() if f == family]
-    return {"pipeline_class": names[0]} if names else {}
+    family = source_family(base_model)
+    return {"pipeline_class": family.pipeline_classes[0]} if family is not None and family.flow else {}
 
 
 @torch.no_grad()
 def draw(pipe, jobs: list[Job], num_samples: int, shape: tuple, *, steps: int, guidance: float, device,
-         dtype=None, size: int | None = None, flux: bool = False, output_type: str = "pil", **pipeline_kw):
+         dtype=None, size: int | None = None, packed: bool = False, output_type: str = "pil", **pipeline_kw):
     """The images of ``jobs`` as ``esd generate`` draws them, whoever asks (``esd attack`` too): each from its
-    initial latents (:func:`initial_latents`: the row's seed, image i's slice; packed 2x2 for FLUX), with
+    initial latents (:func:`initial_latents`: the row's seed, image i's slice; ``packed`` 2x2 for FLUX), with
     ancestral noise seeded per image. ``shape``: (C, h, w) of one latent; ``output_type`` as the pipeline's
     ("latent": the final latents x_0)."""
     latents = torch.stack([initial_latents(j, num_samples, shape) for j in jobs])
-    latents = pack_latents(latents) if flux else latents
+    latents = pack_latents(latents) if packed else latents
     gens = [torch.Generator("cpu").manual_seed(j.seed * 1000 + j.index) for j in jobs]  # ancestral noise
     size_kw = {"height": size, "width": size} if size else {}
     return pipe([j.prompt for j in jobs], latents=latents.to(device=device, dtype=dtype), num_inference_steps=steps,
@@ -167,8 +168,7 @@ def build_pipeline(cfg: GenerationConfig, device: torch.device):
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise ValueError(f"--safety_checker asked for, but {cfg.base_model!r} has no safety checker")
     if cfg.weights_path:
-        denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-        apply_erased_weights(denoiser, cfg.weights_path, base_model=cfg.base_model,
+        apply_erased_weights(denoiser_of(pipe), cfg.weights_path, base_model=cfg.base_model,
                              text_encoder=getattr(pipe, "text_encoder", None))  # --train_text_encoder's tensors
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.pipeline == "sld":
@@ -200,9 +200,9 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
         check_folder(out, settings, rows, cfg.num_samples)
     pipe = build_pipeline(cfg, device)  # before the folder is made: bad weights leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
-    flux = type(pipe).__name__ == "FluxPipeline"  # reads its latents packed 2x2 into tokens
-    channels = pipe.transformer.config.in_channels // (4 if flux else 1) if hasattr(pipe, "transformer") \
-        else pipe.unet.config.in_channels
+    denoiser = denoiser_of(pipe)
+    family = detect_family(denoiser)  # FLUX reads its latents packed 2x2 into tokens
+    channels = denoiser.config.in_channels // family.packed_channels
     shape = (channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     if state.is_main_process:
         run = {"settings": asdict(cfg), "resolved_image_size": size,
@@ -220,7 +220,8 @@ def generate_images(cfg: GenerationConfig, log=print) -> dict:
             skipped += len(batch)
             continue
         images = draw(pipe, batch, cfg.num_samples, shape, steps=cfg.ddim_steps, guidance=cfg.guidance_scale,
-                      device=device, dtype=PRECISIONS[cfg.mixed_precision], size=size, flux=flux, **sld)
+                      device=device, dtype=PRECISIONS[cfg.mixed_precision], size=size,
+                      packed=family.packed_channels > 1, **sld)
         for j, image in zip(batch, images):
             if cfg.overwrite or not (out / j.filename).exists():
                 atomic_write(out / j.filename, lambda p, im=image: im.save(p, format="PNG"))

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from esd.core.methods import resolve_method
-from esd.families.sources import FLOW_FAMILIES, TOY_MODELS, pipeline_denoiser, resolve_source
+from esd.families.registry import check_method
+from esd.families.sources import TOY_MODELS, resolve_source, source_family
 from esd.formats.records import OutputError, atomic_write, check_inside, check_writable, environment_record
 from esd.formats.weights import load_erased_unet, run_weight_files
 from esd.toy.judge import judge_batch
@@ -102,7 +102,7 @@ def check_demo(cfg: DemoConfig) -> None:
     check_toy_model(cfg.base_model)
     # A method of the toy model's family (xattn... for the UNet toy, mmdit-x... for toy-dit), naming the
     # valid ones; esd train would only find out after the demo has drawn its "before" images.
-    resolve_method(cfg.train_method or esd_x_of(cfg.base_model), pipeline_denoiser(cfg.base_model))
+    check_method(cfg.train_method or esd_x_of(cfg.base_model), source_family(cfg.base_model))
     check_writable(Path(cfg.out), "--out")  # a real file made and removed: os.access says yes to root
 
 
@@ -126,7 +126,8 @@ def _grid(rows: list[np.ndarray], columns: int = 8, scale: int = 3) -> Image.Ima
 
 def esd_x_of(base_model: str) -> str:
     """ESD-x for the model's family: cross-attention of a UNet, the text keys and values of an MMDiT."""
-    return "mmdit-x" if pipeline_denoiser(base_model) in FLOW_FAMILIES else "xattn"
+    family = source_family(base_model)
+    return family.esd_x if family is not None else "xattn"
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:

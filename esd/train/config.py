@@ -11,19 +11,17 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
-
 from esd.core.devices import parse_devices
-from esd.core.methods import is_sdxl_config, resolve_method
+from esd.core.methods import resolve_method
 from esd.core.precision import PRECISIONS, SAVE_PRECISIONS
-from esd.families.flow_single_file import checkpoint_denoiser, checkpoint_keys
+from esd.families.family import Family
+from esd.families.registry import check_method
 from esd.families.schedulers import check_model_scheduler
-from esd.families.sources import FLOW_FAMILIES, pipeline_denoiser, resolve_source, single_file_denoiser
+from esd.families.sources import checkpoint_family, resolve_source, single_file_family, source_family
 from esd.formats.exports import train_exports
 from esd.formats.records import check_name, safe_name
 from esd.train.lora import LoraSettings
-from esd.train.presets import FLUX_DEFAULTS, PRESET_FIELDS, PRESETS, preset_values
+from esd.train.presets import PRESET_FIELDS, PRESETS, preset_values
 from esd.train.robust_settings import RobustSettings, check_robust_settings
 from esd.train.settings import (
     OPTIMIZERS,
@@ -53,9 +51,10 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of: {', '.join(PRESETS)}")
         self.preset_overrides = [f for f in PRESET_FIELDS if getattr(self, f) is not None]
-        self._apply_preset(self.is_sdxl if self.preset == "official" else False)  # only official differs on SDXL
-        by_model = FLUX_DEFAULTS if self.denoiser == "flux" else {}
-        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False, **by_model}.items():
+        family = self.family
+        self._apply_preset(family)
+        for name, value in {"mixed_precision": "no", "gradient_checkpointing": False,
+                            **dict(family.training_defaults if family is not None else ())}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.lora_rank and self.lora_alpha is None:
@@ -63,59 +62,39 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         self.validate()
 
     @property
-    def denoiser(self) -> str | None:
-        """The denoiser's architecture (esd.core.methods.DENOISERS: unet, sd3 or flux) from the configs or the
-        checkpoint's tensor names, no weights load; the family (sd1, sd2, sdxl, sd3, flux) is the loaded models'.
-        None when unreadable yet (a hub id not cached, a missing file): checked once loaded, or refused by
-        validate."""
+    def family(self) -> Family | None:
+        """The model's family (esd.families.registry.FAMILIES) from its configs or the checkpoint's tensor names,
+        no weights load. None when unreadable yet (a hub id not cached, a missing file): :meth:`resolve_for`
+        settles it once the model is loaded, or validate refuses the file."""
         if self.ckpt_path is None:
-            return pipeline_denoiser(self.base_model)
+            return source_family(self.base_model)
         try:
-            return checkpoint_denoiser(self.ckpt_path)
+            return checkpoint_family(self.ckpt_path)
         except Exception:  # noqa: BLE001 - validate names the file; loading says what is wrong with it
             return None
 
-    @property
-    def is_sdxl(self) -> bool | None:
-        """Whether the model is an SDXL UNet (text-time added conditioning, as esd.families.models.detect_family tells
-        it), from its UNet config or the checkpoint's tensor names (nothing loads); None when unreadable yet
-        (a hub id not cached): :meth:`resolve_for` settles it once the model is loaded."""
-        denoiser = self.denoiser
-        if denoiser != "unet":
-            return None if denoiser is None else False
-        try:
-            if self.ckpt_path is None:
-                return is_sdxl_config(UNet2DConditionModel.load_config(resolve_source(self.base_model),
-                                                                       subfolder="unet"))
-
-            keys = checkpoint_keys(self.ckpt_path)
-            return any(CHECKPOINT_KEY_NAMES[k] in keys for k in ("xl_base", "xl_refiner"))
-        except Exception:  # noqa: BLE001 - unreadable here; loading says why
-            return None
-
-    def _apply_preset(self, sdxl: bool | None) -> bool:
-        """Give every preset field not set explicitly its preset value on this kind of model; True when a
+    def _apply_preset(self, family: Family | None) -> bool:
+        """Give every preset field not set explicitly its preset value on this ``family``'s models; True when a
         value changed."""
         changed = False
-        for name, value in preset_values(self.preset, sdxl, self.train_method).items():
+        for name, value in preset_values(self.preset, family, self.train_method).items():
             if name not in self.preset_overrides and getattr(self, name) != value:
                 setattr(self, name, value)
                 changed = True
         return changed
 
-    def resolve_for(self, family: str) -> bool:
-        """Settle the preset for the loaded model's ``family`` (sd1, sd2, sdxl, sd3 or flux:
-        esd.families.models.FAMILIES), which the settings may not have been able to read (a hub id not cached, a
-        caller's own models); True when a value changed."""
-        return self._apply_preset(family == "sdxl")
+    def resolve_for(self, family: Family) -> bool:
+        """Settle the preset for the loaded model's ``family``, which the settings may not have been able to read
+        (a hub id not cached, a caller's own models); True when a value changed."""
+        return self._apply_preset(family)
 
     def validate(self) -> None:
         """Raise ValueError on any bad setting before a model is loaded."""
         if not self.prompt or not all(self.words):
             raise ValueError("--prompt is empty (or has an empty concept between separators)")
-        denoiser = self.denoiser
-        resolve_method(self.train_method, denoiser)  # None (not readable yet): checked once loaded
-        if denoiser in FLOW_FAMILIES and (self.preset == "paper" or self.timestep_mode == "original"):
+        family = self.family
+        check_method(self.train_method, family)  # None (not readable yet): checked once loaded
+        if family is not None and family.flow and (self.preset == "paper" or self.timestep_mode == "original"):
             raise ValueError("--preset paper and --timestep_mode original reproduce the original code's DDIM/DDPM "
                              "loop, which has no flow-matching counterpart; for SD3/FLUX use --preset fast or "
                              "official (--timestep_mode matched)")
@@ -147,7 +126,7 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         if self.timestep_mode == "original" and self.sampler_scheduler != "ddim":
             raise ValueError("--timestep_mode original reproduces the paper's DDIM loop; it needs "
                              "--sampler_scheduler ddim")
-        if self.sampler_scheduler == "model" and self.ckpt_path is None and self.denoiser == "unet":
+        if self.sampler_scheduler == "model" and self.ckpt_path is None and family is not None and not family.flow:
             check_model_scheduler(resolve_source(self.base_model))  # Euler (SDXL base): refused before loading
         if self.pool_size and self.pool_size * self.ddim_steps < self.batch_size:
             raise ValueError(f"--pool_size {self.pool_size} x --ddim_steps {self.ddim_steps} entries cannot fill "
@@ -163,15 +142,15 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
         elif not os.path.isfile(self.ckpt_path):
             raise ValueError(f"--ckpt_path {self.ckpt_path!r} does not exist")
         else:
-            single_file_denoiser(self.ckpt_path, self.ckpt_config)
+            single_file_family(self.ckpt_path, self.ckpt_config)
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"--resume {self.resume!r} does not exist")
         parse_devices(self.devices)
-        self._validate_lora_and_exports()
+        self._validate_lora_and_exports(family)
         check_robust_settings(self)  # each extension checks its own settings
         check_text_encoder_settings(self)
 
-    def _validate_lora_and_exports(self) -> None:
+    def _validate_lora_and_exports(self, family: Family | None) -> None:
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
                                            or self.lora_rank < 1):
             raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank!r}")
@@ -183,7 +162,7 @@ class ESDConfig(TextEncoderSettings, RobustSettings, LoraSettings, TrainSettings
                 raise ValueError(f"--lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if self.export or self.export_options:
             train_exports(os.path.join(self.save_path, self.run_name), self.export, self.export_options,
-                          self.overwrite, self.denoiser)
+                          self.overwrite, family)
 
     @property
     def words(self) -> list[str]:

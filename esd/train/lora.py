@@ -28,12 +28,14 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from esd.core.methods import TRAIN_METHODS, model_denoiser, resolve_method, select_parameters
+from esd.core.methods import TRAIN_METHODS, resolve_method
 from esd.core.sampler import Conditioning
 from esd.core.settings import setting
 from esd.families.encode import call_unet
+from esd.families.family import Family
 from esd.families.models import denoiser_class
-from esd.families.sources import FLOW_FAMILIES, resolve_source
+from esd.families.registry import applies, detect_family, select_parameters
+from esd.families.sources import resolve_source
 from esd.formats.exports import header_metadata, write_safetensors
 from esd.formats.lora import LayerFactors, LoraExport, lora_metadata, lora_tensors
 from esd.formats.records import environment_record
@@ -81,11 +83,11 @@ def lora_targets(unet: torch.nn.Module, method: str) -> tuple[list[str], list[st
 
 
 def _methods_with_lora_layers(unet: torch.nn.Module) -> list[str]:
-    modules, family = dict(unet.named_modules()), model_denoiser(unet)
+    modules, family = dict(unet.named_modules()), detect_family(unet)
     found = []
     for name, spec in TRAIN_METHODS.items():
         try:
-            selected = select_parameters(unet, name) if family in spec.denoisers else []
+            selected = select_parameters(unet, name) if applies(spec, family) else []
         except ValueError:  # selects nothing in this model
             continue
         if any(n.endswith(".weight") and _lora_able(modules[n.rpartition(".")[0]]) for n in selected):
@@ -132,7 +134,7 @@ class MethodTensors:
         """The tensors the run's weights files hold for the erasure: the trained ones themselves."""
         return trained
 
-    def write_own(self, trained: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
+    def write_own(self, trained: dict, path, config, unet_config, family: Family, dtype: torch.dtype) -> None:
         """A file of its own beside the run's weights: none."""
 
     def saved_numel(self, unet: torch.nn.Module, trained: int) -> tuple[int, int]:
@@ -185,7 +187,7 @@ class LoraTraining:
         """The run's weights files hold the merged weights; the factors go to their own file (:meth:`write`)."""
         return self.merged(unet, base)
 
-    def write_own(self, trained: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
+    def write_own(self, trained: dict, path, config, unet_config, family: Family, dtype: torch.dtype) -> None:
         self.write(trained, path, config, unet_config, family, dtype)
 
     def saved_numel(self, unet: torch.nn.Module, trained: int) -> tuple[int, int]:
@@ -204,11 +206,11 @@ class LoraTraining:
         return {f"{m}.weight": base[f"{m}.weight"].float()
                 + modules[m].get_delta_weight(ADAPTER).float().cpu() for m in self.modules}
 
-    def export(self, factors: dict, unet_config, family: str, dtype: torch.dtype):
+    def export(self, factors: dict, unet_config, family: Family, dtype: torch.dtype):
         """The trained ``factors`` as ``esd export --format lora`` holds a LoRA (kohya names, one alpha; for
         SD3/FLUX diffusers' names and no alpha, so B carries the scale alpha / r): a
         :class:`esd.formats.lora.LoraExport` whose error is zero, since the factors are the erasure itself."""
-        alpha = None if family in FLOW_FAMILIES else self.alpha
+        alpha = None if family.kohya is None else self.alpha
         up_factor = 1.0 if alpha is not None else self.alpha / self.rank
         layers = {m: LayerFactors(factors[f"{m}.lora_A.{ADAPTER}.weight"].to(dtype).contiguous(),
                                   (factors[f"{m}.lora_B.{ADAPTER}.weight"].float() * up_factor).to(dtype).contiguous(),
@@ -216,7 +218,7 @@ class LoraTraining:
                   for m in self.modules}
         return LoraExport(lora_tensors(layers, alpha, unet_config, family, dtype), layers, {}, 0.0, alpha)
 
-    def write(self, factors: dict, path, config, unet_config, family: str, dtype: torch.dtype) -> None:
+    def write(self, factors: dict, path, config, unet_config, family: Family, dtype: torch.dtype) -> None:
         """``lora-NAME.safetensors``: the factors in the family's layout, with the header ``esd export`` writes
         (base model, concept, method, rank, alpha) and the run's settings and versions."""
         export = self.export(factors, unet_config, family, dtype)

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from esd.core.methods import resolve_method
-from esd.families.sources import FLOW_FAMILIES
+from esd.families.registry import family_named
 from esd.formats.exports import train_export_path
 from esd.formats.records import atomic_write, read_json
 from esd.formats.summary import METRICS, metric_class
@@ -58,15 +58,16 @@ def train_command(record: dict) -> str:
 
 def _base_pipeline_lines(record: dict) -> list[str]:
     """Python lines that load the base model as ``pipe``."""
-    if record.get("ckpt_path") and record.get("family") in FLOW_FAMILIES:  # the transformer file, the rest from
-        cls = "SD3Transformer2DModel" if record["family"] == "sd3" else "FluxTransformer2DModel"  # ckpt_config
+    family = family_named(record.get("family"))
+    if record.get("ckpt_path") and family.flow:  # the transformer file, the rest from ckpt_config
+        cls = family.denoiser_class.__name__
         config = record.get("ckpt_config")
         return [f"from diffusers import DiffusionPipeline, {cls}", "",
                 f"transformer = {cls}.from_single_file({record['ckpt_path']!r}, config={config!r}, "
                 "subfolder='transformer')",
                 f"pipe = DiffusionPipeline.from_pretrained({config!r}, transformer=transformer)"]
     if record.get("ckpt_path"):
-        cls = "StableDiffusionXLPipeline" if record.get("family") == "sdxl" else "StableDiffusionPipeline"
+        cls = family.pipeline_classes[0]
         return [f"from diffusers import {cls}", "", f"pipe = {cls}.from_single_file({record['ckpt_path']!r})"]
     base = record.get("base_model", "")
     source = "resolve_source('toy')" if base == "toy" else repr(base)
@@ -81,12 +82,13 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
     if not weights:
         return ["No weights file was saved with this run."]
     lines = []
-    denoiser = "transformer" if record.get("family") in FLOW_FAMILIES else "unet"  # SD3/FLUX: the transformer
+    family = family_named(record.get("family"))
+    denoiser = family.subfolder  # the pipeline's unet or transformer
     for w in weights:
         path = os.path.relpath(w, run_dir)
         if w == run_weight_files(run_dir)["lora"]:
-            layout = "diffusers' transformer layout (alpha folded into lora_B)" if denoiser == "transformer" \
-                else "kohya layout that AUTOMATIC1111 and ComfyUI also load"
+            layout = "kohya layout that AUTOMATIC1111 and ComfyUI also load" if family.kohya is not None \
+                else "diffusers' transformer layout (alpha folded into lora_B)"
             what = (f"the trained LoRA, rank {record.get('lora_rank')}, alpha {record.get('lora_alpha')}, in the "
                     f"{layout}; the files above hold the same erasure merged into the weights")
             load = [*_base_pipeline_lines(record), f"pipe.load_lora_weights({path!r})  # needs peft",
@@ -107,7 +109,7 @@ def loading_section(record: dict, weights: list[Path], run_dir: Path) -> list[st
                     f"result = pipe.{denoiser}.load_state_dict(load_file({path!r}), strict=False)",
                     "assert not result.unexpected_keys  # missing: the untrained tensors, kept from the base model"]
         else:
-            what = f"the whole {'UNet' if denoiser == 'unet' else 'transformer'} state dict, the published ESD " \
+            what = f"the whole {family.denoiser_word} state dict, the published ESD " \
                 "weights' format"
             load = ["import torch", *_base_pipeline_lines(record),
                     f"pipe.{denoiser}.load_state_dict(torch.load({path!r}, weights_only=True))"]

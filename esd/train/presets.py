@@ -3,6 +3,7 @@ set of the settings that make the erasure."""
 
 
 from esd.core.methods import ALIASES
+from esd.families.family import Family
 
 # -- presets -----------------------------------------------------------------------------------
 # Each preset sets every field below; an explicit value (a flag, a keyword) overrides it.
@@ -43,20 +44,21 @@ SDXL_OFFICIAL_OTHER_LR = 1e-5  # esd_sdxl.py's lr for the other methods (esd-u, 
 
 DEFAULT_PRESET = "fast"
 
-# FLUX.1 (12 B parameters) defaults to the path that fits one 80 GB GPU with mmdit-x and mmdit-x-single
-# (README, "Memory"): frozen weights in bf16, gradient checkpointing. An explicit flag overrides them.
-FLUX_DEFAULTS = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+# --preset official takes the settings of the official script that the model's family runs with
+# (Family.official_script), where they differ from esd_sd.py's (PRESETS["official"]).
+OFFICIAL_SCRIPTS = {"esd_sd.py": {}, "esd_sdxl.py": SDXL_OFFICIAL}
 
 PRESET_FIELDS = tuple(PRESETS[DEFAULT_PRESET])
 
 
-def preset_values(preset: str, sdxl: bool | None = False, train_method: str | None = None) -> dict:
-    """Every preset field's value under ``preset`` on a model that is SDXL (``sdxl`` True) or not (False, or
-    None: not known yet), for ``train_method`` (esd_sdxl.py's learning rate depends on it)."""
+def preset_values(preset: str, family: Family | None = None, train_method: str | None = None) -> dict:
+    """Every preset field's value under ``preset`` on a model of ``family`` (None: not known yet, as esd_sd.py's),
+    for ``train_method`` (esd_sdxl.py's learning rate depends on it)."""
     values = dict(PRESETS[preset])
-    if sdxl and preset == "official":
-        values.update(SDXL_OFFICIAL)
-        if ALIASES.get(train_method, train_method) not in SDXL_OFFICIAL_X_METHODS:
+    script = family.official_script if family is not None else "esd_sd.py"
+    if preset == "official" and OFFICIAL_SCRIPTS[script]:
+        values.update(OFFICIAL_SCRIPTS[script])
+        if script == "esd_sdxl.py" and ALIASES.get(train_method, train_method) not in SDXL_OFFICIAL_X_METHODS:
             values["lr"] = SDXL_OFFICIAL_OTHER_LR
     return values
 

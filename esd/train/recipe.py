@@ -21,8 +21,7 @@ from esd.core.precision import PRECISIONS
 from esd.core.sampler import Conditioning
 from esd.core.views import TrainedRows, UNetViews
 from esd.core.xt_sources import make_source
-from esd.families.encode import call_unet, encode_erasure_prompts
-from esd.families.flow import merge_zero_t5_tokens, unmerge_zero_t5_tokens, uses_true_cfg
+from esd.families.encode import encode_erasure_prompts
 from esd.families.models import DiffusionModels, load_models, vae_scale_factor_of
 from esd.families.schedulers import sampler_scheduler
 from esd.families.sources import resolve_source
@@ -74,7 +73,7 @@ class ESDTrainer:
             config.resolve_for(models.family)
         self.config = config
         self.models = models
-        self.attention_before = None  # an SD3 transformer's attention processors before setup() merged its zero tokens
+        self.before_training = None  # what setup()'s change of the denoiser for training was (Family.before_training)
         self.resume_state = read_resume_state(config) if config.resume else None
         if config.seed is None:
             config.seed = secrets.randbelow(2**31)
@@ -109,13 +108,9 @@ class ESDTrainer:
         latent_shape = (cfg.batch_size, m.latent_channels,
                         self.image_size // m.vae_scale_factor, self.image_size // m.vae_scale_factor)
         scheduler = sampler_scheduler(m.scheduler, cfg.sampler_scheduler, cfg.ddim_steps, latent_shape[2:],
-                                      m.family == "flux")
-
-        if m.family == "sd3" and len(m.text_encoders) == 2:
-            # SD3 without T5 conditions every prompt on 256 identical zero tokens; one of them, weighted
-            # by ln(256) in attention, is the same model (esd.families.flow.merge_zero_t5_tokens) at a fraction of
-            # the tokens: the toy's 333 become 78. The transformer keeps this attention until release().
-            self.attention_before = merge_zero_t5_tokens(m.unet)
+                                      m.family.linspace_sigmas)
+        # A cheaper denoiser at the same result, kept until release() (SD3 without T5: one zero token for 256).
+        self.before_training = m.family.before_training(m.unet, m.text_encoders)
         # Text conditioning is fixed for the whole run: encode once, then drop the text encoders.
         for enc in m.text_encoders:
             enc.to(self.device, self.dtype)
@@ -138,7 +133,7 @@ class ESDTrainer:
         frozen = self.theta.frozen(self.unet) if frozen_device is None else None
         self.views = UNetViews(self.unet, self.trained_names, self.dtype, self.device, frozen_device,
                                getattr(scheduler, "alphas_cumprod", None), m.prediction_type, frozen,
-                               call=call_unet, true_cfg=uses_true_cfg(self.unet))
+                               call=m.family.call, true_cfg=m.family.true_cfg)
         trained = set(self.trained_names)
         own = [p for n, p in self.unet.named_parameters() if n in trained]
         extra = [e.param_group() for e in self.extensions]
@@ -211,7 +206,7 @@ class ESDTrainer:
               + "".join(e.header() for e in self.extensions))
         if (line := self.theta.describe()) is not None:
             print(line)
-        print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family}, "
+        print(f"  preset = {cfg.preset}  model = {self.models.source} ({self.models.family.name}, "
               f"{self.models.prediction_type})  image size = {self.image_size}  device = {self.device}  "
               f"precision = {cfg.mixed_precision}  seed = {cfg.seed}")
         if cfg.overwrite:  # asked for: the old run's files go now, so that no stale file is mixed with the new ones
@@ -238,12 +233,12 @@ class ESDTrainer:
                          self.unet_evals)
 
     def release(self) -> None:
-        """Take off what setup() put on the model for training only: an SD3 transformer's merged zero-token
-        attention, so that the erased transformer in memory samples right in diffusers' pipeline (which
-        appends 256 zero tokens) for a caller who passed ``models``."""
-        if self.attention_before is not None:
-            unmerge_zero_t5_tokens(self.unet, self.attention_before)
-            self.attention_before = None
+        """Take off what setup() put on the model for training only (Family.before_training: an SD3
+        transformer's merged zero-token attention), so that the erased model in memory samples right in diffusers'
+        pipeline (which appends 256 zero tokens) for a caller who passed ``models``."""
+        if self.before_training is not None:
+            self.models.family.after_training(self.unet, self.before_training)
+            self.before_training = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def trained_state(self) -> dict:

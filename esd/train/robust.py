@@ -38,7 +38,6 @@ from esd.core.sampler import Conditioning, PromptConditioning, denoise
 from esd.core.views import TrainedRows
 from esd.families.encode import encode_prompts
 from esd.families.schedulers import sampler_scheduler
-from esd.families.sources import FLOW_FAMILIES
 from esd.train.attacks import ATTACKS
 from esd.train.attacks.inversion import TOKEN, inversion_attack, inversion_prompt
 from esd.train.attacks.prefix import check_prefix_fits, prefix_attack, word_tokens
@@ -78,9 +77,9 @@ class RobustESD(Extension):
         prompts; ``latent_shape``: (B, C, h, w)."""
         self.cfg, self.prompts, self.latent_shape, self.text_encoder = cfg, prompts, latent_shape, text_encoder
         self.sampler = sampler_scheduler(models.scheduler, cfg.sampler_scheduler, cfg.ddim_steps,  # its own copy
-                                         latent_shape[2:], models.family == "flux")
+                                         latent_shape[2:], models.family.linspace_sigmas)
         # the UNets' forward noising q(x_t | x_0), for the attacks and the retain term; None: flow matching's
-        flow = models.family in FLOW_FAMILIES
+        flow = models.family.flow
         self.noise_scheduler = None if flow else DDPMScheduler.from_config(models.scheduler.config)
         self.retain = self.retain_prompt_list = None
         if cfg.retain_prompts is not None:

@@ -88,7 +88,7 @@ def save_run(trainer, result=None) -> Path:
         save_trained_parameters(erased, weights["trained"],
                                 {"base_model": cfg.ckpt_path or cfg.base_model,
                                  "train_method": resolve_method(cfg.train_method).name, "prompt": cfg.prompt})
-    record = {**trainer.config.record(), "family": trainer.models.family,
+    record = {**trainer.config.record(), "family": trainer.models.family.name,
               "prediction_type": trainer.models.prediction_type, "resolved_image_size": trainer.image_size,
               "trained_parameters": sum(v.numel() for v in trained.values()),
               "trained_tensors": len(trained), **trainer.theta.record(),

@@ -20,14 +20,12 @@ One CLIP text encoder only (SD 1.x, 2.x), as the attacks.
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from esd.core.sampler import Conditioning
 from esd.core.settings import setting
 from esd.families.flow import tokenize
-from esd.families.sources import FLOW_FAMILIES, resolve_source
 from esd.formats.weights import TEXT_ENCODER_PREFIX
 from esd.train.extension import Extension
 
@@ -154,18 +152,15 @@ class TrainedTextEncoder(Extension):
 
 
 def check_one_text_encoder(cfg, flag_name: str) -> None:
-    """The attacks and --train_text_encoder work through one text encoder: SDXL (two, plus pooled embeddings)
-    and SD3/FLUX (CLIP and T5) are refused, naming ``flag_name``. A local folder or a single file is checked now
-    (configs, tensor names); other sources once loaded (see RobustESD and ESDTrainer.setup)."""
+    """The attacks and --train_text_encoder work through one text encoder (Family.one_text_encoder): SDXL (two,
+    plus pooled embeddings) and SD3/FLUX (CLIP and T5) are refused, naming ``flag_name``. A local folder or a
+    single file is checked now (configs, tensor names); other sources once loaded (see RobustESD and
+    ESDTrainer.setup)."""
     flag, model = ("--base_model", cfg.base_model) if cfg.ckpt_path is None else ("--ckpt_path", cfg.ckpt_path)
-    if cfg.denoiser in FLOW_FAMILIES:
-        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is a "
-                         f"{cfg.denoiser} transformer")
-    if cfg.ckpt_path is None:
-        config = Path(resolve_source(cfg.base_model)) / "unet" / "config.json"
-        if config.is_file() and '"text_time"' in config.read_text():
-            raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); --base_model "
-                             f"{cfg.base_model!r} is SDXL")
+    family = cfg.family
+    if family is not None and not family.one_text_encoder:
+        raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {flag} {model!r} is "
+                         f"{family.phrase}")
 
 
 def check_loaded_text_encoders(models, flag_name: str) -> None:
@@ -173,4 +168,4 @@ def check_loaded_text_encoders(models, flag_name: str) -> None:
     encoder, or ``flag_name`` is refused in one line."""
     if len(models.text_encoders) != 1:
         raise ValueError(f"{flag_name} supports SD 1.x and 2.x models (one text encoder); {models.source} is "
-                         f"{models.family} with {len(models.text_encoders)}")
+                         f"{models.family.name} with {len(models.text_encoders)}")

@@ -7,14 +7,8 @@ from ldm_format import to_ldm
 from tiny import tiny_flux_transformer, tiny_sd3_transformer
 
 from esd import ESDConfig
-from esd.core.methods import (
-    ALIASES,
-    TRAIN_METHODS,
-    compvis_block_to_diffusers,
-    model_denoiser,
-    resolve_method,
-    select_parameters,
-)
+from esd.core.methods import ALIASES, TRAIN_METHODS, compvis_block_to_diffusers, resolve_method
+from esd.families.registry import FAMILIES, applies, detect_family, select_parameters
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_every_method_selects_exactly_its_parameters(unet):
         "esd-u": [n for n in linear_or_conv if ".attn2." not in n],
         "esd-all": linear_or_conv,
     }
-    assert set(expected) == {name for name, m in TRAIN_METHODS.items() if "unet" in m.denoisers}
+    assert set(expected) == {name for name, m in TRAIN_METHODS.items() if applies(m, FAMILIES["sd1"])}
     for method, want in expected.items():
         got = select_parameters(unet, method)
         assert got == want, method
@@ -112,8 +106,8 @@ def test_transformer_methods_select_exactly_their_parameters(transformers):
             assert "transformer_blocks.0.attn2.to_k.weight" in expected["mmdit-u"]
             assert "pos_embed.proj.weight" in expected["mmdit-u"]
             assert not any(n.startswith("transformer_blocks.1.attn.to_add_out") for n in everything)
-        assert model_denoiser(model) == family
-        assert set(expected) == {name for name, m in TRAIN_METHODS.items() if family in m.denoisers}, family
+        assert detect_family(model).name == family
+        assert set(expected) == {name for name, m in TRAIN_METHODS.items() if applies(m, FAMILIES[family])}, family
         for method, want in expected.items():
             got = select_parameters(model, method)
             assert got and sorted(got) == sorted(want), (family, method)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from esd import ESDConfig
 from esd.cli import main
-from esd.families.flow_single_file import checkpoint_denoiser, flux_to_diffusers
+from esd.families.flow_single_file import flow_checkpoint_family, flux_to_diffusers
 from esd.families.models import load_denoiser, load_models
 from esd.families.sources import ModelLoadError
 
@@ -38,7 +38,7 @@ def single_files(flow_models, tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_original_file_loads_the_folders_transformer(kind, single_files):
     folder, path = single_files[kind]
-    assert checkpoint_denoiser(path) == KINDS[kind]
+    assert flow_checkpoint_family(path) == KINDS[kind]
     ref, m = load_models(folder), load_models(ckpt_path=path, ckpt_config=folder)
     assert (m.family, m.prediction_type, m.native_resolution, len(m.text_encoders)) == \
         (ref.family, "flow", ref.native_resolution, len(ref.text_encoders))
@@ -84,7 +84,7 @@ def test_config_defaults_and_checks_follow_the_files_family(single_files):
     folder, path = single_files["flux-dev"]
     for source in ({"base_model": folder}, {"ckpt_path": path, "ckpt_config": folder}):
         cfg = ESDConfig(prompt="cat", train_method="mmdit-x", **source)
-        assert (cfg.denoiser, cfg.mixed_precision, cfg.gradient_checkpointing) == ("flux", "bf16", True)
+        assert (cfg.family.name, cfg.mixed_precision, cfg.gradient_checkpointing) == ("flux", "bf16", True)
         with pytest.raises(ValueError, match="--preset paper and --timestep_mode original"):
             ESDConfig(prompt="cat", train_method="mmdit-x", preset="paper", **source)
         with pytest.raises(ValueError, match="train method 'xattn' is for the UNet"):
@@ -118,7 +118,7 @@ def test_a_ckpt_file_is_read_as_well(single_files, tmp_path):
     folder, path = single_files["flux-dev"]
     ckpt = tmp_path / "flux.ckpt"
     torch.save({"state_dict": load_file(path)}, ckpt)
-    assert checkpoint_denoiser(str(ckpt)) == "flux"
+    assert flow_checkpoint_family(str(ckpt)) == "flux"
     ours, theirs = load_denoiser("", str(ckpt), folder).state_dict(), load_denoiser(folder).state_dict()
     assert every(torch.equal(ours[k], theirs[k]) for k in theirs)
 
@@ -141,10 +141,10 @@ def test_flux_conversion_matches_diffusers_at_flux1_width(single_files):
 
 
 def test_a_rewritten_checkpoint_is_read_again(tmp_path):
-    """checkpoint_denoiser reads each file once (the settings' checks, loading and saving all ask), but a file
+    """flow_checkpoint_family reads each file once (the settings' checks, loading and saving all ask), but a file
     written anew at the same path is a new file: its names are read again."""
     path = tmp_path / "model.safetensors"
     save_file({"conv_in.weight": torch.zeros(1)}, path)
-    assert checkpoint_denoiser(str(path)) == "unet"
+    assert flow_checkpoint_family(str(path)) is None
     save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, path)
-    assert checkpoint_denoiser(str(path)) == "flux"
+    assert flow_checkpoint_family(str(path)) == "flux"

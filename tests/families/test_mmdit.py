@@ -37,7 +37,7 @@ def test_loading_and_prompt_encoding_match_the_pipeline(kind, family, encoders, 
     pipeline's own encode_prompt's (CLIP's bit for bit; T5's to float rounding: the pipeline encodes with
     autograd on); FLUX.1-dev's guidance rides along with every prompt."""
     m = load_models(flow_models[kind])
-    assert (m.family, m.prediction_type, len(m.text_encoders), m.latent_channels) == (family, "flow", encoders, 16)
+    assert (m.family.name, m.prediction_type, len(m.text_encoders), m.latent_channels) == (family, "flow", encoders, 16)
     pipe = DiffusionPipeline.from_pretrained(flow_models[kind], **({"text_encoder_3": None, "tokenizer_3": None}
                                                                    if kind == "sd3" else {}))
     prompts = ["", "a photo of cat"]
@@ -64,7 +64,7 @@ def test_the_sampler_follows_the_pipelines_own_denoising(kind, flow_models):
     gives the pipeline's own latents from the same noise."""
     m = load_models(flow_models[kind])
     pipe = DiffusionPipeline.from_pretrained(flow_models[kind])
-    flux = m.family == "flux"
+    flux = m.family.name == "flux"
     noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     scheduler = sampler_scheduler(m.scheduler, "ddim", STEPS, (8, 8), flux)
     cond = encode_prompts(m, ["", "a photo of cat"], SIZE, guidance=3.0)

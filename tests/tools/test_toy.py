@@ -44,7 +44,7 @@ def test_shipped_model_loads_offline_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)  # the plain diffusers path
     assert type(pipe.tokenizer).__name__ == "CLIPTokenizer" and pipe.unet.config.cross_attention_dim == 64
     models = load_models("toy")
-    assert models.family == "sd1" and models.native_resolution == 32
+    assert models.family.name == "sd1" and models.native_resolution == 32
     size = sum(f.stat().st_size for f in TOY_MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 15 * 2**20
     images = sample(load_toy_pipeline(), "a red circle", 40, seed=0)

@@ -19,6 +19,7 @@ from esd.core.methods import TRAIN_METHODS
 from esd.core.sampler import Conditioning
 from esd.families.encode import encode_erasure_prompts, encode_prompts
 from esd.families.models import load_models
+from esd.families.registry import FAMILIES, applies
 from esd.train.recipe import ESDTrainer
 
 # The paper's original code (CompVis train-esd.py and its DDIM sampler), T = 50, for stopping step k:
@@ -168,7 +169,7 @@ def test_official_method_names_select_the_official_codes_parameters():
     unet = sd14_unet()
     params = dict(unet.named_parameters())
     counts = {m: (len(names), sum(params[n].numel() for n in names))
-              for m, method in TRAIN_METHODS.items() if "unet" in method.denoisers
+              for m, method in TRAIN_METHODS.items() if applies(method, FAMILIES["sd1"])
               for names in [select_parameters(unet, m)]}
     assert counts == {
         "xattn": (80, 43_962_560), "noxattn": (598, 813_495_680), "selfattn": (80, 49_574_080),
@@ -248,7 +249,7 @@ def test_official_preset_on_sdxl_takes_esd_sdxl_py_settings_and_flags_override_t
 
     sdxl = tiny_models["sdxl"]
     x = ESDConfig("cat", "esd-x", preset="official", base_model=sdxl)
-    assert x.is_sdxl and x.preset_overrides == []
+    assert x.family.name == "sdxl" and x.preset_overrides == []
     assert (x.start_guidance, x.negative_guidance, x.lr, x.iterations, x.ddim_steps, x.sdxl_uncond) == \
         (2.0, 0.0, 2e-4, 200, 50, "official")
     assert (x.sampler_model, x.sampler_scheduler, x.timestep_mode, x.pool_size, x.frozen_copy) == \
@@ -268,13 +269,14 @@ def test_official_preset_on_sdxl_takes_esd_sdxl_py_settings_and_flags_override_t
                                                                                    ["start_guidance"])
     for preset in ("paper", "fast"):
         c = ESDConfig("cat", "esd-u", preset=preset, base_model=sdxl)
-        assert {f: getattr(c, f) for f in PRESETS[preset]} == PRESETS[preset] == preset_values(preset, True, "esd-u")
+        assert {f: getattr(c, f) for f in PRESETS[preset]} == PRESETS[preset] == \
+            preset_values(preset, FAMILIES["sdxl"], "esd-u")
     sd1 = ESDConfig("cat", "esd-x", preset="official", base_model=tiny_models["sd1"])
-    assert not sd1.is_sdxl and {f: getattr(sd1, f) for f in PRESETS["official"]} == PRESETS["official"]
+    assert sd1.family.name == "sd1" and {f: getattr(sd1, f) for f in PRESETS["official"]} == PRESETS["official"]
     # A model whose family the settings cannot read yet (a hub id not in the cache) is settled once loaded.
     late = ESDConfig("cat", "esd-u", preset="official", base_model="someone/not-cached-xl", lr=1e-3)
-    assert late.is_sdxl is None and late.start_guidance == 3.0
-    assert late.resolve_for("sdxl") and not late.resolve_for("sdxl")
+    assert late.family is None and late.start_guidance == 3.0
+    assert late.resolve_for(FAMILIES["sdxl"]) and not late.resolve_for(FAMILIES["sdxl"])
     assert (late.start_guidance, late.negative_guidance, late.lr, late.sdxl_uncond) == (2.0, 0.0, 1e-3, "official")
 
 
@@ -366,4 +368,5 @@ def test_official_preset_on_a_model_whose_scheduler_is_euler_is_refused_before_l
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "EulerDiscreteScheduler samples sigma-scaled latents" in err
     assert "use --sampler_scheduler ddim" in err and not (tmp_path / "runs").exists()
-    assert ESDConfig("cat", "esd-x", preset="official", base_model=str(euler), sampler_scheduler="ddim").is_sdxl
+    late_check = ESDConfig("cat", "esd-x", preset="official", base_model=str(euler), sampler_scheduler="ddim")
+    assert late_check.family.name == "sdxl"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from esd import load_erased_unet, select_parameters
 from esd.cli import main
 from esd.families.models import load_denoiser
-from esd.families.sources import without_t5
+from esd.families.sources import pipeline_load_kwargs
 from esd.formats.exports import ExportSettings, run_export
 from esd.formats.lora import fuse_into
 
@@ -23,7 +23,7 @@ KINDS = ("sd3", "flux-dev")
 
 
 def pipeline(folder) -> DiffusionPipeline:
-    return DiffusionPipeline.from_pretrained(folder, **without_t5(DiffusionPipeline.load_config(folder)))
+    return DiffusionPipeline.from_pretrained(folder, **pipeline_load_kwargs(DiffusionPipeline.load_config(folder)))
 
 
 def lora_into_transformer(folder, lora) -> dict:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from esd import ESDConfig, load_erased_unet, train_esd
 from esd.cli import main
 from esd.core.methods import TRAIN_METHODS, TrainMethod
+from esd.families.registry import FAMILIES
 from esd.families.sources import TOY_MODEL_DIR
 from esd.formats.lora import kohya_name
 from esd.train.lora import plain_state_dict
@@ -63,7 +64,7 @@ def test_only_factors_train_and_the_files_agree_with_them(tiny_models, tmp_path,
     assert set(merged) == {f"{m}.weight" for m in trainer.theta.modules}
     assert any(before[k].ndim == 4 and before[k].shape[-1] == 3 for k in merged)  # a 3x3 conv among them
     for name, weight in merged.items():
-        key = kohya_name(name.removesuffix(".weight"), trainer.unet.config, "sd1")
+        key = kohya_name(name.removesuffix(".weight"), trainer.unet.config, FAMILIES["sd1"])
         up, down = factors[f"{key}.lora_up.weight"], factors[f"{key}.lora_down.weight"]
         assert float(factors[f"{key}.alpha"]) == 3.0 and down.shape[0] == 2
         expected = before[name] + 3.0 / 2 * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
