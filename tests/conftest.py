@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The toy instrument's cache of base-model verdicts (esd.toy.measure) goes to a temporary folder, not the user's.
+os.environ.setdefault("ESD_CACHE", tempfile.mkdtemp(prefix="esd-test-cache-"))
 import esd  # noqa: E402, F401 - before tiny: it quietens a bitsandbytes kernel warning before diffusers loads it
 
 sys.path.insert(0, str(Path(__file__).parent))

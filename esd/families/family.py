@@ -47,6 +47,7 @@ class Family:
     # The method table's parameter layouts this denoiser has (esd.core.methods.TrainMethod.layouts).
     layouts: tuple[str, ...]
     esd_x: str  # its ESD-x: the method that erases a style
+    generation_scheduler: str = "lms"  # esd generate's default --scheduler: the paper's evaluation's LMS
     flow: bool = False  # flow matching: x_t = (1 - s) x0 + s eps, the denoiser predicts v = eps - x0
     patch: int = 1  # the denoiser's patch size: image sizes are multiples of the VAE factor times this
     packed_channels: int = 1  # the denoiser's in_channels over the VAE latents' (FLUX packs 2x2 patches)

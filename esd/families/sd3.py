@@ -41,7 +41,8 @@ class SD3Family(Family):
 
 
 # What the flow-matching transformers share.
-TRANSFORMER = dict(denoiser_word="transformer", subfolder="transformer", esd_x="mmdit-x", flow=True, patch=2)
+TRANSFORMER = dict(denoiser_word="transformer", subfolder="transformer", esd_x="mmdit-x", flow=True, patch=2,
+                   generation_scheduler="flow-euler")
 
 SD3 = SD3Family("sd3", "an sd3 transformer", denoiser="sd3", denoiser_title="SD3/SD3.5 transformer",
                 denoiser_class=SD3Transformer2DModel, pipeline_classes=("StableDiffusion3Pipeline",),

@@ -53,8 +53,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.scheduler is None:  # an unreadable --base_model is named below, by resolve_source
-            family = source_family(self.base_model)
-            self.scheduler = "flow-euler" if family is not None and family.flow else "lms"
+            family = source_family(self.base_model)  # None: unreadable yet, a UNet's as before loading
+            self.scheduler = family.generation_scheduler if family is not None else "lms"
         for flag, value, choices in [("scheduler", self.scheduler, SCHEDULERS), ("pipeline", self.pipeline, PIPELINES),
                                      ("sld_preset", self.sld_preset, SLD_PRESETS),
                                      ("mixed_precision", self.mixed_precision, PRECISIONS)]:

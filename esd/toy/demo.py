@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from esd.core.stats import Rate, SeedMean, pooled
 from esd.families.registry import check_method
 from esd.families.sources import TOY_MODELS, resolve_source, source_family
 from esd.formats.records import OutputError, atomic_write, check_inside, check_writable, environment_record
 from esd.formats.weights import load_erased_unet, run_weight_files
+from esd.toy.demo_report import chart, labelled_grid, render_markdown, summary
 from esd.toy.judge import judge_batch
-from esd.toy.quality import load_toy_pipeline, sample
+from esd.toy.measure import BaseCache, default_cache_dir, measure
+from esd.toy.quality import load_toy_pipeline
 from esd.toy.world import COLOURS, SHAPES, Phrasing, prompts_for
 from esd.train.config import ESDConfig
 from esd.train.recipe import train_esd
@@ -47,8 +47,10 @@ class DemoConfig:
     lr: float = 1e-3  # the toy UNet is small and far from SD's scale; 1e-5 barely moves it
     negative_guidance: float = 1.0  # the paper's eta
     samples: int = 100  # images per prompt, before and after
-    seed: int = 0
+    seed: int = 0  # the first training seed, and image i of every prompt starts from seed + i
+    seeds: int = 1  # erasures trained, with seeds seed, seed + 1, ...: the report gives each and their mean
     retain_weight: float = 0.0  # > 0: keep retain_phrasings() as theta* draws them (esd train --retain_prompts)
+    cache: str = "auto"  # the base model's verdicts: auto ($ESD_CACHE, else ~/.cache/esd), none, or a folder
 
 
 RETAIN_TEMPLATES = ("{colour} {shape}", "a {colour} shape", "a photo of a {colour} {shape}")
@@ -93,7 +95,7 @@ def check_demo(cfg: DemoConfig) -> None:
     """One line per bad setting, before any image is drawn."""
     prompts_for(cfg.concept)
     check_retain_weight(cfg.retain_weight)  # 0: off
-    for flag in ("samples", "iterations", "batch_size"):
+    for flag in ("samples", "iterations", "batch_size", "seeds"):
         check_count(f"--{flag}", getattr(cfg, flag))
     for flag in ("lr", "negative_guidance"):
         value = getattr(cfg, flag)
@@ -117,17 +119,15 @@ def accuracy(images, p: Phrasing) -> float:
                for j in judge_batch(images)) / len(images)
 
 
-def _grid(rows: list[np.ndarray], columns: int = 8, scale: int = 3) -> Image.Image:
-    """One row of images per prompt (the first ``columns`` seeds), upscaled (nearest) so 32 px shapes show."""
-    tiles = [np.concatenate(list(imgs[:columns]), axis=1) for imgs in rows]
-    grid = (np.concatenate(tiles, axis=0) * 255).round().astype(np.uint8)
-    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-
-
 def esd_x_of(base_model: str) -> str:
     """ESD-x for the model's family: cross-attention of a UNet, the text keys and values of an MMDiT."""
     family = source_family(base_model)
     return family.esd_x if family is not None else "xattn"
+
+
+def training_seeds(cfg: DemoConfig) -> list[int]:
+    """Erasure j trains with seed ``cfg.seed + j``; every image of every erasure starts from the same seeds."""
+    return [cfg.seed + j for j in range(cfg.seeds)]
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -135,9 +135,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     check_demo(cfg)
     cfg.train_method = cfg.train_method or esd_x_of(cfg.base_model)
     erased, others, axis = prompts_for(cfg.concept)
+    phrasings = erased + others
     out = Path(cfg.out)
-    for name in ("report.json", "report.md", "retain_prompts.txt", "weights"):  # no link leads a write elsewhere
-        check_inside(out / name, out, "--out")
+    for name in ("report.json", "report.md", "report.png", "retain_prompts.txt", "weights"):  # no link leads
+        check_inside(out / name, out, "--out")  # a write elsewhere
     if ((out / "report.md").exists() or (out / "report.json").exists()) and not _demo_report(out / "report.json"):
         raise OutputError(f"--out {str(out)!r} holds a report.md or report.json that no earlier esd demo wrote; "
                           "choose another folder")
@@ -147,47 +148,74 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         text = "\n".join(retain_phrasings(cfg.concept)) + "\n"
         atomic_write(out / "retain_prompts.txt", lambda p: Path(p).write_text(text))
         retain = {"retain_prompts": str(out / "retain_prompts.txt"), "retain_weight": cfg.retain_weight}
-    before_pipe = load_toy_pipeline(cfg.base_model)
+    cache = BaseCache(cache_folder(cfg.cache), cfg.base_model)
+    base_pipe = load_toy_pipeline(cfg.base_model)
+    before = {p.text: cache.get(base_pipe, p.text, cfg.samples, cfg.seed) for p in phrasings}
+    log(f"{len(before) * cfg.samples} images before erasure: {cache.hits} prompts from the cache, {cache.misses} drawn")
+    afters, erasures, seconds = [], [], 0.0
+    for train_seed in training_seeds(cfg):
+        result = train_esd(ESDConfig(prompt=cfg.concept, train_method=cfg.train_method, base_model=cfg.base_model,
+                                     iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
+                                     negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=train_seed,
+                                     devices="cpu", save_path=str(out / "weights"), name=f"seed_{train_seed}",
+                                     save_format="trained", overwrite=True, **retain))  # a rerun replaces its run
+        seconds += result.seconds
+        unet = load_erased_unet(run_weight_files(result.output_dir)["trained"], base_model=cfg.base_model)
+        pipe = load_toy_pipeline(cfg.base_model, unet=unet)
+        afters.append({p.text: measure(pipe, p.text, cfg.samples, cfg.seed) for p in phrasings})
+        erasures.append(json.loads((result.output_dir / "args.json").read_text()))  # every resolved setting
 
-    def images(pipe, phrasings):
-        return {p.text: sample(pipe, p.text, cfg.samples, cfg.seed) for p in phrasings}
-
-    before = images(before_pipe, erased + others)
-    log(f"generated {len(before) * cfg.samples} images before erasure")
-    result = train_esd(ESDConfig(prompt=cfg.concept, train_method=cfg.train_method, base_model=cfg.base_model,
-                                 iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 negative_guidance=cfg.negative_guidance, ddim_steps=25, seed=cfg.seed,
-                                 devices="cpu", save_path=str(out / "weights"), save_format="trained",
-                                 overwrite=True, **retain))  # the demo's own folder: a rerun replaces its run
-    unet = load_erased_unet(run_weight_files(result.output_dir)["trained"], base_model=cfg.base_model)
-    after = images(load_toy_pipeline(cfg.base_model, unet=unet), erased + others)
-
-    def presence(imgs):
-        return concept_presence(imgs, axis, cfg.concept)
-
+    presence = {p.text: [m[p.text].rate(p, axis, cfg.concept) for m in [before, *afters]] for p in erased}
+    correct = {p.text: [m[p.text].rate(p) for m in [before, *afters]] for p in others}
     report = {
         "concept": cfg.concept,
         "axis": axis,
-        "erased": {p.text: {"held_out": p.held_out, "presence_before": presence(before[p.text]),
-                            "presence_after": presence(after[p.text])} for p in erased},
-        "others": {p.text: {"held_out": p.held_out, "accuracy_before": accuracy(before[p.text], p),
-                            "accuracy_after": accuracy(after[p.text], p)} for p in others},
+        "erased": {p.text: {"held_out": p.held_out, "presence_before": presence[p.text][0].p,
+                            "presence_after": SeedMean(tuple(r.p for r in presence[p.text][1:])).mean,
+                            "before": presence[p.text][0].record(),
+                            "after_by_seed": [r.record() for r in presence[p.text][1:]]} for p in erased},
+        "others": {p.text: {"held_out": p.held_out, "accuracy_before": correct[p.text][0].p,
+                            "accuracy_after": SeedMean(tuple(r.p for r in correct[p.text][1:])).mean,
+                            "before": correct[p.text][0].record(),
+                            "after_by_seed": [r.record() for r in correct[p.text][1:]]} for p in others},
+        "summary": {**_pooled_summary("presence", presence), **_pooled_summary("accuracy", correct)},
         "samples_per_prompt": cfg.samples,
-        "seeds": f"image i of every prompt starts from seed {cfg.seed} + i, before and after",
+        "training_seeds": training_seeds(cfg),
+        "seeds": f"image i of every prompt starts from seed {cfg.seed} + i, before and after; erasure j trains "
+                 f"with seed {cfg.seed} + j",
+        "base_images": f"{cache.hits} of {len(phrasings)} prompts read from the cache ({cache.folder}), "
+                       f"{cache.misses} drawn" if cache.folder else "drawn (no cache)",
         "settings": {k: v for k, v in vars(cfg).items() if k != "out"},
-        "erasure": json.loads((result.output_dir / "args.json").read_text()),  # every resolved training setting
-        "training_seconds": round(result.seconds, 1),
+        "erasure": erasures[0],
+        "erasures": erasures,
+        "training_seconds": round(seconds, 1),
         "environment": environment_record(),
     }
-    for name, phrasings in [("erased", erased), ("others", others)]:
-        for when, imgs in [("before", before), ("after", after)]:
-            grid = _grid([imgs[p.text] for p in phrasings])
+    for name, group in [("erased", erased), ("others", others)]:
+        for when, measured in [("before", before), ("after", afters[0])]:
+            grid = labelled_grid([(p.text, list(measured[p.text].grid),
+                                   list(zip(measured[p.text].colours, measured[p.text].shapes))) for p in group])
             atomic_write(out / f"{name}_{when}.png", lambda p, g=grid: g.save(p, format="PNG"))
     report["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write(out / "report.png", lambda p: chart(report, p))
     atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     atomic_write(out / "report.md", lambda p: Path(p).write_text(render_markdown(report)))
     log(summary(report))
     return report
+
+
+def _pooled_summary(key: str, rates: dict[str, list[Rate]]) -> dict:
+    """Over every image of the group's prompts: before, each seed's after (Wilson), and the mean of the seeds'
+    pooled rates (t over seeds)."""
+    by_stage = list(zip(*rates.values()))  # stage -> that stage's rate of every prompt
+    after = [pooled(stage) for stage in by_stage[1:]]
+    return {f"{key}_before": pooled(by_stage[0]).record(), f"{key}_after": [r.record() for r in after],
+            f"{key}_after_mean": SeedMean(tuple(r.p for r in after)).record(clip=(0.0, 1.0))}
+
+
+def cache_folder(setting: str) -> str:
+    """--cache: "auto" (esd.toy.measure.default_cache_dir), "none" (no cache), or a folder."""
+    return {"auto": default_cache_dir(), "none": ""}.get(setting, setting)
 
 
 def _demo_report(path: Path) -> bool:
@@ -199,37 +227,3 @@ def _demo_report(path: Path) -> bool:
     return isinstance(report, dict) and {"erased", "others", "settings", "concept"} <= report.keys()
 
 
-def render_markdown(report: dict) -> str:
-    c, ax = report["concept"], report["axis"]
-    lines = [f"# ESD demo: erasing \"{c}\" from the toy model ({report['settings']['base_model']})", "",
-             f"ESD-x ({report['settings']['train_method']}) of the prompt \"{c}\", eta "
-             f"{report['settings']['negative_guidance']}, {report['settings']['iterations']} iterations"
-             + (f", retain weight {report['settings']['retain_weight']} (the other values' unmeasured phrasings, "
-                "retain_prompts.txt)" if report["settings"].get("retain_weight") else "") + "; "
-             f"{report['samples_per_prompt']} images per prompt before and after with the same seeds; "
-             f"{report['seconds']} s in all ({report['training_seconds']} s of training).", "",
-             f"## Erased prompts: share of images whose {ax} is judged \"{c}\"", "",
-             "| prompt | held out | before | after |", "|---|---|---|---|"]
-    lines += [f"| {p} | {'yes' if v['held_out'] else ''} | {v['presence_before']:.0%} | {v['presence_after']:.0%} |"
-              for p, v in report["erased"].items()]
-    lines += ["", "![before](erased_before.png) ![after](erased_after.png)", "",
-              "## Other prompts: share judged right in colour and shape (collateral damage shows here)", "",
-              "| prompt | before | after | change |", "|---|---|---|---|"]
-    lines += [f"| {p} | {v['accuracy_before']:.0%} | {v['accuracy_after']:.0%} | "
-              f"{100 * (v['accuracy_after'] - v['accuracy_before']):+.0f} pts |" for p, v in report["others"].items()]
-    lines += ["", "![before](others_before.png) ![after](others_after.png)", ""]
-    return "\n".join(lines)
-
-
-def summary(report: dict) -> str:
-    e = report["erased"].values()
-    o = report["others"].values()
-    pb = np.mean([v["presence_before"] for v in e])
-    pa = np.mean([v["presence_after"] for v in e])
-    ab = np.mean([v["accuracy_before"] for v in o])
-    aa = np.mean([v["accuracy_after"] for v in o])
-    worst = min(v["accuracy_after"] - v["accuracy_before"] for v in o)
-    highest = max(report["erased"].items(), key=lambda kv: kv[1]["presence_after"])
-    return (f"erased \"{report['concept']}\": presence {pb:.0%} -> {pa:.0%} (highest after: {highest[0]!r} "
-            f"{highest[1]['presence_after']:.0%}); other prompts' accuracy {ab:.0%} -> {aa:.0%} (worst prompt "
-            f"{100 * worst:+.0f} pts); {report['seconds']} s")
