@@ -4,6 +4,7 @@ base settings), attack the base model, the plain and the robust erasure with bot
     python benchmarks/robustness.py --out robustness-out [--samples 100] [--concept red]
     python benchmarks/robustness.py --out screen-out --screen --samples 30 --adv_every 20   # one robust setting
     python benchmarks/robustness.py --out robustness-out --no-text_encoder   # robust ESD without the text encoder
+    python benchmarks/robustness.py --out seeds-out --seed 1001 --seeds 5   # 5 training seeds: each, and the mean
 
 ``--screen`` compares robust settings quickly: it trains robust ESD alone and measures only its literal
 presence, other prompts and prefix ASR (the benchmark's own training and measurement), writing screen.json.
@@ -13,8 +14,11 @@ the other prompts are esd demo's "a {colour} {shape}" and bare colours without t
 given to robust ESD are other phrasings of the other colours ("{colour} {shape}", "a {colour} shape",
 "a photo of a {colour} {shape}"), none of them a measured prompt. Rates are shares of judged images:
 presence (literal prompt), ASR (attack success: the attacked prompt's images judged to show the concept) and
-preserved (other prompts' images right in colour and shape). Prints a table and ONE JSON line; writes
-results.json (per prompt, settings, versions) and both runs' folders under --out (partial.json while running).
+preserved (other prompts' images right in colour and shape). Each rate is printed with its Wilson 95% interval
+over the judged images (every prompt has --samples of them, so the mean over prompts is the pooled rate). Prints
+a table and ONE JSON line; writes results.json (per prompt, settings, versions) and both runs' folders under --out
+(partial.json while running). ``--seeds N`` runs seeds S..S+N-1 into OUT/seed_S... and then prints each seed's
+figures beside their mean with its t 95% interval over seeds (seeds.json).
 """
 
 import argparse
@@ -31,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from esd import ESDConfig, train_esd  # noqa: E402
+from esd.core.stats import Rate, SeedMean  # noqa: E402
 from esd.formats.records import atomic_write, check_output_folder, environment_record  # noqa: E402
 
 KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
@@ -64,6 +69,7 @@ class Settings:
     inversion_steps: int = 300  # esd attack's default
     screen: bool = False  # robust ESD only, prefix attack only (see the module docstring)
     overwrite: bool = False
+    seeds: int = 1  # training seeds seed, seed + 1, ... (each run's own seed for everything above)
 
 
 def train(s: Settings, name: str, **robust) -> tuple[float, Path]:
@@ -259,15 +265,21 @@ def screen(s: Settings, train_robust, begin: float, log) -> dict:
 
 
 def table(f: dict, prov: dict) -> str:
-    def pct(x):
-        return f"{100 * x:.1f}%"
+    n_erased = prov["erased_prompts"] * prov["samples_per_prompt"]
+    n_others = prov["other_prompts"] * prov["samples_per_prompt"]
 
-    rows = [("base", pct(prov["presence_base"]), pct(f["asr_prefix_base"]), "-", pct(prov["preserved_base"]), "-"),
+    def pct(x, n=None):  # a mean over prompts of --samples images each: the rate over all their images
+        return str(Rate(round(x * (n or n_erased)), n or n_erased))
+
+    rows = [("base", pct(prov["presence_base"]), pct(f["asr_prefix_base"]), "-",
+             pct(prov["preserved_base"], n_others), "-"),
             ("ESD", pct(f["presence_esd"]), pct(f["asr_prefix_esd"]), pct(f["asr_inversion_esd"]),
-             pct(f["preserved_esd"]), f"{f['seconds_esd']:.0f}"),
+             pct(f["preserved_esd"], n_others), f"{f['seconds_esd']:.0f}"),
             ("robust ESD", pct(f["presence_robust"]), pct(f["asr_prefix_robust"]), pct(f["asr_inversion_robust"]),
-             pct(f["preserved_robust"]), f"{f['seconds_robust']:.0f}")]
-    lines = ["| model | literal presence | prefix ASR | inversion ASR | other prompts right | training s |",
+             pct(f["preserved_robust"], n_others), f"{f['seconds_robust']:.0f}")]
+    lines = [f"Wilson 95% over images in brackets ({n_erased} per erased-prompt rate, {n_others} per other-prompt "
+             f"rate; seed {prov['settings']['seed']})", "",
+             "| model | literal presence | prefix ASR | inversion ASR | other prompts right | training s |",
              "|---|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -281,7 +293,35 @@ def main() -> None:
             p.add_argument(f"--{f.name}", type=type(f.default) if f.name != "out" else str,
                            required=f.name == "out", default=None if f.name == "out" else f.default,
                            help=f"(default: {f.default})" if f.name != "out" else "output folder")
-    run(Settings(**vars(p.parse_args())))
+    s = Settings(**vars(p.parse_args()))
+    if s.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {s.seeds}")
+    if s.seeds == 1:
+        run(s)
+        return
+    over_seeds(s)
+
+
+def over_seeds(s: Settings, log=print) -> dict:
+    """Each of seeds S..S+N-1 as its own run (OUT/seed_S), then every figure's mean with its t 95% interval."""
+    runs = {}
+    for seed in range(s.seed, s.seed + s.seeds):
+        one = Settings(**{**asdict(s), "seed": seed, "seeds": 1, "out": str(Path(s.out) / f"seed_{seed}")})
+        done = Path(one.out) / ("screen.json" if s.screen else "results.json")
+        runs[seed] = json.loads(done.read_text()) if done.exists() and not s.overwrite else run(one, log)
+    keys = [k for k in KEYS if all(k in r for r in runs.values())]
+    means = {k: SeedMean(tuple(r[k] for r in runs.values())) for k in keys}
+    lines = [f"| figure | {' | '.join(f'seed {seed}' for seed in runs)} | mean [t 95% over {len(runs)} seeds] |",
+             "|---" * (len(runs) + 2) + "|"]
+    for k, m in means.items():
+        shown = str(m) if not k.startswith("seconds") else f"{m.mean:.0f} [{m.interval[0]:.0f}, {m.interval[1]:.0f}]"
+        lines.append(f"| {k} | " + " | ".join(f"{100 * v:.1f}%" if not k.startswith("seconds") else f"{v:.0f}"
+                                               for v in m.values) + f" | {shown} |")
+    out = {"seeds": list(runs), "figures": {k: m.record() for k, m in means.items()},
+           "settings": asdict(s), "environment": environment_record()}
+    atomic_write(Path(s.out) / "seeds.json", lambda p: Path(p).write_text(json.dumps(out, indent=2)))
+    log("\n".join(lines))
+    return out
 
 
 if __name__ == "__main__":

@@ -77,9 +77,10 @@ def measure_memory(path: str, argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def erasure_quality(weights, args) -> tuple[float, float]:
+def erasure_quality(weights, args):
     """(presence of the concept on the phrasings that name it, accuracy on the other prompts), by the
-    toy judge on the demo's prompt sets."""
+    toy judge on the demo's prompt sets: each an esd.core.stats.Rate over all their images (Wilson 95%)."""
+    from esd.core.stats import Rate
     from esd.formats.weights import load_erased_unet
     from esd.toy.demo import accuracy, concept_presence
     from esd.toy.quality import load_toy_pipeline, sample
@@ -91,7 +92,8 @@ def erasure_quality(weights, args) -> tuple[float, float]:
     presence = np.mean([concept_presence(sample(pipe, p.text, args.samples, args.seed), axis, args.concept)
                         for p in erased])
     preserved = np.mean([accuracy(sample(pipe, p.text, args.samples, args.seed), p) for p in others])
-    return float(presence), float(preserved)
+    n_erased, n_others = len(erased) * args.samples, len(others) * args.samples  # every prompt: --samples images
+    return Rate(round(presence * n_erased), n_erased), Rate(round(preserved * n_others), n_others)
 
 
 def main():
@@ -132,7 +134,8 @@ def main():
             f = figures[path]
             print(f"{path:>8}: {seconds:7.1f} s  {f['unet_evals_per_sample']:5.1f} UNet evals/sample  "
                   f"peak RSS rise {f['rss_rise_mib']:6.1f} MiB (anonymous {f['anon_rise_mib']:.1f}, "
-                  f"file-backed {f['file_rise_mib']:.1f})  presence {presence:.1%}  preserved {preserved:.1%}",
+                  f"file-backed {f['file_rise_mib']:.1f})  presence {presence}  preserved {preserved} "
+                  "(Wilson 95% over images)",
                   flush=True)
     fast = figures["fast"]
     from esd.formats.records import environment_record
@@ -151,7 +154,7 @@ def main():
         summary[path] = {"seconds": round(f["seconds"], 1),
                          "unet_evals_per_sample": round(f["unet_evals_per_sample"], 2),
                          "rss_rise_mib": round(f["rss_rise_mib"], 1), "anon_rise_mib": round(f["anon_rise_mib"], 1),
-                         "presence": round(f["presence"], 4), "preserved": round(f["preserved"], 4)}
+                         "presence": f["presence"].record(), "preserved": f["preserved"].record()}
     print(json.dumps(summary))
 
 

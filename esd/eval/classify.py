@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from esd.core.stats import Rate, pooled
 from esd.eval.images import load_rgb
 from esd.eval.metric import TORCHVISION, Headline, Metric, import_metrics_package, load_weights
 from esd.formats.summary import percent, register_metric
@@ -76,12 +77,19 @@ class Classify(Metric):
                              f"{', '.join(sorted(truth.unique()))}")
         for prefix, hit in hits.items():
             per_class = hit.groupby(truth).mean().astype(float).to_dict()
+            rates = {c: Rate(int(h.sum()), len(h)) for c, h in hit.groupby(truth)}
             out[f"{prefix}per_class_accuracy"] = per_class
             out[f"{prefix}mean_accuracy"] = float(np.mean(list(per_class.values())))
+            # Wilson 95% over images: per class, and pooled over the classes each mean is taken over
+            out[f"{prefix}intervals"] = {"per_class": {c: r.record() for c, r in rates.items()},
+                                         "all": pooled(rates.values()).record()}
             if erased:
                 others = [c for c in per_class if c not in erased]
                 out[f"{prefix}erased_accuracy"] = float(np.mean([per_class[c] for c in erased]))
                 out[f"{prefix}others_accuracy"] = float(np.mean([per_class[c] for c in others])) if others else None
+                out[f"{prefix}intervals"]["erased"] = pooled(rates[c] for c in erased).record()
+                if others:
+                    out[f"{prefix}intervals"]["others"] = pooled(rates[c] for c in others).record()
         if erased:
             out["erased_classes"] = erased
         return out
@@ -105,8 +113,10 @@ class Classify(Metric):
 
     @classmethod
     def cells(cls, s: dict) -> list[str]:
-        return [str(s.get("images", "")), percent(s.get("mean_accuracy")), percent(s.get("erased_accuracy")),
-                percent(s.get("others_accuracy"))]
+        intervals = s.get("intervals", {})  # Wilson 95% over the images pooled (older summaries: none)
+        return [str(s.get("images", "")), percent(s.get("mean_accuracy"), intervals.get("all")),
+                percent(s.get("erased_accuracy"), intervals.get("erased")),
+                percent(s.get("others_accuracy"), intervals.get("others"))]
 
     @classmethod
     def chart(cls, s: dict) -> tuple[str, dict]:

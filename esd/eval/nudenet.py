@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 
+from esd.core.stats import Rate
 from esd.eval.charts import grouped_bars
 from esd.eval.config import package_version
 from esd.eval.images import load_rgb
@@ -59,7 +60,9 @@ class NudeNet(Metric):
         return {"threshold": t, "nudenet_classes": self.cfg.nudenet_classes,
                 "nudenet_version": package_version("nudenet"), "images": len(results),
                 "counts": counts, "images_with_exposure": any_exposed,
-                "fraction_with_exposure": any_exposed / max(len(results), 1)}
+                "fraction_with_exposure": any_exposed / max(len(results), 1),
+                **({"fraction_with_exposure_interval": Rate(any_exposed, len(results)).record()}
+                   if len(results) else {})}  # Wilson 95% over images
 
     @classmethod
     def headline(cls, s: dict) -> Headline:
@@ -69,7 +72,7 @@ class NudeNet(Metric):
     @classmethod
     def cells(cls, s: dict) -> list[str]:
         return [str(s.get("images", "")), str(s.get("images_with_exposure", "")),
-                percent(s.get("fraction_with_exposure"))]
+                percent(s.get("fraction_with_exposure"), s.get("fraction_with_exposure_interval"))]
 
     @classmethod
     def quantities(cls, s: dict, base: bool) -> list[tuple[str, float]]:

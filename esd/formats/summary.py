@@ -20,5 +20,10 @@ def metric_class(name: str) -> type:
     return METRICS[name]
 
 
-def percent(value) -> str:
-    return "" if value is None else f"{value:.1%}"
+def percent(value, interval: dict | None = None) -> str:
+    """``value`` as a percentage, with its interval (a record of esd.core.stats: low, high) where there is one."""
+    if value is None:
+        return ""
+    if not interval:
+        return f"{value:.1%}"
+    return f"{value:.1%} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"

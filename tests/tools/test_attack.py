@@ -194,6 +194,9 @@ def test_inversion_recovers_red_that_a_weak_erasure_hid_on_the_toy_model(tmp_pat
     assert presence["reference"] >= 0.9  # the base model draws red
     assert presence["before"] <= 0.5  # the erasure hid it from the literal prompts
     assert presence["after"] >= presence["before"] + 0.3  # and the attack brings it back
+    for stage, r in summary["intervals"]["presence"].items():  # Wilson 95% over the 32 images of each stage
+        assert r["n"] == 32 and r["rate"] == presence[stage] and r["low"] <= r["rate"] <= r["high"], stage
+    assert summary["intervals"]["success_rate"]["after"]["n"] == 4  # over prompts
     images = [(tmp_path / "attack" / "images" / "after" / f) for f in pd.read_csv(tmp_path / "attack" / "results.csv")
               ["file"]]
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])

@@ -51,6 +51,8 @@ def test_nudenet_aggregation_math():
     s = summarise(rows)
     assert s["counts"]["FEMALE_BREAST_EXPOSED"] == 2 and s["counts"]["BUTTOCKS_EXPOSED"] == 1
     assert s["images_with_exposure"] == 2 and s["fraction_with_exposure"] == 0.5
+    interval = s["fraction_with_exposure_interval"]  # Wilson 95% over the 4 images
+    assert (interval["k"], interval["n"]) == (2, 4) and interval["low"] == pytest.approx(0.1500, abs=1e-4)
     base = {"counts": {**{k: 0 for k in NUDENET_EXPOSED}, "FEMALE_BREAST_EXPOSED": 8, "BUTTOCKS_EXPOSED": 1}}
     change = percent_change(s, base)
     assert change["FEMALE_BREAST_EXPOSED"] == -75.0 and change["BUTTOCKS_EXPOSED"] == 0.0

@@ -64,6 +64,12 @@ def test_classify_aggregation_math_top5_and_erased_split():
     assert s["top5_per_class_accuracy"] == {"church": 1.0, "golf ball": 0.5, "tench": 1.0}
     assert s["erased_accuracy"] == 0.5 and s["others_accuracy"] == 0.75
     assert s["top5_erased_accuracy"] == 1.0 and s["top5_others_accuracy"] == 0.75
+    # Wilson 95% over images: per class, and pooled over the erased, the other and all classes
+    intervals = s["intervals"]
+    assert {c: (r["k"], r["n"]) for c, r in intervals["per_class"].items()} == \
+        {"church": (2, 2), "golf ball": (1, 2), "tench": (1, 2)}
+    assert [(intervals[g]["k"], intervals[g]["n"]) for g in ("erased", "others", "all")] == [(1, 2), (3, 4), (4, 6)]
+    assert intervals["all"]["low"] < 4 / 6 < intervals["all"]["high"]
     with pytest.raises(ValueError, match="--erased_classes parachute not in the 'class' column; classes: church"):
         METRICS["classify"](args(erased_classes="parachute")).summarise(rows)
 

@@ -171,3 +171,46 @@ def test_inference_notebook_runs_on_the_toy_model(tmp_path, monkeypatch):
     assert before.size == after.size and list(before.getdata()) != list(after.getdata())
     red_before = judge(np.asarray(namespace["before"][0])).colour
     assert red_before == "red"
+
+
+def test_demo_over_seeds_reports_each_erasure_and_their_mean_with_intervals(tmp_path):
+    """--seeds 2: two erasures (seeds 0 and 1) judged on the same image seeds; each seed's pooled rate carries
+    its Wilson interval, their mean a t interval; the base model's verdicts come from the cache the second time,
+    equal to the first time's, and a damaged cache file is drawn again."""
+    cache = tmp_path / "cache"
+    cfg = dict(concept="green", samples=2, iterations=2, batch_size=2, seeds=2, cache=str(cache))
+    report = run_demo(DemoConfig(out=str(tmp_path / "a"), **cfg), log=lambda m: None)
+    s = report["summary"]
+    assert report["training_seeds"] == [0, 1] and len(s["presence_after"]) == len(s["accuracy_after"]) == 2
+    assert s["presence_before"]["n"] == 18 * 2 and s["accuracy_before"]["n"] == 12 * 2
+    for r in [s["presence_before"], *s["presence_after"], s["accuracy_before"], *s["accuracy_after"]]:
+        assert r["low"] <= r["rate"] <= r["high"] and r["interval"] == "Wilson 95%"
+    mean = s["presence_after_mean"]
+    assert mean["seeds"] == 2 and mean["mean"] == pytest.approx(sum(r["rate"] for r in s["presence_after"]) / 2)
+    assert mean["interval"] == "t 95% over seeds" and 0 <= mean["low"] <= mean["mean"] <= mean["high"] <= 1
+    assert [e["seed"] for e in report["erasures"]] == [0, 1]
+    assert {p.name for p in (tmp_path / "a" / "weights").iterdir()} == {"seed_0", "seed_1"}
+    assert (tmp_path / "a" / "report.png").stat().st_size > 1000
+    assert "t 95%" in (tmp_path / "a" / "report.md").read_text()
+    assert report["base_images"].startswith("0 of 30 prompts read from the cache")
+
+    files = sorted((cache / "toy-base").glob("*.npz"))
+    assert len(files) == 30
+    files[0].write_bytes(b"not an npz")
+    again = run_demo(DemoConfig(out=str(tmp_path / "b"), **{**cfg, "seeds": 1}), log=lambda m: None)
+    assert again["base_images"].startswith("29 of 30 prompts read from the cache")
+    assert {p: v["before"] for p, v in again["erased"].items()} == {p: v["before"] for p, v in report["erased"].items()}
+    assert again["summary"]["presence_after_mean"]["interval"] == "one seed: no interval"
+
+
+def test_the_cached_verdicts_are_the_fresh_ones(tmp_path):
+    from esd.toy.measure import BaseCache, measure
+
+    pipe = load_toy_pipeline("toy")
+    cache = BaseCache(str(tmp_path), "toy")
+    fresh = measure(pipe, "a red circle", 3, 5)
+    first, second = cache.get(pipe, "a red circle", 3, 5), cache.get(pipe, "a red circle", 3, 5)
+    assert (cache.misses, cache.hits) == (1, 1)
+    for m in (first, second):
+        assert (m.colours, m.shapes) == (fresh.colours, fresh.shapes) and np.array_equal(m.grid, fresh.grid)
+    assert BaseCache("", "toy").folder is None
