@@ -106,6 +106,8 @@ def check_demo(cfg: DemoConfig) -> None:
     # valid ones; esd train would only find out after the demo has drawn its "before" images.
     check_method(cfg.train_method or esd_x_of(cfg.base_model), source_family(cfg.base_model))
     check_writable(Path(cfg.out), "--out")  # a real file made and removed: os.access says yes to root
+    if cache_folder(cfg.cache):
+        check_writable(Path(cache_folder(cfg.cache)) / "toy-base", "--cache")
 
 
 def concept_presence(images, axis: str, concept: str) -> float:

@@ -23,7 +23,7 @@ import esd.toy.world
 from esd.core.stats import Rate
 from esd.families.sources import resolve_source
 from esd.formats.generation_record import folder_sha256
-from esd.formats.records import atomic_write
+from esd.formats.records import OutputError, atomic_write
 from esd.toy.judge import judge_batch
 from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS, sample
 from esd.toy.world import Phrasing
@@ -106,11 +106,14 @@ class BaseCache:
             pass
         self.misses += 1
         m = measure(pipe, prompt, n, seed)
-        self.folder.mkdir(parents=True, exist_ok=True)
 
         def write(p):
             with open(p, "wb") as f:
                 np.savez(f, colours=np.array(m.colours), shapes=np.array(m.shapes), grid=m.grid.astype(np.float32))
 
-        atomic_write(path, write)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, write)
+        except (OSError, OutputError):  # a full disk: the measurement stands, the next run draws it again
+            pass
         return m

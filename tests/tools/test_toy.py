@@ -214,3 +214,15 @@ def test_the_cached_verdicts_are_the_fresh_ones(tmp_path):
     for m in (first, second):
         assert (m.colours, m.shapes) == (fresh.colours, fresh.shapes) and np.array_equal(m.grid, fresh.grid)
     assert BaseCache("", "toy").folder is None
+
+
+def test_demo_refuses_a_bad_cache_or_seed_count_before_any_work(tmp_path):
+    from esd.formats.records import OutputError
+    from esd.toy.demo import check_demo
+
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputError, match=r"^--cache: .*file is a file, so .*toy-base cannot be a folder$"):
+        check_demo(DemoConfig(out=str(tmp_path / "o"), cache=str(tmp_path / "file")))
+    with pytest.raises(ValueError, match=r"^--seeds must be a positive integer \(>= 1\), got 0$"):
+        check_demo(DemoConfig(out=str(tmp_path / "o"), seeds=0))
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "o").exists()
