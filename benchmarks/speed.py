@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                      # toy model, ESD-x of "green"
     python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
+    python benchmarks/speed.py --seed 1001 --seeds 5          # each path on 5 training seeds, and their means
 
 Each path is a preset of esd.train.presets.PRESETS, run with the same concept, iterations, batch,
 learning rate, eta and seed (the flags below override every preset alike):
@@ -109,7 +110,9 @@ def main():
     p.add_argument("--lr", type=float, default=demo.lr)
     p.add_argument("--negative_guidance", type=float, default=demo.negative_guidance)
     p.add_argument("--ddim_steps", type=int, help="sampler steps T (default: each preset's, 50 for all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (and image i of every prompt: seed + i)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds seed, seed + 1, ...: each path on each, "
+                   "then every figure's mean with its t 95%% interval over the seeds")
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
     p.add_argument("--fast_iterations", type=int, help="iterations of the fast path (default: --iterations); "
                    "fewer compare the two paths at equal erasure rather than at equal settings")
@@ -118,9 +121,55 @@ def main():
     if args.memory_child:
         return peak_memory_child(args.memory_child, args)
 
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds > 1:
+        return over_seeds(args)
+    run_one(args)
+
+
+def over_seeds(args) -> dict:
+    """Each seed's run (its figures and JSON line as one run prints them), then per path the mean of its seconds,
+    presence and preservation over the seeds with a t 95% interval."""
+    from esd.core.stats import SeedMean
+    from esd.formats.records import environment_record
+
+    first, runs = args.seed, []
+    for seed in range(first, first + args.seeds):
+        args.seed = seed
+        print(f"seed {seed}", flush=True)
+        runs.append(run_one(args))
+    args.seed = first
+    out = {"seeds": list(range(first, first + args.seeds)), "environment": environment_record()}
+    for path in PATHS:
+        means = {"seconds": SeedMean(tuple(r[path]["seconds"] for r in runs)),
+                 "presence": SeedMean(tuple(r[path]["presence"]["rate"] for r in runs)),
+                 "preserved": SeedMean(tuple(r[path]["preserved"]["rate"] for r in runs))}
+        out[path] = {k: m.record(clip=None if k == "seconds" else (0.0, 1.0)) for k, m in means.items()}
+        s = means["seconds"]
+        print(f"{path:>8}: {s.mean:7.1f} s [{s.interval[0]:.1f}, {s.interval[1]:.1f}]  presence {means['presence']}  "
+              f"preserved {means['preserved']}  (mean, t 95% over {args.seeds} seeds)")
+    print(json.dumps(out))
+    return out
+
+
+def without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` less the flags ``names`` and their values (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif a.split("=", 1)[0] not in names:
+            out.append(a)
+    return out
+
+
+def run_one(args) -> dict:
     from esd.train.recipe import train_esd
 
-    argv = [a for a in sys.argv[1:]]
+    argv = [*without_flags(sys.argv[1:], ("--seed", "--seeds")), "--seed", str(args.seed)]  # the memory child's
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path in PATHS:
@@ -156,6 +205,7 @@ def main():
                          "rss_rise_mib": round(f["rss_rise_mib"], 1), "anon_rise_mib": round(f["anon_rise_mib"], 1),
                          "presence": f["presence"].record(), "preserved": f["preserved"].record()}
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
