@@ -28,7 +28,7 @@ if __name__ == "__main__":
         params = dict(model.named_parameters())
         total = sum(p.numel() for p in params.values())
         # 2 bytes per parameter: the trained weights saved in bf16 (or fp16, the same size).
-        print(f"\n{title} ({family})")
+        print(f"\n{title} ({family.denoiser})")
         print(f"{'method':<15} {'tensors':>8} {'parameters':>15} {'share':>7} {'bf16 MB':>10}  description")
         for name, method in TRAIN_METHODS.items():
             if not applies(method, family):
@@ -46,7 +46,7 @@ if __name__ == "__main__":
                   f"{total + n:,} with the parameters")
         # A rank-r LoRA of an (out, in) Linear holds r (out + in) values (down r x in, up out x r); the method's
         # biases stay out of it. fp16/bf16: 2 bytes a value.
-        method = "mmdit-x" if family in ("sd3", "flux") else "xattn"
+        method = family.esd_x
         modules = dict(model.named_modules())
         targets, _ = lora_targets(model, method)
         weights = sum(modules[t].weight.numel() for t in targets)

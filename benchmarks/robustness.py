@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from esd import ESDConfig, train_esd  # noqa: E402
-from esd.core.stats import Rate, SeedMean  # noqa: E402
+from esd.core.stats import RATE, Rate, SeedMean  # noqa: E402
 from esd.formats.records import atomic_write, check_output_folder, environment_record  # noqa: E402
 
 KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
@@ -308,9 +308,20 @@ def over_seeds(s: Settings, log=print) -> dict:
     for seed in range(s.seed, s.seed + s.seeds):
         one = Settings(**{**asdict(s), "seed": seed, "seeds": 1, "out": str(Path(s.out) / f"seed_{seed}")})
         done = Path(one.out) / ("screen.json" if s.screen else "results.json")
-        runs[seed] = json.loads(done.read_text()) if done.exists() and not s.overwrite else run(one, log)
+        if done.exists() and not s.overwrite:  # a finished seed is reused, if made with these very settings
+            found = json.loads(done.read_text())
+            made = found["settings"] if s.screen else found["provenance"]["settings"]
+            differ = [k for k, v in asdict(one).items() if k != "overwrite" and made.get(k) != v]
+            if differ:
+                shown = ", ".join(f"--{k} {made.get(k)!r}" for k in differ)
+                raise SystemExit(f"{done} was made with other settings ({shown}); pass --overwrite to run that "
+                                 "seed again, or another --out")
+            runs[seed] = found
+        else:
+            runs[seed] = run(one, log)
     keys = [k for k in KEYS if all(k in r for r in runs.values())]
-    means = {k: SeedMean(tuple(r[k] for r in runs.values())) for k in keys}
+    means = {k: SeedMean(tuple(r[k] for r in runs.values()), None if k.startswith("seconds") else RATE)
+             for k in keys}
     lines = [f"| figure | {' | '.join(f'seed {seed}' for seed in runs)} | mean [t 95% over {len(runs)} seeds] |",
              "|---" * (len(runs) + 2) + "|"]
     for k, m in means.items():

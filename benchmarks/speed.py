@@ -131,7 +131,7 @@ def main():
 def over_seeds(args) -> dict:
     """Each seed's run (its figures and JSON line as one run prints them), then per path the mean of its seconds,
     presence and preservation over the seeds with a t 95% interval."""
-    from esd.core.stats import SeedMean
+    from esd.core.stats import RATE, SeedMean
     from esd.formats.records import environment_record
 
     first, runs = args.seed, []
@@ -143,9 +143,9 @@ def over_seeds(args) -> dict:
     out = {"seeds": list(range(first, first + args.seeds)), "environment": environment_record()}
     for path in PATHS:
         means = {"seconds": SeedMean(tuple(r[path]["seconds"] for r in runs)),
-                 "presence": SeedMean(tuple(r[path]["presence"]["rate"] for r in runs)),
-                 "preserved": SeedMean(tuple(r[path]["preserved"]["rate"] for r in runs))}
-        out[path] = {k: m.record(clip=None if k == "seconds" else (0.0, 1.0)) for k, m in means.items()}
+                 "presence": SeedMean(tuple(r[path]["presence"]["rate"] for r in runs), RATE),
+                 "preserved": SeedMean(tuple(r[path]["preserved"]["rate"] for r in runs), RATE)}
+        out[path] = {k: m.record() for k, m in means.items()}
         s = means["seconds"]
         print(f"{path:>8}: {s.mean:7.1f} s [{s.interval[0]:.1f}, {s.interval[1]:.1f}]  presence {means['presence']}  "
               f"preserved {means['preserved']}  (mean, t 95% over {args.seeds} seeds)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from scipy.stats import t as student_t
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+RATE = (0.0, 1.0)  # a rate's range, which its mean's interval over seeds is cut to
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -62,9 +63,11 @@ def pooled(rates) -> Rate:
 
 @dataclass(frozen=True)
 class SeedMean:
-    """The mean of one figure over training seeds, with its t 95% interval (None for a single seed)."""
+    """The mean of one figure over training seeds, with its t 95% interval (None for a single seed), cut to
+    ``bounds``, the figure's own range (a rate's (0, 1)) when given."""
 
     values: tuple[float, ...]
+    bounds: tuple[float, float] | None = None
 
     @property
     def mean(self) -> float:
@@ -77,13 +80,13 @@ class SeedMean:
             return None
         sd = math.sqrt(sum((v - self.mean) ** 2 for v in self.values) / (s - 1))
         half = float(student_t.ppf(0.975, s - 1)) * sd / math.sqrt(s)
-        return self.mean - half, self.mean + half
+        low, high = self.mean - half, self.mean + half
+        if self.bounds is not None:
+            low, high = max(self.bounds[0], low), min(self.bounds[1], high)
+        return low, high
 
-    def record(self, clip: tuple[float, float] | None = None) -> dict:
-        """``clip``: the figure's own range (a rate's [0, 1]), which the interval is cut to."""
+    def record(self) -> dict:
         interval = self.interval
-        if interval is not None and clip is not None:
-            interval = (max(clip[0], interval[0]), min(clip[1], interval[1]))
         return {"mean": self.mean, "seeds": len(self.values), "values": list(self.values),
                 "low": None if interval is None else interval[0], "high": None if interval is None else interval[1],
                 "interval": "t 95% over seeds" if interval is not None else "one seed: no interval"}

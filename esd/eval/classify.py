@@ -114,9 +114,13 @@ class Classify(Metric):
     @classmethod
     def cells(cls, s: dict) -> list[str]:
         intervals = s.get("intervals", {})  # Wilson 95% over the images pooled (older summaries: none)
-        return [str(s.get("images", "")), percent(s.get("mean_accuracy"), intervals.get("all")),
-                percent(s.get("erased_accuracy"), intervals.get("erased")),
-                percent(s.get("others_accuracy"), intervals.get("others"))]
+
+        def shown(value, key):  # the pooled rate's interval, where it is the rate shown (equal images per class)
+            r = intervals.get(key)
+            return percent(value, r if r and value is not None and abs(r["rate"] - value) < 1e-9 else None)
+
+        return [str(s.get("images", "")), shown(s.get("mean_accuracy"), "all"),
+                shown(s.get("erased_accuracy"), "erased"), shown(s.get("others_accuracy"), "others")]
 
     @classmethod
     def chart(cls, s: dict) -> tuple[str, dict]:

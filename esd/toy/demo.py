@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from esd.core.stats import Rate, SeedMean, pooled
+from esd.core.stats import RATE, Rate, SeedMean, pooled
 from esd.families.registry import check_method
 from esd.families.sources import TOY_MODELS, resolve_source, source_family
 from esd.formats.records import OutputError, atomic_write, check_inside, check_writable, environment_record
@@ -106,7 +106,7 @@ def check_demo(cfg: DemoConfig) -> None:
     # valid ones; esd train would only find out after the demo has drawn its "before" images.
     check_method(cfg.train_method or esd_x_of(cfg.base_model), source_family(cfg.base_model))
     check_writable(Path(cfg.out), "--out")  # a real file made and removed: os.access says yes to root
-    if cache_folder(cfg.cache):
+    if cfg.cache != "auto" and cache_folder(cfg.cache):  # a folder the user named; auto falls back to none
         check_writable(Path(cache_folder(cfg.cache)) / "toy-base", "--cache")
 
 
@@ -150,7 +150,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         text = "\n".join(retain_phrasings(cfg.concept)) + "\n"
         atomic_write(out / "retain_prompts.txt", lambda p: Path(p).write_text(text))
         retain = {"retain_prompts": str(out / "retain_prompts.txt"), "retain_weight": cfg.retain_weight}
-    cache = BaseCache(cache_folder(cfg.cache), cfg.base_model)
+    cache = BaseCache(usable_cache(cfg, log), cfg.base_model)
     base_pipe = load_toy_pipeline(cfg.base_model)
     before = {p.text: cache.get(base_pipe, p.text, cfg.samples, cfg.seed) for p in phrasings}
     log(f"{len(before) * cfg.samples} images before erasure: {cache.hits} prompts from the cache, {cache.misses} drawn")
@@ -212,12 +212,25 @@ def _pooled_summary(key: str, rates: dict[str, list[Rate]]) -> dict:
     by_stage = list(zip(*rates.values()))  # stage -> that stage's rate of every prompt
     after = [pooled(stage) for stage in by_stage[1:]]
     return {f"{key}_before": pooled(by_stage[0]).record(), f"{key}_after": [r.record() for r in after],
-            f"{key}_after_mean": SeedMean(tuple(r.p for r in after)).record(clip=(0.0, 1.0))}
+            f"{key}_after_mean": SeedMean(tuple(r.p for r in after), RATE).record()}
 
 
 def cache_folder(setting: str) -> str:
     """--cache: "auto" (esd.toy.measure.default_cache_dir), "none" (no cache), or a folder."""
     return {"auto": default_cache_dir(), "none": ""}.get(setting, setting)
+
+
+def usable_cache(cfg: DemoConfig, log) -> str:
+    """The cache folder to use: --cache auto where nothing can be written (a read-only home) is no cache, said
+    in the log; a folder the user named was checked by check_demo."""
+    folder = cache_folder(cfg.cache)
+    if cfg.cache == "auto" and folder:
+        try:
+            check_writable(Path(folder) / "toy-base", "--cache")
+        except (OutputError, OSError) as e:
+            log(f"no cache of the base model's verdicts: {e}")
+            return ""
+    return folder
 
 
 def _demo_report(path: Path) -> bool:

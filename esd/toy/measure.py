@@ -9,6 +9,7 @@ A second demo, benchmark or seed on the same machine reads them instead of drawi
 """
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import esd.families.flow
+import esd.toy.dit
 import esd.toy.judge
 import esd.toy.quality
 import esd.toy.world
@@ -24,17 +27,18 @@ from esd.core.stats import Rate
 from esd.families.sources import resolve_source
 from esd.formats.generation_record import folder_sha256
 from esd.formats.records import OutputError, atomic_write
-from esd.toy.judge import judge_batch
+from esd.toy.judge import NONE, judge_batch
 from esd.toy.quality import QUALITY_GUIDANCE, QUALITY_STEPS, sample
-from esd.toy.world import Phrasing
+from esd.toy.world import COLOURS, SHAPES, Phrasing
 
 GRID_COLUMNS = 8  # images per prompt a grid shows
 SAMPLE_BATCH = 100  # esd.toy.quality.sample's default batch: part of what decides the pixels
 
 
 def default_cache_dir() -> str:
-    """``$ESD_CACHE``, else ``~/.cache/esd``: where the base model's verdicts are kept ("" turns the cache off)."""
-    return os.environ.get("ESD_CACHE") or str(Path("~/.cache/esd").expanduser())
+    """``$ESD_CACHE`` (set but empty: no cache), else ``~/.cache/esd``: where the base model's verdicts are kept."""
+    found = os.environ.get("ESD_CACHE")
+    return found if found is not None else str(Path("~/.cache/esd").expanduser())
 
 
 @dataclass
@@ -64,23 +68,33 @@ def measure(pipe, prompt: str, n: int, seed: int) -> Measured:
 
 
 def _sources_digest() -> str:
+    """The code that draws and judges: the sampler, the judge, the world, and the flow toy's token merge."""
     h = hashlib.sha256()
-    for module in (esd.toy.quality, esd.toy.judge, esd.toy.world):
+    for module in (esd.toy.quality, esd.toy.judge, esd.toy.world, esd.toy.dit, esd.families.flow):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
+
+
+def _versions() -> dict:
+    """The libraries whose code draws (diffusers' pipelines and schedulers, transformers' CLIP, torch) and judges
+    (numpy, PIL)."""
+    return {name: importlib.metadata.version(name) for name in ("torch", "diffusers", "transformers", "numpy",
+                                                                 "pillow")}
 
 
 def cache_key(model_sha256: str, prompt: str, n: int, seed: int) -> dict:
     """Everything that decides a base model's images of ``prompt`` and their verdicts (``model_sha256``: the
     model folder's, esd.formats.generation_record.folder_sha256)."""
     return {"model_sha256": model_sha256, "prompt": prompt, "n": n, "seed": seed,
-            "steps": QUALITY_STEPS, "guidance": QUALITY_GUIDANCE, "batch": SAMPLE_BATCH, "torch": torch.__version__,
+            "steps": QUALITY_STEPS, "guidance": QUALITY_GUIDANCE, "batch": SAMPLE_BATCH, "versions": _versions(),
             "threads": torch.get_num_threads(), "sources_sha256": _sources_digest()}
 
 
 class BaseCache:
     """The base model's measured prompts under ``folder``/toy-base/ (``folder`` "": no cache). Read with
-    ``allow_pickle=False``: the file holds arrays only, whoever wrote it."""
+    ``allow_pickle=False`` (the file holds arrays only, whoever wrote it) and checked for shape and vocabulary;
+    the cache is the user's own folder: whoever can write in it decides what a later demo reads as the base
+    model's verdicts, as with any cache of results."""
 
     def __init__(self, folder: str, base_model: str):
         self.folder = Path(folder) / "toy-base" if folder else None
@@ -91,6 +105,14 @@ class BaseCache:
         key = json.dumps(cache_key(self.model_sha256, prompt, n, seed), sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
+    @staticmethod
+    def _well_formed(m: Measured, n: int) -> bool:
+        """n verdicts, each a colour and a shape of the world (or none), and the grid's images of 32 px RGB."""
+        colours, shapes = set(COLOURS) | {NONE}, set(SHAPES) | {NONE}
+        return (len(m.colours) == len(m.shapes) == n and set(m.colours) <= colours and set(m.shapes) <= shapes
+                and m.grid.ndim == 4 and len(m.grid) == min(n, GRID_COLUMNS) and m.grid.shape[-1] == 3
+                and bool(np.isfinite(m.grid).all()))
+
     def get(self, pipe, prompt: str, n: int, seed: int) -> Measured:
         if self.folder is None:
             self.misses += 1
@@ -99,10 +121,10 @@ class BaseCache:
         try:
             with np.load(path, allow_pickle=False) as f:
                 found = Measured(f["colours"].tolist(), f["shapes"].tolist(), f["grid"].astype(np.float32))
-            if len(found.colours) == n:
+            if self._well_formed(found, n):
                 self.hits += 1
                 return found
-        except (OSError, ValueError, KeyError):  # absent, or unreadable: drawn again and rewritten
+        except Exception:  # noqa: BLE001 - absent, truncated, not an npz: drawn again and rewritten
             pass
         self.misses += 1
         m = measure(pipe, prompt, n, seed)
