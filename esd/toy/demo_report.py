@@ -120,11 +120,17 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _after_all(s: dict, key: str) -> str:
+    """One seed: its rate with the Wilson interval; several: their mean with the t interval."""
+    runs = s[f"{key}_after"]
+    return _pct(runs[0]) + " (1 seed)" if len(runs) == 1 else _mean(s[f"{key}_after_mean"])
+
+
 def summary(report: dict) -> str:
     s = report["summary"]
     highest = max(report["erased"].items(), key=lambda kv: kv[1]["presence_after"])
     worst = min(v["accuracy_after"] - v["accuracy_before"] for v in report["others"].values())
     return (f"erased \"{report['concept']}\": presence {_pct(s['presence_before'])} -> "
-            f"{_mean(s['presence_after_mean'])} (highest after: {highest[0]!r} {highest[1]['presence_after']:.0%}); "
-            f"other prompts' accuracy {_pct(s['accuracy_before'])} -> {_mean(s['accuracy_after_mean'])} (worst "
+            f"{_after_all(s, 'presence')} (highest after: {highest[0]!r} {highest[1]['presence_after']:.0%}); "
+            f"other prompts' accuracy {_pct(s['accuracy_before'])} -> {_after_all(s, 'accuracy')} (worst "
             f"prompt {100 * worst:+.0f} pts); {report['seconds']} s")

@@ -586,7 +586,7 @@ def test_reproduce_checks_what_its_metrics_need_before_training(argv, missing, m
     (["demo", "--out", "{t}/inputs/empty.pt/demo"], "is a file, so"),
 ], ids=["family", "family-dit", "iterations", "lr", "proc", "under-a-file"])
 def test_demo_settings_are_checked_before_any_image_is_drawn(argv, message, tmp_path, toy_key, capsys, monkeypatch):
-    forbid(monkeypatch, "esd.toy.demo.load_toy_pipeline", "esd.toy.demo.sample", "esd.toy.demo.train_esd")
+    forbid(monkeypatch, "esd.toy.demo.load_toy_pipeline", "esd.toy.measure.sample", "esd.toy.demo.train_esd")
     if "--out" not in argv:
         argv = argv + ["--out", "{t}/demo"]
     test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, toy_key, capsys, monkeypatch)
@@ -608,7 +608,7 @@ def test_demo_refuses_a_folder_it_cannot_create_files_in_even_as_root(tmp_path, 
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only_mount)
-    forbid(monkeypatch, "esd.toy.demo.load_toy_pipeline", "esd.toy.demo.sample", "esd.toy.demo.train_esd")
+    forbid(monkeypatch, "esd.toy.demo.load_toy_pipeline", "esd.toy.measure.sample", "esd.toy.demo.train_esd")
     readonly.chmod(0o555)
     try:
         test_bad_input_is_one_line_and_writes_nothing(

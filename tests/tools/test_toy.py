@@ -214,6 +214,17 @@ def test_the_cached_verdicts_are_the_fresh_ones(tmp_path):
     for m in (first, second):
         assert (m.colours, m.shapes) == (fresh.colours, fresh.shapes) and np.array_equal(m.grid, fresh.grid)
     assert BaseCache("", "toy").folder is None
+    # A planted or damaged file is drawn again: the wrong vocabulary, a truncated zip, an empty file.
+    path = cache._path("a red circle", 3, 5)
+    for damage in ("vocabulary", "truncated", "empty"):
+        if damage == "vocabulary":
+            with open(path, "wb") as f:
+                np.savez(f, colours=np.array(["purple"] * 3), shapes=np.array(fresh.shapes), grid=fresh.grid)
+        else:
+            path.write_bytes(path.read_bytes()[:40] if damage == "truncated" else b"")
+        misses = cache.misses
+        m = cache.get(pipe, "a red circle", 3, 5)
+        assert cache.misses == misses + 1 and m.colours == fresh.colours, damage
 
 
 def test_demo_refuses_a_bad_cache_or_seed_count_before_any_work(tmp_path):
