@@ -26,7 +26,7 @@ from esd.formats.records import OutputError, atomic_write, check_inside, check_w
 from esd.formats.weights import load_erased_unet, run_weight_files
 from esd.toy.demo_report import chart, labelled_grid, render_markdown, summary
 from esd.toy.judge import judge_batch
-from esd.toy.measure import BaseCache, default_cache_dir, measure
+from esd.toy.measure import BaseCache, default_cache_dir, measure, right, shows
 from esd.toy.quality import load_toy_pipeline
 from esd.toy.world import COLOURS, SHAPES, Phrasing, prompts_for
 from esd.train.config import ESDConfig
@@ -106,19 +106,18 @@ def check_demo(cfg: DemoConfig) -> None:
     # valid ones; esd train would only find out after the demo has drawn its "before" images.
     check_method(cfg.train_method or esd_x_of(cfg.base_model), source_family(cfg.base_model))
     check_writable(Path(cfg.out), "--out")  # a real file made and removed: os.access says yes to root
-    if cfg.cache != "auto" and cache_folder(cfg.cache):  # a folder the user named; auto falls back to none
-        check_writable(Path(cache_folder(cfg.cache)) / "toy-base", "--cache")
+    if cfg.cache != "auto" and (folder := cache_folder(cfg.cache)):  # a folder the user named; auto falls back
+        check_writable(Path(folder) / "toy-base", "--cache")  # to none (usable_cache)
 
 
 def concept_presence(images, axis: str, concept: str) -> float:
     """Share of images judged to show ``concept`` on ``axis`` ("colour" or "shape")."""
-    return sum(getattr(j, axis) == concept for j in judge_batch(images)) / len(images)
+    return sum(shows(j.colour, j.shape, axis, concept) for j in judge_batch(images)) / len(images)
 
 
 def accuracy(images, p: Phrasing) -> float:
     """Share of images judged right in what the phrasing names."""
-    return sum((p.colour is None or j.colour == p.colour) and (p.shape is None or j.shape == p.shape)
-               for j in judge_batch(images)) / len(images)
+    return sum(right(j.colour, j.shape, p) for j in judge_batch(images)) / len(images)
 
 
 def esd_x_of(base_model: str) -> str:

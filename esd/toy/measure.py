@@ -52,12 +52,21 @@ class Measured:
     def rate(self, phrasing: Phrasing, axis: str | None = None, concept: str | None = None) -> Rate:
         """With ``axis`` and ``concept``: images judged to show the concept (presence); else images judged right
         in what the phrasing names (accuracy)."""
+        verdicts = zip(self.colours, self.shapes)
         if axis is not None:
-            hits = sum(v == concept for v in (self.colours if axis == "colour" else self.shapes))
-        else:
-            hits = sum((phrasing.colour is None or c == phrasing.colour)
-                       and (phrasing.shape is None or s == phrasing.shape) for c, s in zip(self.colours, self.shapes))
-        return Rate(hits, len(self.colours))
+            return Rate(sum(shows(c, s, axis, concept) for c, s in verdicts), len(self.colours))
+        return Rate(sum(right(c, s, phrasing) for c, s in verdicts), len(self.colours))
+
+
+def shows(colour: str, shape: str, axis: str, concept: str) -> bool:
+    """Whether a verdict (colour, shape) shows ``concept`` on ``axis`` ("colour" or "shape"): presence."""
+    return (colour if axis == "colour" else shape) == concept
+
+
+def right(colour: str, shape: str, phrasing: Phrasing) -> bool:
+    """Whether a verdict is right in what the phrasing names: accuracy."""
+    return ((phrasing.colour is None or colour == phrasing.colour)
+            and (phrasing.shape is None or shape == phrasing.shape))
 
 
 def measure(pipe, prompt: str, n: int, seed: int) -> Measured:
@@ -82,12 +91,17 @@ def _versions() -> dict:
                                                                  "pillow")}
 
 
-def cache_key(model_sha256: str, prompt: str, n: int, seed: int) -> dict:
-    """Everything that decides a base model's images of ``prompt`` and their verdicts (``model_sha256``: the
-    model folder's, esd.formats.generation_record.folder_sha256)."""
-    return {"model_sha256": model_sha256, "prompt": prompt, "n": n, "seed": seed,
-            "steps": QUALITY_STEPS, "guidance": QUALITY_GUIDANCE, "batch": SAMPLE_BATCH, "versions": _versions(),
-            "threads": torch.get_num_threads(), "sources_sha256": _sources_digest()}
+def drawing_key(model_sha256: str) -> dict:
+    """What decides every prompt's images and verdicts alike (``model_sha256``: the model folder's,
+    esd.formats.generation_record.folder_sha256): read once per cache."""
+    return {"model_sha256": model_sha256, "steps": QUALITY_STEPS, "guidance": QUALITY_GUIDANCE,
+            "batch": SAMPLE_BATCH, "versions": _versions(), "threads": torch.get_num_threads(),
+            "sources_sha256": _sources_digest()}
+
+
+def cache_key(drawing: dict, prompt: str, n: int, seed: int) -> dict:
+    """Everything that decides a base model's images of ``prompt`` and their verdicts."""
+    return {**drawing, "prompt": prompt, "n": n, "seed": seed}
 
 
 class BaseCache:
@@ -98,11 +112,11 @@ class BaseCache:
 
     def __init__(self, folder: str, base_model: str):
         self.folder = Path(folder) / "toy-base" if folder else None
-        self.model_sha256 = folder_sha256(resolve_source(base_model)) if folder else None
+        self.drawing = drawing_key(folder_sha256(resolve_source(base_model))) if folder else None
         self.hits = self.misses = 0
 
     def _path(self, prompt: str, n: int, seed: int) -> Path:
-        key = json.dumps(cache_key(self.model_sha256, prompt, n, seed), sort_keys=True)
+        key = json.dumps(cache_key(self.drawing, prompt, n, seed), sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
     @staticmethod
