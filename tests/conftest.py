@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The modules whose tests take minutes go first, so that neither worker starts one of them last.
 SLOW_FIRST = ("tools/test_toy.py", "tools/test_reproduce.py", "train/test_robust.py", "formats/test_outputs.py",
-              "tools/test_pipeline.py", "tools/test_attack.py")
+              "tools/test_pipeline.py", "tools/test_attack.py", "tools/test_app.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -166,20 +166,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         afters.append({p.text: measure(pipe, p.text, cfg.samples, cfg.seed) for p in phrasings})
         erasures.append(json.loads((result.output_dir / "args.json").read_text()))  # every resolved setting
 
-    presence = {p.text: [m[p.text].rate(p, axis, cfg.concept) for m in [before, *afters]] for p in erased}
-    correct = {p.text: [m[p.text].rate(p) for m in [before, *afters]] for p in others}
     report = {
         "concept": cfg.concept,
         "axis": axis,
-        "erased": {p.text: {"held_out": p.held_out, "presence_before": presence[p.text][0].p,
-                            "presence_after": SeedMean(tuple(r.p for r in presence[p.text][1:])).mean,
-                            "before": presence[p.text][0].record(),
-                            "after_by_seed": [r.record() for r in presence[p.text][1:]]} for p in erased},
-        "others": {p.text: {"held_out": p.held_out, "accuracy_before": correct[p.text][0].p,
-                            "accuracy_after": SeedMean(tuple(r.p for r in correct[p.text][1:])).mean,
-                            "before": correct[p.text][0].record(),
-                            "after_by_seed": [r.record() for r in correct[p.text][1:]]} for p in others},
-        "summary": {**_pooled_summary("presence", presence), **_pooled_summary("accuracy", correct)},
+        **measured_rates(cfg.concept, before, afters),
         "samples_per_prompt": cfg.samples,
         "training_seeds": training_seeds(cfg),
         "seeds": f"image i of every prompt starts from seed {cfg.seed} + i, before and after; erasure j trains "
@@ -203,6 +193,26 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     atomic_write(out / "report.md", lambda p: Path(p).write_text(render_markdown(report)))
     log(summary(report))
     return report
+
+
+def measured_rates(concept: str, before: dict, afters: list[dict]) -> dict:
+    """A report's ``erased`` (presence of ``concept`` on each phrasing naming it), ``others`` (accuracy on the other
+    prompts) and ``summary`` (pooled over prompts), from the base model's measurements (prompt -> Measured) and each
+    erasure's: before, each seed's after with its Wilson interval, and the mean over seeds."""
+    erased, others, axis = prompts_for(concept)
+    presence = {p.text: [m[p.text].rate(p, axis, concept) for m in [before, *afters]] for p in erased}
+    correct = {p.text: [m[p.text].rate(p) for m in [before, *afters]] for p in others}
+    return {
+        "erased": {p.text: {"held_out": p.held_out, "presence_before": presence[p.text][0].p,
+                            "presence_after": SeedMean(tuple(r.p for r in presence[p.text][1:])).mean,
+                            "before": presence[p.text][0].record(),
+                            "after_by_seed": [r.record() for r in presence[p.text][1:]]} for p in erased},
+        "others": {p.text: {"held_out": p.held_out, "accuracy_before": correct[p.text][0].p,
+                            "accuracy_after": SeedMean(tuple(r.p for r in correct[p.text][1:])).mean,
+                            "before": correct[p.text][0].record(),
+                            "after_by_seed": [r.record() for r in correct[p.text][1:]]} for p in others},
+        "summary": {**_pooled_summary("presence", presence), **_pooled_summary("accuracy", correct)},
+    }
 
 
 def _pooled_summary(key: str, rates: dict[str, list[Rate]]) -> dict:

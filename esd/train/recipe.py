@@ -49,6 +49,7 @@ class ESDResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     unet_evals: int = 0  # latent rows through the UNet (sampling, frozen targets, trained forward)
+    checkpoint: Path | None = None  # stopped early by train()'s callback: where it left a checkpoint to resume from
 
 
 def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
@@ -197,7 +198,10 @@ class ESDTrainer:
                 "timestep": column(batch.timesteps), **{k: v.item() for k, v in terms.items() if k != "esd"}}
 
     # -- loop ----------------------------------------------------------------------------------
-    def train(self) -> ESDResult:
+    def train(self, callback=None) -> ESDResult:
+        """The loop. ``callback(record)``, after each iteration (``esd app``'s progress), returns True to stop: the
+        loop then writes a checkpoint (``checkpoints/checkpoint-<iteration>.pt``, which ``--resume`` continues) and
+        returns with ``checkpoint`` set, having saved nothing else."""
         cfg = self.config
         n_params = sum(p.numel() for p in self.params)
         print("***** Running ESD training *****")
@@ -228,6 +232,10 @@ class ESDTrainer:
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
                 self.save_checkpoint()
+            if callback is not None and callback(record) and i + 1 < cfg.iterations:
+                bar.close()
+                return ESDResult(self.output_dir, self.trained_names, [h["loss"] for h in self.history],
+                                 time.perf_counter() - start, self.unet_evals, checkpoint=self.save_checkpoint())
         seconds = time.perf_counter() - start
         return ESDResult(self.output_dir, self.trained_names, [h["loss"] for h in self.history], seconds,
                          self.unet_evals)

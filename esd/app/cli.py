@@ -1,0 +1,41 @@
+"""``esd app`` (and ``python app.py``): the web app, as the paper's README has it: train, test, evaluate, attack
+and export erasures in the browser, on http://127.0.0.1:7860/ by default."""
+
+from esd.app.actions import Pipelines
+from esd.app.jobs import TrainingQueue
+from esd.app.runs import DEFAULT_MAX_UPLOAD_MB, RunsFolder
+from esd.app.ui import build_app, launch
+from esd.core.devices import parse_devices
+from esd.train.settings import TrainSettings
+
+DEFAULT_RUNS = TrainSettings.__dataclass_fields__["save_path"].default  # esd train's: the app lists its runs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("app", help="the web app: train, test, evaluate, attack and export erasures in the browser")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                   "only; 0.0.0.0 serves the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="the runs folder: the app trains into it, lists the runs "
+                   "esd train put there, and reads and writes nowhere else (default: %(default)s, esd train's "
+                   "--save_path)")
+    p.add_argument("--devices", "--device", dest="devices", help="devices to train on, one training at a time on "
+                   "each: 'cpu', '0', '0,1' (default: the first GPU if any, else the CPU)")
+    p.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest uploaded weights file, in MB (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args) -> int:
+    devices = [str(d) for d in parse_devices(args.devices)]
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    if args.max_upload_mb < 1:
+        raise ValueError(f"--max_upload_mb must be >= 1, got {args.max_upload_mb}")
+    runs = RunsFolder(args.runs, args.max_upload_mb)
+    queue = TrainingQueue(tuple(devices))
+    app = build_app(runs, queue, Pipelines(devices[0]))
+    print(f"esd app: runs folder {runs.root}; trainings on {', '.join(devices)}; http://{args.host}:{args.port}/")
+    launch(app, runs, args.host, args.port, args.share)
+    return 0

@@ -1,0 +1,154 @@
+"""The app's runs folder: the one place it reads from and writes to.
+
+Runs are ``esd train``'s run folders (the app trains into it exactly as ``--save_path`` would, and lists the
+runs the command line put there too); uploaded weights go to ``uploads/``; each run's app outputs (test
+images, evaluations, attacks) to ``<run>/app/``, its exports where ``esd train --export`` puts them. Every name
+that comes from the page (a run, an upload's file name) is a plain file name checked to resolve inside the
+folder, with no symbolic link on the way, so nothing typed or uploaded reads or writes elsewhere.
+"""
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from esd.formats.erasure_source import Erasure, find_erasure
+from esd.formats.records import atomic_write, check_inside, check_name, safe_name
+from esd.formats.weights import check_weights_file, run_weight_files
+
+UPLOADS = "uploads"
+APP_OUTPUTS = "app"  # inside a run folder: what the app made of the run
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # this project's files and the official ESD code's
+DEFAULT_MAX_UPLOAD_MB = 4096  # an SD 1.x UNet in fp32 is 3.4 GB; SDXL's or FLUX's own runs are trained here
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    status: str  # "done": weights and args.json; "resumable": checkpoints only (a cancelled or killed run)
+    concept: str
+    train_method: str
+    base_model: str
+    iterations: int | None
+
+
+class RunsFolder:
+    def __init__(self, root: str | Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = int(max_upload_mb) * 2**20
+
+    # -- names from the page ---------------------------------------------------------------------
+    def path_of(self, name: str, what: str = "run") -> Path:
+        """The folder or file ``name`` (a plain name, or ``uploads/<name>``) inside the runs folder."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"no {what} chosen; pick one from the list")
+        parts = name.split("/")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != UPLOADS):
+            raise ValueError(f"{what} {name!r} is not a run or an upload of this app")
+        for part in parts:
+            check_name(part, what)
+        path = self.root.joinpath(*parts)
+        check_inside(path, self.root, what)
+        return path
+
+    def output_dir(self, run: str, kind: str) -> Path:
+        """``<run>/app/<kind>`` (an upload's: ``uploads/app-<file>/<kind>``), inside the runs folder."""
+        path = self.path_of(run)
+        base = path.parent / f"{APP_OUTPUTS}-{path.name}" if path.is_file() else path / APP_OUTPUTS
+        out = base / check_name(kind, "output")
+        check_inside(out, self.root, run)
+        return out
+
+    # -- listing ---------------------------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        """Every run folder in the runs folder, finished or resumable, newest first."""
+        found = []
+        for child in sorted(self.root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            if child.is_symlink() or not child.is_dir() or child.name == UPLOADS or child.name.startswith("."):
+                continue
+            info = self.info(child)
+            if info is not None:
+                found.append(info)
+        return found
+
+    @staticmethod
+    def info(folder: Path) -> RunInfo | None:
+        weights = run_weight_files(folder)
+        done = (folder / "args.json").is_file() and (weights["trained"].is_file() or weights["full"].is_file())
+        record = {}
+        if done:
+            try:
+                record = json.loads((folder / "args.json").read_text())
+            except (OSError, ValueError):
+                return None
+        elif latest_checkpoint(folder) is None:
+            return None
+        if not isinstance(record, dict):
+            return None
+        base = record.get("ckpt_path") or record.get("base_model", "")
+        return RunInfo(folder.name, "done" if done else "resumable", str(record.get("prompt", "")),
+                       str(record.get("train_method", "")), str(base),
+                       record.get("iterations") if isinstance(record.get("iterations"), int) else None)
+
+    def uploads(self) -> list[str]:
+        folder = self.root / UPLOADS
+        if not folder.is_dir():
+            return []
+        return [f"{UPLOADS}/{p.name}" for p in sorted(folder.iterdir())
+                if p.is_file() and not p.is_symlink() and p.suffix in WEIGHT_SUFFIXES]
+
+    def erasures(self) -> list[str]:
+        """What the Test, Evaluate, Attack and Export tabs may choose: finished runs, then uploads."""
+        return [r.name for r in self.runs() if r.status == "done"] + self.uploads()
+
+    def erasure(self, name: str, base_model: str | None = None) -> Erasure:
+        """The erasure ``name`` (a run, or an upload with ``base_model`` when its file does not say)."""
+        path = self.path_of(name, "erasure")
+        if path.is_dir() and self.info(path) is not None and self.info(path).status != "done":
+            raise ValueError(f"run {name!r} has not finished; resume it in the Train tab first")
+        return find_erasure(str(path), base_model or None)
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def store_upload(self, uploaded: str | Path, filename: str | None = None) -> str:
+        """Copy an uploaded weights file into ``uploads/`` (named by its content's hash and its own name made
+        plain) once it is checked: at most the size limit, a weights file's suffix, and readable by the same safe
+        loaders as the command line (safetensors, or a weights-only torch file: no pickled code runs). Returns its
+        name for the erasure lists."""
+        uploaded = Path(uploaded)
+        name = Path(filename or uploaded.name).name
+        suffix = Path(name).suffix.lower()
+        if suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(f"upload {name!r} is not a weights file; valid: {', '.join(WEIGHT_SUFFIXES)}")
+        size = uploaded.stat().st_size
+        if size > self.max_upload_bytes:
+            raise ValueError(f"upload {name!r} is {size / 2**20:.0f} MB, over this app's limit of "
+                             f"{self.max_upload_bytes // 2**20} MB (esd app --max_upload_mb)")
+        digest = hashlib.sha256()
+        with open(uploaded, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        stem = safe_name(Path(name).stem)[:80]
+        dest = self.root / UPLOADS / f"{digest.hexdigest()[:12]}-{stem}{suffix}"
+        check_inside(dest, self.root, "upload")
+        dest.parent.mkdir(exist_ok=True)
+        if not dest.is_file():
+            atomic_write(dest, lambda p: shutil.copyfile(uploaded, p))
+            try:
+                check_weights_file(dest)
+            except Exception:
+                dest.unlink(missing_ok=True)
+                raise
+        return f"{UPLOADS}/{dest.name}"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The run's newest ``checkpoints/checkpoint-<iteration>.pt``."""
+    found = []
+    for p in (folder / "checkpoints").glob("checkpoint-*.pt"):
+        number = p.stem.removeprefix("checkpoint-")
+        if number.isdigit() and p.is_file() and not p.is_symlink():
+            found.append((int(number), p))
+    return max(found)[1] if found else None
+
