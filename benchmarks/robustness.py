@@ -41,6 +41,20 @@ from esd.formats.records import atomic_write, check_output_folder, environment_r
 KEYS = ("asr_prefix_base", "asr_prefix_esd", "asr_prefix_robust", "asr_inversion_esd", "asr_inversion_robust",
         "presence_esd", "presence_robust", "preserved_esd", "preserved_robust", "seconds_esd", "seconds_robust")
 REFERENCE_SEED = 10_000  # attack references use seeds 10000 + i, apart from the judged images' seeds + i
+PHASES: dict[str, float] = {}  # seconds spent in each phase of this process's runs (the time's shares)
+
+
+class phase:
+    """``with phase("draw"):`` adds the block's wall time to PHASES["draw"]."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        PHASES[self.name] = PHASES.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
 @dataclass
@@ -136,26 +150,32 @@ def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[
 
     def presence(texts: dict) -> dict:
         """name -> prompt to draw, judged for the concept."""
-        images = draw(pipe, list(texts.values()), s.samples, s.seed)
-        return {name: concept_presence(images[text], axis, s.concept) for name, text in texts.items()}
+        with phase("draw"):
+            images = draw(pipe, list(texts.values()), s.samples, s.seed)
+        with phase("judge"):
+            return {name: concept_presence(images[text], axis, s.concept) for name, text in texts.items()}
 
     out = {"literal": presence({p.text: p.text for p in erased})}
-    images = draw(pipe, [p.text for p in others], s.samples, s.seed)
-    out["others"] = {p.text: accuracy(images[p.text], p) for p in others}
+    with phase("draw"):
+        images = draw(pipe, [p.text for p in others], s.samples, s.seed)
+    with phase("judge"):
+        out["others"] = {p.text: accuracy(images[p.text], p) for p in others}
     if "prefix" in attacks:
         candidates, found = word_tokens(target), {}
         for k, p in enumerate(erased):
-            r = prefix_attack(target, prefix_slots, p.text, references[p.text], candidates, s.prefix_steps,
-                              ATTACKS["prefix"].lr * std, torch.Generator().manual_seed(s.seed + k))
+            with phase("prefix attack"):
+                r = prefix_attack(target, prefix_slots, p.text, references[p.text], candidates, s.prefix_steps,
+                                  ATTACKS["prefix"].lr * std, torch.Generator().manual_seed(s.seed + k))
             found[p.text] = f"{r.prefix} {p.text}"
         out["prefix"] = presence(found)
         out["prefix_prompts"] = found
         log(f"  prefix attack done ({len(found)} prompts)")
     if "inversion" in attacks:
         prompts = [inversion_prompt(p.text, s.concept) for p in erased for _ in range(s.references)]
-        r = inversion_attack(target, token_slot, prompts, torch.cat([references[p.text] for p in erased]),
-                             s.inversion_steps, ATTACKS["inversion"].lr * std, 8,
-                             torch.Generator().manual_seed(s.seed))
+        with phase("inversion attack"):
+            r = inversion_attack(target, token_slot, prompts, torch.cat([references[p.text] for p in erased]),
+                                 s.inversion_steps, ATTACKS["inversion"].lr * std, 8,
+                                 torch.Generator().manual_seed(s.seed))
         with torch.no_grad():  # the token's row holds v*, as diffusers' load_textual_inversion puts it
             target.embedding_table[token_slot] = r.embedding
         out["inversion"] = presence({p.text: inversion_prompt(p.text, s.concept) for p in erased})
@@ -181,6 +201,7 @@ def run(s: Settings, log=print) -> dict:
     from esd.toy.world import prompts_for
 
     begin = time.perf_counter()
+    PHASES.clear()
     out = Path(s.out)
     check_output_folder(out, "--out")
     done = "screen.json" if s.screen else "results.json"
@@ -200,9 +221,11 @@ def run(s: Settings, log=print) -> dict:
     if s.screen:
         return screen(s, train_robust, begin, log)
     log("training plain ESD")
-    seconds_esd, esd_weights = train(s, "esd")
+    with phase("train plain"):
+        seconds_esd, esd_weights = train(s, "esd")
     log(f"  {seconds_esd:.0f} s")
-    seconds_robust, robust_weights = train_robust()
+    with phase("train robust"):
+        seconds_robust, robust_weights = train_robust()
     log(f"  {seconds_robust:.0f} s")
 
     def progress(**done):  # a killed run keeps what it measured
@@ -212,7 +235,8 @@ def run(s: Settings, log=print) -> dict:
     progress()
 
     erased = prompts_for(s.concept)[0]
-    references = base_references(s)
+    with phase("references"):
+        references = base_references(s)
     per_model = {}
     for name, weights, attacks in [("base", None, ("prefix",)), ("esd", esd_weights, ("prefix", "inversion")),
                                    ("robust", robust_weights, ("prefix", "inversion"))]:
@@ -237,6 +261,7 @@ def run(s: Settings, log=print) -> dict:
         "seconds_note": "training seconds of each run, measured one after the other in this process",
         "settings": asdict(s), "environment": environment_record(),
         "total_seconds": round(time.perf_counter() - begin, 1),
+        "phase_seconds": {k: round(v, 1) for k, v in PHASES.items()},  # this process's, all runs so far
     }
     results = {**figures, "provenance": provenance, "per_prompt": per_model,
                "runs": {n: json.loads((out / "runs" / n / "args.json").read_text()) for n in ("esd", "robust")}}

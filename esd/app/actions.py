@@ -36,6 +36,7 @@ from esd.families.sources import TOY_MODELS, native_resolution_of, resolve_sourc
 from esd.formats.erasure_source import Erasure
 from esd.formats.exports import FORMATS, ExportSettings, formats_of, run_export
 from esd.formats.lora import parse_rank
+from esd.formats.prompt_csv import MAX_SEED
 from esd.formats.records import atomic_write, environment_record
 from esd.formats.weights import apply_erased_weights, load_erased_unet
 from esd.generate.config import SCHEDULERS, Job
@@ -44,13 +45,14 @@ from esd.toy.demo import DemoConfig, check_toy_model, measured_rates
 from esd.toy.demo_report import chart
 from esd.toy.dit import merges_zero_tokens
 from esd.toy.judge import judge_batch
-from esd.toy.measure import BaseCache, default_cache_dir, measure
+from esd.toy.measure import BaseCache, measure
 from esd.toy.quality import load_toy_pipeline
 from esd.toy.world import prompts_for
 from esd.train.config import ESDConfig
 from esd.train.presets import DEFAULT_PRESET, PRESETS, preset_values
 
 MAX_SEEDS = 16  # images per side in the Test tab
+CACHE = ".cache"  # in the runs folder: the base model's verdicts that Evaluate draws once (esd.toy.measure)
 TOY_DEMO = DemoConfig()  # the toy's training settings are the demo's (the toy UNet is far from SD's scale)
 
 
@@ -67,13 +69,13 @@ def form_defaults(base_model: str, preset: str = DEFAULT_PRESET) -> dict:
     25 sampler steps; the toy UNet is far from SD's scale); a real model's are ``preset``'s on its family."""
     family = source_family(base_model)
     method = family.esd_x if family is not None else "xattn"
+    values = preset_values(preset, family, method)
     if _is_toy(base_model):
         return {"train_method": method, "negative_guidance": TOY_DEMO.negative_guidance,
                 "iterations": TOY_DEMO.iterations, "lr": TOY_DEMO.lr, "batch_size": TOY_DEMO.batch_size,
-                "ddim_steps": 25}
-    values = preset_values(preset, family, method)
+                "ddim_steps": 25, "start_guidance": values["start_guidance"]}
     return {"train_method": method, "batch_size": 1,
-            **{k: values[k] for k in ("negative_guidance", "iterations", "lr", "ddim_steps")}}
+            **{k: values[k] for k in ("negative_guidance", "iterations", "lr", "ddim_steps", "start_guidance")}}
 
 
 def _is_toy_folder(base_model: str) -> bool:
@@ -101,11 +103,12 @@ def _number(value, flag: str, kind=float):
 
 def train_config(runs: RunsFolder, *, concept: str, base_model: str = "toy", train_method: str = "", erase_from="",
                  negative_guidance=None, iterations=None, lr=None, preset: str = "fast", seed=None, lora_rank=None,
-                 batch_size=None, ddim_steps=None, name: str = "") -> ESDConfig:
+                 batch_size=None, ddim_steps=None, start_guidance=None, save_every=None,
+                 name: str = "") -> ESDConfig:
     """The Train form as an ESDConfig saving into the runs folder; every setting checked (one line each)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of: {', '.join(PRESETS)}")
-    base_model = (base_model or "").strip()
+    base_model = runs.check_model(base_model)  # before any file or the hub is looked at
     given = {"negative_guidance": _number(negative_guidance, "negative_guidance"),
              "iterations": _number(iterations, "iterations", int), "lr": _number(lr, "lr"),
              "batch_size": _number(batch_size, "batch_size", int), "ddim_steps": _number(ddim_steps, "ddim_steps", int)}
@@ -114,11 +117,13 @@ def train_config(runs: RunsFolder, *, concept: str, base_model: str = "toy", tra
     defaults = form_defaults(base_model, preset)
     train_method = train_method or defaults["train_method"]
     preset_own = preset_values(preset, source_family(base_model), train_method)
+    given["start_guidance"] = _number(start_guidance, "start_guidance")
     values = {k: defaults[k] if v is None else v for k, v in given.items()}
     values = {k: None if k in preset_own and v == preset_own[k] else v for k, v in values.items()}
     values["batch_size"] = values["batch_size"] or 1
     rank = _number(lora_rank, "lora_rank", int)
-    return ESDConfig(prompt=(concept or "").strip(), train_method=train_method,
+    extra = {"save_every": _number(save_every, "save_every", int) or 0}
+    return ESDConfig(**extra, prompt=(concept or "").strip(), train_method=train_method,
                      base_model=base_model, erase_from=(erase_from or "").strip() or None, preset=preset,
                      seed=_number(seed, "seed", int), lora_rank=rank or None, name=(name or "").strip() or None,
                      save_path=str(runs.root), save_format="both", **values)
@@ -211,6 +216,8 @@ def parse_seeds(text: str) -> list[int]:
         if match is None:
             raise ValueError(f"seeds {text!r}: {part!r} is not a seed or a range such as 0-3; give whole numbers >= 0")
         low, high = int(match[1]), int(match[2] or match[1])
+        if high >= MAX_SEED:
+            raise ValueError(f"seeds {text!r}: {high} is too large; seeds are below 2**53")
         if high < low:
             raise ValueError(f"seeds {text!r}: the range {part!r} runs backwards")
         seeds += range(low, min(high, low + MAX_SEEDS) + 1)
@@ -236,12 +243,15 @@ def _check_guidance(value) -> float:
 
 
 @torch.no_grad()
-def _draw(pipe, base_model: str, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+def _draw(pipe, base_model: str, prompt: str, seeds: list[int], steps: int, guidance: float,
+          negative_prompt: str | None = None) -> list[np.ndarray]:
     """One image per seed, the same noise for the base and the erased model: on the toys as the instrument's
     sampler (:func:`esd.toy.quality.sample`) draws, elsewhere as ``esd generate`` does (its scheduler for the
     family, latents from the seed)."""
     if _is_toy(base_model):  # as esd.toy.quality.sample draws, each image from its own seed, in one batch
         extra = {"max_sequence_length": 1} if merges_zero_tokens(pipe) else {}
+        if negative_prompt:
+            extra["negative_prompt"] = [negative_prompt] * len(seeds)
         return list(pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                          generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images)
     denoiser = denoiser_of(pipe)
@@ -254,12 +264,13 @@ def _draw(pipe, base_model: str, prompt: str, seeds: list[int], steps: int, guid
     for s in seeds:
         job = Job("test", 0, prompt, s)
         images += draw(pipe, [job], 1, shape, steps=steps, guidance=guidance, device=pipe.device, dtype=pipe.dtype,
-                       size=size, packed=family.packed_channels > 1, output_type="np")
+                       size=size, packed=family.packed_channels > 1, output_type="np",
+                       **({"negative_prompt": [negative_prompt]} if negative_prompt else {}))
     return [np.asarray(im) for im in images]
 
 
 def side_by_side(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, prompt: str, seeds: str = "0-3",
-                 steps=25, guidance=7.5, upload_base: str = "") -> dict:
+                 steps=25, guidance=7.5, upload_base: str = "", negative_prompt: str = "") -> dict:
     """The base and the erased model's images of ``prompt`` from the same seeds; on the toys, the judge's verdict
     (colour, shape) for each. Returns {"base": [(image, caption)], "erased": [...], "line": a one-line account}."""
     prompt = (prompt or "").strip()
@@ -270,16 +281,19 @@ def side_by_side(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, prom
     erasure = _erasure(runs, erasure_name, upload_base)
     toy = _is_toy(erasure.base_model)
     with pipelines.lock:
-        base = _draw(pipelines.base(erasure.base_model), erasure.base_model, prompt, seed_list, steps, guidance)
-        erased = _draw(pipelines.erased(erasure), erasure.base_model, prompt, seed_list, steps, guidance)
+        negative = (negative_prompt or "").strip() or None
+        base = _draw(pipelines.base(erasure.base_model), erasure.base_model, prompt, seed_list, steps, guidance,
+                     negative)
+        erased = _draw(pipelines.erased(erasure), erasure.base_model, prompt, seed_list, steps, guidance, negative)
 
     def captions(images):
         verdicts = [f"{j.colour} {j.shape}" for j in judge_batch(images)] if toy else [""] * len(images)
         return [(np.clip(im, 0, 1), f"seed {s}" + (f": {v}" if v else "")) for im, s, v in zip(images, seed_list,
                                                                                                verdicts)]
 
-    line = (f"{prompt!r} on {erasure.base_model}, seeds {', '.join(map(str, seed_list))}, {steps} steps, guidance "
-            f"{guidance:g}; erased: {erasure_name} ({erasure.train_method or 'method unknown'}, concept "
+    line = (f"{prompt!r}" + (f" (negative: {negative!r})" if negative else "") + f" on {erasure.base_model}, seeds "
+            f"{', '.join(map(str, seed_list))}, {steps} steps, guidance {guidance:g}; erased: {erasure_name} "
+            f"({erasure.train_method or 'method unknown'}, concept "
             f"{erasure.concept!r})" + ("; under each image the toy judge's verdict (colour shape)" if toy else ""))
     return {"base": captions(base), "erased": captions(erased), "line": line}
 
@@ -297,7 +311,8 @@ def evaluate(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, samples=
              upload_base: str = "") -> dict:
     """The demo's measurement of a toy erasure: presence of its concept over every phrasing that names it, and the
     other prompts' accuracy, before and after, with the same seeds (image i from seed + i). The base model's
-    verdicts come from the demo's cache. Writes report.json and report.png in ``<run>/app/evaluate-<n>``."""
+    verdicts are kept in ``<runs>/.cache`` (the demo's cache, esd.toy.measure.BaseCache), drawn once. Writes
+    report.json and report.png in ``<run>/app/evaluate-<n>``."""
     samples, seed = _check_count(samples, "samples", 1, 500), _check_count(seed, "seed", 0, 2**31 - 1)
     erasure = _erasure(runs, erasure_name, upload_base)
     if not _is_toy(erasure.base_model):
@@ -307,7 +322,7 @@ def evaluate(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, samples=
     phrasings = erased + others
     out = _next_folder(runs, erasure_name, "evaluate")
     with pipelines.lock:
-        cache = BaseCache(default_cache_dir(), erasure.base_model)
+        cache = BaseCache(str(runs.root / CACHE), erasure.base_model)  # inside the runs folder, as all it writes
         base = pipelines.base(erasure.base_model)
         before = {p.text: cache.get(base, p.text, samples, seed) for p in phrasings}
         pipe = pipelines.erased(erasure)
@@ -337,8 +352,8 @@ def _rate(record: dict) -> Rate:
 
 
 # -- Attack -----------------------------------------------------------------------------------------
-def attack(runs: RunsFolder, erasure_name: str, kind: str = "prefix", prompt: str = "", seeds: str = "0-1",
-           samples=2, steps=None, upload_base: str = "", device: str = "cpu", log=print) -> dict:
+def attack(runs: RunsFolder, pipelines: "Pipelines", erasure_name: str, kind: str = "prefix", prompt: str = "",
+           seeds: str = "0-1", samples=2, steps=None, upload_base: str = "", log=print) -> dict:
     """``esd attack`` against the erasure, its prompts the typed one with each seed, into
     ``<run>/app/attack-<kind>-<n>``; returns the recovered rates and the grid."""
     if kind not in ("prefix", "inversion"):
@@ -354,10 +369,11 @@ def attack(runs: RunsFolder, erasure_name: str, kind: str = "prefix", prompt: st
     cfg = AttackConfig(weights=str(erasure.weights), prompts=str(out / "prompts.csv"), attack=kind,
                        concept=erasure.concept, out=str(out), base_model=erasure.base_model,
                        steps=_number(steps, "steps", int), samples=_check_count(samples, "samples", 1, 16),
-                       device=device)  # every setting checked before the folder is made
+                       device=str(pipelines.device))  # every setting checked before the folder is made
     out.mkdir(parents=True)
     atomic_write(out / "prompts.csv", lambda p: Path(p).write_text(table.getvalue()))
-    summary = run_attack(cfg, log=log)
+    with pipelines.lock:  # one model at a time on the device, as Test and Evaluate
+        summary = run_attack(cfg, log=log)
     shown = {stage: _rate(r) for stage, r in summary["intervals"]["presence"].items()}
     line = (f"{erasure.concept!r} judged present (Wilson 95% over {summary['images_per_stage']} images): base model "
             f"{shown['reference']}; erased, literal prompt {shown['before']}; erased under the {kind} attack "
@@ -397,7 +413,9 @@ def run_rows(runs: RunsFolder) -> list[list]:
     return [[r.name, r.status, r.concept, r.train_method, r.base_model, r.iterations or ""] for r in runs.runs()]
 
 
-def resolved_base(base_model: str) -> str:
-    """A base model the form names, checked (a missing folder, a model the app cannot read: one line)."""
-    resolve_source((base_model or "").strip())
-    return base_model.strip()
+def resolved_base(runs: RunsFolder, base_model: str) -> str:
+    """A base model the form names: one the app offers (checked first), then readable (a missing folder, a model
+    the app cannot read: one line)."""
+    base_model = runs.check_model(base_model)
+    resolve_source(base_model)
+    return base_model

@@ -3,7 +3,7 @@ and export erasures in the browser, on http://127.0.0.1:7860/ by default."""
 
 from esd.app.actions import Pipelines
 from esd.app.jobs import TrainingQueue
-from esd.app.runs import DEFAULT_MAX_UPLOAD_MB, RunsFolder
+from esd.app.runs import ANY_MODEL, DEFAULT_MAX_UPLOAD_MB, RunsFolder
 from esd.app.ui import build_app, launch
 from esd.core.devices import parse_devices
 from esd.train.settings import TrainSettings
@@ -23,6 +23,10 @@ def register(sub) -> None:
                    "each: 'cpu', '0', '0,1' (default: the first GPU if any, else the CPU)")
     p.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
                    help="largest uploaded weights file, in MB (default: %(default)s)")
+    p.add_argument("--models", help="base models the page may train from or name for an upload, comma-separated "
+                   "(hub ids, local folders), beside the toy models and the runs' own bases; '*': any model esd "
+                   "train takes (default: '*' on a loopback --host, none elsewhere: a stranger on the network "
+                   "cannot make the app read a folder or the hub)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.set_defaults(func=cmd_app)
 
@@ -33,9 +37,13 @@ def cmd_app(args) -> int:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
     if args.max_upload_mb < 1:
         raise ValueError(f"--max_upload_mb must be >= 1, got {args.max_upload_mb}")
-    runs = RunsFolder(args.runs, args.max_upload_mb)
-    queue = TrainingQueue(tuple(devices))
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    models = tuple(m.strip() for m in (args.models or (ANY_MODEL if loopback else "")).split(",") if m.strip())
+    runs = RunsFolder(args.runs, args.max_upload_mb, models)
+    queue = TrainingQueue(tuple(devices), on_finish=lambda job: runs.changed())
     app = build_app(runs, queue, Pipelines(devices[0]))
-    print(f"esd app: runs folder {runs.root}; trainings on {', '.join(devices)}; http://{args.host}:{args.port}/")
+    offered = "any model esd train takes" if ANY_MODEL in models else ", ".join(runs.offered_models())
+    print(f"esd app: runs folder {runs.root}; trainings on {', '.join(devices)}; base models: {offered}; "
+          f"http://{args.host}:{args.port}/")
     launch(app, runs, args.host, args.port, args.share)
     return 0

@@ -8,8 +8,10 @@ read by the page while it trains; cancelling it stops the loop after the current
 """
 
 import itertools
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from esd.formats.records import error_summary
 from esd.train.config import ESDConfig
 from esd.train.recipe import ESDTrainer
+from esd.train.run_folder import check_output_dir, read_resume_state
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 
@@ -54,9 +57,10 @@ class TrainingJob:
 class TrainingQueue:
     """Jobs in order of arrival; one worker thread per device takes the next job queued for its device."""
 
-    def __init__(self, devices: tuple[str, ...] = ("cpu",), train=None):
+    def __init__(self, devices: tuple[str, ...] = ("cpu",), train=None, on_finish=None):
         self.devices = tuple(devices)
         self._train = train or train_job  # the tests may pass their own
+        self._on_finish = on_finish  # called with each job once it has finished (the runs listing is stale)
         self._jobs: dict[int, TrainingJob] = {}
         self._waiting: dict[str, deque] = {d: deque() for d in self.devices}
         self._ids = itertools.count(1)
@@ -67,8 +71,12 @@ class TrainingQueue:
             w.start()
 
     def submit(self, config: ESDConfig) -> TrainingJob:
-        """Queue ``config`` on the device with the fewest jobs waiting or running. A run folder that a queued or
-        running job will write is refused: two trainings never write one folder."""
+        """Queue ``config`` on the device with the fewest jobs waiting or running. Refused at once (one line), not
+        when its turn comes: a run folder that holds a run or that a queued or running job will write (two
+        trainings never write one folder), and a checkpoint to resume whose settings differ."""
+        check_output_dir(Path(config.save_path) / config.run_name, config)
+        if config.resume:
+            read_resume_state(config)
         with self._lock:
             busy = {j.run_dir.resolve() for j in self._jobs.values() if not j.finished}
             folder = (Path(config.save_path) / config.run_name).resolve()
@@ -129,14 +137,18 @@ class TrainingQueue:
                 while not self._waiting[device]:
                     self._lock.wait()
                 job = self._waiting[device].popleft()
-                job.state, job.started_at = RUNNING, time.time()
+                job.state, job.started_at, job.message = RUNNING, time.time(), "loading the model"
             try:
                 self._train(job)
-            except Exception as e:  # noqa: BLE001 - any failure is the job's outcome, shown as one line
+            except BaseException as e:  # noqa: BLE001 - any failure is the job's outcome, and the queue goes on
+                if not isinstance(e, (ValueError, OSError)):  # a bug, not an input: the operator's log gets it
+                    traceback.print_exc(file=sys.stderr)
                 job.state, job.message = FAILED, error_summary(e)
             with self._lock:
                 job.finished_at = time.time()
                 self._lock.notify_all()
+            if self._on_finish is not None:
+                self._on_finish(job)
 
 
 def train_job(job: TrainingJob) -> None:
@@ -146,6 +158,11 @@ def train_job(job: TrainingJob) -> None:
     trainer.setup()
     job.start_iteration = job.iteration = trainer.start_iteration
     job.losses = [(h["iteration"], h["loss"]) for h in trainer.history]
+    if job.cancel.is_set():  # cancelled while the model loaded: nothing was trained or written
+        trainer.release()
+        job.state, job.message = CANCELLED, "cancelled before training started"
+        return
+    job.message = ""
 
     def progress(record: dict) -> bool:
         job.iteration = record["iteration"]

@@ -14,7 +14,7 @@ import pandas as pd
 
 from esd.app import actions
 from esd.app.jobs import DONE, RUNNING, TrainingQueue
-from esd.app.runs import RunsFolder
+from esd.app.runs import ANY_MODEL, RunsFolder
 from esd.families.sources import TOY_MODELS
 from esd.formats.exports import FORMATS
 from esd.train.presets import DEFAULT_PRESET, PRESETS
@@ -105,7 +105,8 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
         frame = pd.DataFrame(points, columns=["iteration", "loss"])  # numbers, so the axes are quantitative
         return frame.astype({"iteration": "int64", "loss": "float64"})
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    # Gradio's cache of served and uploaded files: checked hourly, what is older than a day removed
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         job_state = gr.State(None)  # this page's training job
         announced = gr.State(None)  # the finished job whose run this page has chosen in its erasure lists
@@ -115,8 +116,9 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                 defaults = actions.form_defaults("toy")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        base = gr.Textbox("toy", label="base model", elem_id="base-model",
-                                          info=f"{', '.join(TOY_MODELS)}, a hub id or a local diffusers folder")
+                        base = gr.Textbox("toy", label="base model", elem_id="base-model", info=(
+                            f"{', '.join(TOY_MODELS)}, a hub id or a local diffusers folder" if ANY_MODEL in
+                            runs.models else "one of: " + ", ".join(runs.offered_models())))
                         concept = gr.Textbox("green", label="concept to erase", elem_id="concept",
                                              info="toy concepts: a colour (red, green, blue...) or a shape")
                         erase_from = gr.Textbox("", label="erase from (optional)",
@@ -139,6 +141,9 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                             with gr.Row():
                                 batch_size = gr.Number(defaults["batch_size"], label="batch size", precision=0)
                                 ddim_steps = gr.Number(defaults["ddim_steps"], label="sampler steps", precision=0)
+                            start_guidance = gr.Number(defaults["start_guidance"], label="sampler guidance (x_t)")
+                            save_every = gr.Number(0, label="checkpoint every N iterations (0: never)",
+                                                   precision=0)
                             name = gr.Textbox("", label="run name (empty: from the settings)")
                         with gr.Row():
                             train_button = gr.Button("Train", variant="primary", elem_id="train-button")
@@ -147,6 +152,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                             resumable = gr.Dropdown([], label="resumable runs (cancelled)", scale=3)
                             resume_button = gr.Button("Resume", scale=1)
                     with gr.Column(scale=1):
+                        train_message = gr.Markdown("", elem_id="train-message")  # what a click did, or its error
                         train_status = gr.Markdown("Fill in the form and press **Train**.", elem_id="train-status")
                         progress = gr.HTML(progress_html(None), elem_id="train-progress")
                         loss_plot = gr.LinePlot(loss_frame(None), x="iteration", y="loss", title="loss",
@@ -168,6 +174,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                                              scale=2)
                 with gr.Row():
                     prompt = gr.Textbox("a green circle", label="prompt", elem_id="test-prompt", scale=3)
+                    negative = gr.Textbox("", label="negative prompt (optional)", scale=2)
                     seeds = gr.Textbox("0-3", label="seeds", scale=1)
                     steps = gr.Number(25, label="steps", precision=0, scale=1)
                     guidance = gr.Number(7.5, label="guidance", scale=1)
@@ -182,8 +189,9 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
             with gr.Tab("Evaluate", id="evaluate") as eval_tab:
                 with gr.Row():
                     eval_erasure = gr.Dropdown(runs.erasures(), label="erasure of a toy model", scale=3)
-                    samples = gr.Number(100, label="images per prompt (the demo's 100: its cached base verdicts)",
-                                        precision=0)
+                    samples = gr.Number(100, label="images per prompt", precision=0,
+                                        info="the demo's 100: about 2 minutes on 2 CPU cores the first time (the base "
+                                             "model's verdicts are then kept), 1-2 minutes after")
                     eval_seed = gr.Number(0, label="first image seed", precision=0)
                 eval_button = gr.Button("Measure", variant="primary", elem_id="eval-button")
                 eval_status = gr.Markdown("", elem_id="eval-status")
@@ -221,56 +229,72 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         # -- events --------------------------------------------------------------------------------
         form = [base, concept, erase_from, method, eta, iterations, lr, preset, seed, lora_rank, batch_size,
-                ddim_steps, name]
+                ddim_steps, start_guidance, save_every, name]
+        last_base = gr.State("toy")  # the model the form's numbers are for
 
-        def on_base(model, preset_name):
+        def on_base(model, preset_name, previous):
+            """A new base model: the family's methods, and the numbers for it; the same one: the form as it is."""
+            model = actions.resolved_base(runs, model)
+            if model == previous:
+                return (*[gr.skip()] * 7, previous, "")
             d = actions.form_defaults(model, preset_name)
-            choices = actions.method_choices(model)
-            return (gr.update(choices=choices, value=d["train_method"]), d["negative_guidance"], d["iterations"],
-                    d["lr"], d["batch_size"], d["ddim_steps"], "")
+            return (gr.update(choices=actions.method_choices(model), value=d["train_method"]), d["negative_guidance"],
+                    d["iterations"], d["lr"], d["batch_size"], d["ddim_steps"], d["start_guidance"], model, "")
 
-        base_outputs = [method, eta, iterations, lr, batch_size, ddim_steps, train_status]
-        for event in (base.submit, base.blur, preset.change):
-            event(guarded(lambda m, p: on_base(actions.resolved_base(m), p), len(base_outputs), 6), [base, preset],
-                  base_outputs)
+        base_outputs = [method, eta, iterations, lr, batch_size, ddim_steps, start_guidance, last_base]
+        for event in (base.submit, base.blur):
+            event(guarded(on_base, len(base_outputs) + 1, len(base_outputs)), [base, preset, last_base],
+                  base_outputs + [train_message])
+
+        def on_preset(model, preset_name):
+            d = actions.form_defaults(actions.resolved_base(runs, model), preset_name)
+            return d["negative_guidance"], d["iterations"], d["lr"], d["ddim_steps"], d["start_guidance"], ""
+
+        preset.input(guarded(on_preset, 6, 5), [base, preset], [eta, iterations, lr, ddim_steps, start_guidance,
+                                                                train_message])
 
         def on_train(*values):
             keys = ["base_model", "concept", "erase_from", "train_method", "negative_guidance", "iterations", "lr",
-                    "preset", "seed", "lora_rank", "batch_size", "ddim_steps", "name"]
+                    "preset", "seed", "lora_rank", "batch_size", "ddim_steps", "start_guidance", "save_every", "name"]
             job = queue.submit(actions.train_config(runs, **dict(zip(keys, values))))
-            return job.id, status_of(job), progress_html(job)
+            return job.id, f"job {job.id} queued: {job.run_dir.name}", progress_html(job)
 
-        train_button.click(guarded(on_train, 3, 1), form, [job_state, train_status, progress])
+        train_button.click(guarded(on_train, 3, 1), form, [job_state, train_message, progress])
 
         def on_cancel(job_id):
-            job = shown_job(job_id)
+            """This page's own training only: another page's is its own to stop."""
+            job = queue.get(job_id) if job_id is not None else None
             if job is None or job.finished:
-                raise ValueError("no training is queued or running")
+                raise ValueError("this page has no training queued or running (a training is cancelled from the "
+                                 "page that started it)")
             queue.cancel(job.id)
             return f"job {job.id}: cancelling; it stops after this iteration and leaves a checkpoint"
 
-        cancel_button.click(guarded(on_cancel, 1, 0), job_state, train_status)
+        cancel_button.click(guarded(on_cancel, 1, 0), job_state, train_message)
 
         def on_resume(run):
             job = queue.submit(actions.resume_config(runs, run))
-            return job.id, status_of(job)
+            return job.id, f"job {job.id} queued: {run}, resumed from {os.path.basename(job.config.resume)}"
 
-        resume_button.click(guarded(on_resume, 2, 1), resumable, [job_state, train_status])
+        resume_button.click(guarded(on_resume, 2, 1), resumable, [job_state, train_message])
 
         erasure_lists = [test_erasure, eval_erasure, attack_erasure, export_erasure]
 
-        def poll(job_id, shown):
+        def poll(job_id, shown, resumable_shown):
             job = shown_job(job_id)
             lists = [gr.skip()] * len(erasure_lists)
             if job is not None and job.id == job_id and job.state == DONE and shown != job.id:
                 shown = job.id  # this page's training has finished: its run is chosen in every list, once
                 lists = [gr.update(choices=runs.erasures(), value=job.run_dir.name)] * len(erasure_lists)
-            return (status_of(job), progress_html(job), loss_frame(job), jobs_frame(), runs_frame(),
-                    gr.update(choices=[r.name for r in runs.runs() if r.status == "resumable"]), shown, *lists)
+            names = [r.name for r in runs.runs() if r.status == "resumable"]
+            resumable_update = gr.skip() if names == resumable_shown else gr.update(choices=names)  # an open list
+            return (status_of(job), progress_html(job), loss_frame(job), jobs_frame(), runs_frame(),  # stays open
+                    resumable_update, shown, names, *lists)
 
-        gr.Timer(poll_seconds).tick(guarded(poll, 7 + len(erasure_lists), 0), [job_state, announced],
+        resumable_state = gr.State([])  # the resumable runs this page lists
+        gr.Timer(poll_seconds).tick(guarded(poll, 8 + len(erasure_lists), 0), [job_state, announced, resumable_state],
                                     [train_status, progress, loss_plot, jobs_table, runs_table, resumable, announced,
-                                     *erasure_lists], show_progress="hidden", queue=False)
+                                     resumable_state, *erasure_lists], show_progress="hidden", queue=False)
 
         def refresh(current):
             choices = runs.erasures()
@@ -290,11 +314,12 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         upload.upload(guarded(on_upload, 2, 1), upload, [test_erasure, test_status])
 
-        def on_test(erasure, text, seed_text, n_steps, scale, base_of_upload):
-            r = actions.side_by_side(runs, pipelines, erasure, text, seed_text, n_steps, scale, base_of_upload)
+        def on_test(erasure, text, seed_text, n_steps, scale, base_of_upload, negative_text):
+            r = actions.side_by_side(runs, pipelines, erasure, text, seed_text, n_steps, scale, base_of_upload,
+                                     negative_text)
             return r["line"], r["base"], r["erased"]
 
-        test_button.click(guarded(on_test, 3, 0), [test_erasure, prompt, seeds, steps, guidance, upload_base],
+        test_button.click(guarded(on_test, 3, 0), [test_erasure, prompt, seeds, steps, guidance, upload_base, negative],
                           [test_status, base_gallery, erased_gallery])
 
         def on_evaluate(erasure, n, first, base_of_upload):
@@ -305,8 +330,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                           [eval_status, eval_chart, eval_table])
 
         def on_attack(erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload):
-            r = actions.attack(runs, erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload,
-                               str(pipelines.device))
+            r = actions.attack(runs, pipelines, erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload)
             return r["line"], r["grid"]
 
         attack_button.click(guarded(on_attack, 2, 0), [attack_erasure, kind, attack_prompt, attack_seeds,

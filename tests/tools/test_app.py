@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli, every, one_line_error, snapshot
+from safetensors.torch import load_file, save_file
 
 from esd.app import actions
 from esd.app.jobs import CANCELLED, DONE, QUEUED, RUNNING, TrainingQueue
@@ -25,8 +26,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def queue():
-    return TrainingQueue(("cpu",))
+def queue(runs):
+    return TrainingQueue(("cpu",), on_finish=lambda job: runs.changed())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def run(runs, queue):
 
 # -- the runs folder --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../outside", "/etc/passwd", "a/b", "uploads/../x", "uploads/a/b", "", ".", "..",
-                                  "run\nname", "~root"])
+                                  "run\nname", "~root", "uploads"])
 def test_names_from_the_page_stay_in_the_runs_folder(runs, name):
     message = one_line_error(lambda: runs.path_of(name))
     assert "run" in message
@@ -90,6 +91,26 @@ def test_an_upload_named_to_escape_lands_in_uploads(runs, run):
     assert (runs.root / stored).is_file() and stored in runs.erasures()
 
 
+def test_a_restricted_app_names_no_model_it_does_not_offer(runs, run, tmp_path):
+    """esd app on a network address (or with --models): only the toys, the operator's list and the runs' own
+    bases; a typed path or an upload's metadata naming one is refused in the same words whether it exists or
+    not, before any file is looked at."""
+    closed = RunsFolder(runs.root, max_upload_mb=8, models=())
+    assert closed.offered_models() == ["toy", "toy-dit"]
+    messages = {one_line_error(lambda m=m: closed.check_model(m)).split("'")[2] for m in ("/root", "/nowhere", "a/b")}
+    assert len(messages) == 1 and "not offered by this app; valid: toy, toy-dit" in messages.pop()
+    assert "not offered" in one_line_error(lambda: actions.train_config(closed, concept="green", base_model="/root"))
+    assert closed.check_model("toy") == "toy" and RunsFolder(runs.root, models=("my/model",)).check_model("my/model")
+
+    # an upload whose header names a path as its base model
+    tensors = load_file(run_weight_files(runs.root / run)["trained"])
+    named = tmp_path / "names-a-path.safetensors"
+    save_file(tensors, str(named), metadata={"base_model": "/etc/passwd"})
+    stored = closed.store_upload(named)
+    assert "the upload's base model '/etc/passwd' is not offered" in one_line_error(lambda: closed.erasure(stored))
+    assert "single file" not in one_line_error(lambda: closed.erasure(stored, "toy"))  # its own name decides
+
+
 # -- Train ------------------------------------------------------------------------------------------------
 def test_the_form_becomes_esd_train_settings(runs):
     cfg = actions.train_config(runs, concept=" green ", iterations="40", seed="7")
@@ -114,6 +135,8 @@ def test_trainings_queue_cancel_to_a_checkpoint_and_resume(runs, queue, run):
     never = queue.submit(actions.train_config(runs, concept="blue", iterations=5, seed=1, name="never"))
     assert "already queued or training" in one_line_error(
         lambda: queue.submit(actions.train_config(runs, concept="blue", iterations=5, name="blue-short")))
+    assert "already holds a run" in one_line_error(  # refused now, not when its turn comes
+        lambda: queue.submit(actions.train_config(runs, concept="green", iterations=5, name="green")))
     end = time.monotonic() + 120
     while first.iteration < 3 and time.monotonic() < end:
         time.sleep(0.02)
@@ -165,7 +188,8 @@ def test_side_by_side_from_the_same_seeds_with_verdicts(runs, pipelines, run):
     # an image's noise depends on its seed alone (the batch it is drawn in changes float rounding only)
     assert np.abs(again["base"][0][0] - base[3]).max() < 1e-4
     assert "green" in shown["base"][0][1]  # the base model draws the concept; the judge says so
-    for bad, expected in [("", "no seeds"), ("3-1", "backwards"), ("x", "not a seed"), ("0-99", "at most 16")]:
+    for bad, expected in [("", "no seeds"), ("3-1", "backwards"), ("x", "not a seed"), ("0-99", "at most 16"),
+                          ("99999999999999999999", "too large")]:
         assert expected in one_line_error(lambda b=bad: actions.side_by_side(runs, pipelines, run, "red", b))
     assert "prompt is empty" in one_line_error(lambda: actions.side_by_side(runs, pipelines, run, " ", "0"))
     assert "steps" in one_line_error(lambda: actions.side_by_side(runs, pipelines, run, "red", "0", steps=0))
@@ -178,7 +202,7 @@ def test_an_official_style_full_unet_upload_draws_as_the_run(runs, pipelines, ru
     official = tmp_path / "diffusers-green-official.pt"
     torch.save(full, official)
     name = runs.store_upload(official)
-    assert "does not say which base model" in one_line_error(
+    assert "does not name its base model" in one_line_error(
         lambda: actions.side_by_side(runs, pipelines, name, "a green circle", "0-1"))
     uploaded = actions.side_by_side(runs, pipelines, name, "a green circle", "0-1", upload_base="toy")
     own = actions.side_by_side(runs, pipelines, run, "a green circle", "0-1")
@@ -204,11 +228,11 @@ def test_evaluate_measures_a_toy_run_and_keeps_earlier_results(runs, pipelines, 
     assert "samples" in one_line_error(lambda: actions.evaluate(runs, pipelines, run, samples=0))
 
 
-def test_attack_and_export_write_inside_the_run(runs, run):
-    attacked = actions.attack(runs, run, "prefix", "a green circle", "0", samples=1, steps=2)
+def test_attack_and_export_write_inside_the_run(runs, pipelines, run):
+    attacked = actions.attack(runs, pipelines, run, "prefix", "a green circle", "0", samples=1, steps=2)
     assert "under the prefix attack" in attacked["line"] and Path(attacked["grid"]).is_file()
     assert Path(attacked["grid"]).is_relative_to(runs.root / run / "app")
-    assert "not one of" in one_line_error(lambda: actions.attack(runs, run, "jailbreak"))
+    assert "not one of" in one_line_error(lambda: actions.attack(runs, pipelines, run, "jailbreak"))
 
     lora = actions.export(runs, run, "lora", "4")
     assert Path(lora["file"]).name == "lora.safetensors" and "green" in lora["card"]

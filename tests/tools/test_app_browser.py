@@ -48,7 +48,7 @@ ITERATIONS = 20
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     runs = RunsFolder(tmp_path_factory.mktemp("app") / "runs")
-    queue = TrainingQueue(("cpu",))
+    queue = TrainingQueue(("cpu",), on_finish=lambda job: runs.changed())  # as esd app wires them
     app = build_app(runs, queue, Pipelines("cpu"), poll_seconds=0.2)
     port = free_port()
     launch(app, runs, "127.0.0.1", port, block=False)
@@ -60,7 +60,7 @@ def server(tmp_path_factory):
 def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True).new_page()
         yield page
         browser.close()
 
@@ -87,6 +87,11 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
     # -- Train: 20 iterations on the toy, the progress bar read while it moves --------------------------------
     page.locator("#iterations input").fill(str(ITERATIONS))
     page.locator("#train-button").click()
+    other = page.context.browser.new_context().new_page()  # a second browser: another session, the same trainings
+    other.goto(url)
+    other.locator("#cancel-button").click()
+    line = status(other, "#train-message", "Error:")
+    assert "this page has no training" in line, line  # it cannot cancel the first page's training
     pressed = time.monotonic()
     seen = set()
     end = time.monotonic() + 120
@@ -98,6 +103,9 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
         time.sleep(0.05)
     assert "done" in text, text
     assert any(0 < v < ITERATIONS for v in seen), f"the progress bar never showed a step between: {sorted(seen)}"
+    name = text.split("(")[1].split(")")[0]
+    other.wait_for_function(f"document.querySelector('#runs').innerText.includes('{name}')")  # it lists the run
+    other.close()
     page.wait_for_function(f"document.querySelector('#train-bar').value == {ITERATIONS}")
     page.screenshot(path=str(tmp_path / "train-done.png"), full_page=True)
     (job,) = queue.jobs()
