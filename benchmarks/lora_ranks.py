@@ -22,7 +22,8 @@ DTYPE = "fp16"  # what esd export writes by default
 
 
 def judge(base_model: str, unet, concept: str, samples: int, seed: int) -> dict:
-    """Mean presence of ``concept`` over every phrasing that names it, and mean accuracy on the other prompts."""
+    """Mean presence of ``concept`` over every phrasing that names it, and mean accuracy on the other prompts (every
+    prompt has ``samples`` images, so each mean is the rate over all of its images: ``*_k`` of ``*_n``)."""
     from esd.toy.demo import accuracy, concept_presence
     from esd.toy.quality import load_toy_pipeline, sample
     from esd.toy.world import prompts_for
@@ -31,7 +32,9 @@ def judge(base_model: str, unet, concept: str, samples: int, seed: int) -> dict:
     pipe = load_toy_pipeline(base_model, unet=unet)
     presence = [concept_presence(sample(pipe, p.text, samples, seed), axis, concept) for p in erased]
     kept = [accuracy(sample(pipe, p.text, samples, seed), p) for p in others]
-    return {"presence": sum(presence) / len(presence), "others_accuracy": sum(kept) / len(kept)}
+    return {"presence": sum(presence) / len(presence), "others_accuracy": sum(kept) / len(kept),
+            "presence_k": round(sum(presence) * samples), "presence_n": len(presence) * samples,
+            "others_k": round(sum(kept) * samples), "others_n": len(kept) * samples}
 
 
 def main() -> None:
