@@ -52,6 +52,8 @@ from esd.train.config import ESDConfig
 from esd.train.presets import DEFAULT_PRESET, PRESETS, preset_values
 
 MAX_SEEDS = 16  # images per side in the Test tab
+MAX_BATCH, MAX_STEPS = 64, 1000  # the form's bounds (iterations: esd app --max_iterations)
+MAX_TRAIN_SEED = 2**32 - 1
 CACHE = ".cache"  # in the runs folder: the base model's verdicts that Evaluate draws once (esd.toy.measure)
 TOY_DEMO = DemoConfig()  # the toy's training settings are the demo's (the toy UNet is far from SD's scale)
 
@@ -120,13 +122,29 @@ def train_config(runs: RunsFolder, *, concept: str, base_model: str = "toy", tra
     given["start_guidance"] = _number(start_guidance, "start_guidance")
     values = {k: defaults[k] if v is None else v for k, v in given.items()}
     values = {k: None if k in preset_own and v == preset_own[k] else v for k, v in values.items()}
-    values["batch_size"] = values["batch_size"] or 1
+    values["batch_size"] = 1 if values["batch_size"] is None else values["batch_size"]
+    for flag, high in (("iterations", runs.max_iterations), ("batch_size", MAX_BATCH), ("ddim_steps", MAX_STEPS)):
+        if values[flag] is not None and not 1 <= values[flag] <= high:  # one stranger cannot hold a device for days
+            raise ValueError(f"--{flag} must be a whole number from 1 to {high}, got {values[flag]}")
     rank = _number(lora_rank, "lora_rank", int)
+    if rank is not None and rank < 1:
+        raise ValueError(f"--lora_rank must be a whole number >= 1 (empty: full fine-tuning), got {rank}")
+    seed = _seed(seed)
     extra = {"save_every": _number(save_every, "save_every", int) or 0}
     return ESDConfig(**extra, prompt=(concept or "").strip(), train_method=train_method,
                      base_model=base_model, erase_from=(erase_from or "").strip() or None, preset=preset,
-                     seed=_number(seed, "seed", int), lora_rank=rank or None, name=(name or "").strip() or None,
+                     seed=seed, lora_rank=rank, name=(name or "").strip() or None,
                      save_path=str(runs.root), save_format="both", **values)
+
+
+def _seed(value) -> int | None:
+    """A training seed from the form: empty (drawn), else a whole number from 0 to 2**32 - 1, read exactly."""
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > MAX_TRAIN_SEED:
+        raise ValueError(f"--seed must be a whole number from 0 to {MAX_TRAIN_SEED} (empty: drawn), got {value!r}")
+    return int(text)
 
 
 def resume_config(runs: RunsFolder, run: str) -> ESDConfig:
@@ -135,7 +153,7 @@ def resume_config(runs: RunsFolder, run: str) -> ESDConfig:
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         raise ValueError(f"run {run!r} has no checkpoint to resume from")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)  # its settings, not its tensors
     recorded = state.get("config") if isinstance(state, dict) else None
     if not isinstance(recorded, dict):
         raise ValueError(f"{checkpoint} is not an ESD checkpoint")
@@ -396,8 +414,8 @@ def export(runs: RunsFolder, erasure_name: str, fmt: str = "lora", rank: str = "
     folder = _next_folder(runs, erasure_name, "export")
     target = folder / (f"{fmt}.safetensors" if fmt != "diffusers" else "diffusers")
     source = runs.path_of(erasure_name, "erasure")
-    run_export(str(source), ExportSettings(format=fmt, out=target, rank=rank_value),
-               base_model=(upload_base or "").strip() or None, log=log)
+    run_export(str(source), ExportSettings(format=fmt, out=target, rank=rank_value),  # a run: its own base; an
+               base_model=None if source.is_dir() else erasure.base_model, log=log)  # upload: the checked one
     download = target
     if fmt == "diffusers":
         download = Path(shutil.make_archive(str(folder / "diffusers"), "zip", root_dir=target))

@@ -3,7 +3,7 @@ and export erasures in the browser, on http://127.0.0.1:7860/ by default."""
 
 from esd.app.actions import Pipelines
 from esd.app.jobs import TrainingQueue
-from esd.app.runs import ANY_MODEL, DEFAULT_MAX_UPLOAD_MB, RunsFolder
+from esd.app.runs import ANY_MODEL, DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_UPLOAD_MB, RunsFolder
 from esd.app.ui import build_app, launch
 from esd.core.devices import parse_devices
 from esd.train.settings import TrainSettings
@@ -27,6 +27,8 @@ def register(sub) -> None:
                    "(hub ids, local folders), beside the toy models and the runs' own bases; '*': any model esd "
                    "train takes (default: '*' on a loopback --host, none elsewhere: a stranger on the network "
                    "cannot make the app read a folder or the hub)")
+    p.add_argument("--max_iterations", type=int, default=DEFAULT_MAX_ITERATIONS,
+                   help="the most iterations a training from the page may ask for (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.set_defaults(func=cmd_app)
 
@@ -35,11 +37,12 @@ def cmd_app(args) -> int:
     devices = [str(d) for d in parse_devices(args.devices)]
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
-    if args.max_upload_mb < 1:
-        raise ValueError(f"--max_upload_mb must be >= 1, got {args.max_upload_mb}")
+    for flag in ("max_upload_mb", "max_iterations"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     loopback = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
     models = tuple(m.strip() for m in (args.models or (ANY_MODEL if loopback else "")).split(",") if m.strip())
-    runs = RunsFolder(args.runs, args.max_upload_mb, models)
+    runs = RunsFolder(args.runs, args.max_upload_mb, models, args.max_iterations)
     queue = TrainingQueue(tuple(devices), on_finish=lambda job: runs.changed())
     app = build_app(runs, queue, Pipelines(devices[0]))
     offered = "any model esd train takes" if ANY_MODEL in models else ", ".join(runs.offered_models())

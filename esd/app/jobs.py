@@ -139,29 +139,33 @@ class TrainingQueue:
                 job = self._waiting[device].popleft()
                 job.state, job.started_at, job.message = RUNNING, time.time(), "loading the model"
             try:
-                self._train(job)
+                outcome = self._train(job) or (FAILED, "the training ended without an outcome")
             except BaseException as e:  # noqa: BLE001 - any failure is the job's outcome, and the queue goes on
                 if not isinstance(e, (ValueError, OSError)):  # a bug, not an input: the operator's log gets it
                     traceback.print_exc(file=sys.stderr)
-                job.state, job.message = FAILED, error_summary(e)
+                outcome = (FAILED, error_summary(e))
+            if self._on_finish is not None:  # first: whoever sees the job finished sees its run listed
+                try:
+                    self._on_finish(job)
+                except Exception:  # noqa: BLE001 - the queue goes on
+                    traceback.print_exc(file=sys.stderr)
             with self._lock:
+                job.state, job.message = outcome
                 job.finished_at = time.time()
                 self._lock.notify_all()
-            if self._on_finish is not None:
-                self._on_finish(job)
 
 
-def train_job(job: TrainingJob) -> None:
+def train_job(job: TrainingJob) -> tuple[str, str]:
     """Train ``job`` as ``esd train`` would, reporting each iteration to the job and stopping when it is
-    cancelled (a checkpoint is left); on success the run folder holds everything esd train writes."""
+    cancelled (a checkpoint is left); on success the run folder holds everything esd train writes. Returns the
+    outcome (state, message), which the queue sets once the run is listed."""
     trainer = ESDTrainer(job.config)
     trainer.setup()
     job.start_iteration = job.iteration = trainer.start_iteration
     job.losses = [(h["iteration"], h["loss"]) for h in trainer.history]
     if job.cancel.is_set():  # cancelled while the model loaded: nothing was trained or written
         trainer.release()
-        job.state, job.message = CANCELLED, "cancelled before training started"
-        return
+        return CANCELLED, "cancelled before training started"
     job.message = ""
 
     def progress(record: dict) -> bool:
@@ -173,11 +177,10 @@ def train_job(job: TrainingJob) -> None:
         result = trainer.train(callback=progress)
         job.seconds = result.seconds
         if result.checkpoint is not None:
-            job.state, job.checkpoint = CANCELLED, result.checkpoint
-            job.message = f"cancelled at iteration {job.iteration} of {job.total}; checkpoint {result.checkpoint}"
-            return
+            job.checkpoint = result.checkpoint
+            return CANCELLED, (f"cancelled at iteration {job.iteration} of {job.total}; resumable from "
+                               f"{result.checkpoint.name}")
         trainer.save(result)
     finally:
         trainer.release()
-    job.state = DONE
-    job.message = f"done: {job.total} iterations in {result.seconds:.1f} s, saved to {job.run_dir}"
+    return DONE, f"done: {job.total} iterations in {result.seconds:.1f} s, saved to {job.run_dir.name}"

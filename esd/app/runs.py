@@ -14,6 +14,7 @@ neither read an arbitrary local folder as a model nor tell which paths exist.
 
 import hashlib
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ UPLOADS = "uploads"
 APP_OUTPUTS = "app"  # inside a run folder: what the app made of the run
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # this project's files and the official ESD code's
 DEFAULT_MAX_UPLOAD_MB = 4096  # an SD 1.x UNet in fp32 is 3.4 GB; SDXL's or FLUX's own runs are trained here
+DEFAULT_MAX_ITERATIONS = 20_000  # 20x the paper's 1000
 ANY_MODEL = "*"  # esd app --models '*': any base model esd train takes
 LISTING_SECONDS = 2.0  # the runs listing is read again at most this often (every open page polls it)
 
@@ -47,12 +49,14 @@ class RunInfo:
 
 class RunsFolder:
     def __init__(self, root: str | Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
-                 models: tuple[str, ...] = (ANY_MODEL,)):
+                 models: tuple[str, ...] = (ANY_MODEL,), max_iterations: int = DEFAULT_MAX_ITERATIONS):
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_mb) * 2**20
         self.models = tuple(models)  # what the operator offers beside the toys and the runs' own bases
+        self.max_iterations = int(max_iterations)  # the most a training from the page may run
         self._listing: tuple[float, list] | None = None
+        self._generation = 0  # changed() counts up: a scan that started before a change is not kept
         self._lock = threading.Lock()
 
     # -- base models from the page ---------------------------------------------------------------
@@ -101,6 +105,7 @@ class RunsFolder:
         with self._lock:
             if self._listing is not None and time.monotonic() - self._listing[0] < LISTING_SECONDS:
                 return list(self._listing[1])
+            generation = self._generation
         found = []
         for child in self.root.iterdir():
             try:
@@ -113,13 +118,15 @@ class RunsFolder:
                 continue
         listing = [info for _, info in sorted(found, key=lambda pair: pair[0], reverse=True)]
         with self._lock:
-            self._listing = (time.monotonic(), listing)
+            if generation == self._generation:
+                self._listing = (time.monotonic(), listing)
         return list(listing)
 
     def changed(self) -> None:
         """A run was written: the next listing reads the folder again."""
         with self._lock:
             self._listing = None
+            self._generation += 1
 
     @staticmethod
     def info(folder: Path) -> RunInfo | None:
@@ -192,7 +199,7 @@ class RunsFolder:
         dest = self.root / UPLOADS / f"{digest.hexdigest()[:12]}-{stem}{suffix}"
         check_inside(dest, self.root, "upload")
         if not dest.is_file():  # only a checked file is ever kept (and a same-content one was checked)
-            staged = dest.parent / f".{dest.name}.checking{suffix}"  # the loaders choose by the suffix
+            staged = dest.parent / f".{dest.name}.{secrets.token_hex(8)}{suffix}"  # the loaders choose by suffix
             dest.parent.mkdir(exist_ok=True)
             check_inside(staged, self.root, "upload")
             try:

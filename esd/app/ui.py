@@ -7,10 +7,15 @@ allows it no other folder than the runs folder: nothing is served from outside i
 """
 
 import os
+import secrets
+import shutil
 import sys
 import traceback
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from esd.app import actions
 from esd.app.jobs import DONE, RUNNING, TrainingQueue
@@ -54,6 +59,21 @@ def guarded(fn, outputs: int, status: int):
             return tuple(result) if outputs > 1 else result[0]
 
     return call
+
+
+def served(runs: RunsFolder, path: str) -> str:
+    """A copy of ``path`` (a file in the runs folder) in Gradio's cache, ``<runs>/.gradio``: the one folder the page
+    is served from (as a download: Gradio sends what is not an image as an attachment, never as a page)."""
+    copy = runs.root / ".gradio" / "app" / secrets.token_hex(16) / Path(path).name
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(path, copy)
+    return str(copy)
+
+
+def picture(path: str) -> np.ndarray:
+    """An image file's pixels, which Gradio writes into its own cache to show."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def progress_html(job) -> str:
@@ -195,7 +215,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                     eval_seed = gr.Number(0, label="first image seed", precision=0)
                 eval_button = gr.Button("Measure", variant="primary", elem_id="eval-button")
                 eval_status = gr.Markdown("", elem_id="eval-status")
-                eval_chart = gr.Image(label="presence and accuracy, before and after (Wilson 95%)", type="filepath")
+                eval_chart = gr.Image(label="presence and accuracy, before and after (Wilson 95%)", format="png")
                 eval_table = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS), interactive=False)
 
             # -- Attack -------------------------------------------------------------------------
@@ -212,7 +232,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                     attack_steps = gr.Textbox("", label="steps (empty: the attack's default)", elem_id="attack-steps")
                 attack_button = gr.Button("Attack", variant="primary", elem_id="attack-button")
                 attack_status = gr.Markdown("", elem_id="attack-status")
-                attack_grid = gr.Image(label="base / erased / erased under attack", type="filepath")
+                attack_grid = gr.Image(label="base / erased / erased under attack", format="png")
 
             # -- Export -------------------------------------------------------------------------
             with gr.Tab("Export", id="export") as export_tab:
@@ -268,7 +288,10 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                 raise ValueError("this page has no training queued or running (a training is cancelled from the "
                                  "page that started it)")
             queue.cancel(job.id)
-            return f"job {job.id}: cancelling; it stops after this iteration and leaves a checkpoint"
+            if job.finished:
+                return f"job {job.id}: {job.message}"
+            return (f"job {job.id}: cancelling (while its model loads it stops before training, writing nothing; while "
+                    "it trains it stops after this iteration and leaves a checkpoint to resume)")
 
         cancel_button.click(guarded(on_cancel, 1, 0), job_state, train_message)
 
@@ -280,31 +303,48 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         erasure_lists = [test_erasure, eval_erasure, attack_erasure, export_erasure]
 
-        def poll(job_id, shown, resumable_shown):
+        def poll(job_id, shown, resumable_shown, last):
+            """Every poll_seconds, for every open page: what changed since its last poll (unchanged parts are not
+            sent again, so an open list stays open and the tables do not redraw)."""
             job = shown_job(job_id)
             lists = [gr.skip()] * len(erasure_lists)
             if job is not None and job.id == job_id and job.state == DONE and shown != job.id:
-                shown = job.id  # this page's training has finished: its run is chosen in every list, once
-                lists = [gr.update(choices=runs.erasures(), value=job.run_dir.name)] * len(erasure_lists)
+                choices = runs.erasures()
+                if job.run_dir.name in choices:  # this page's training has finished: its run is chosen, once
+                    shown = job.id
+                    lists = [gr.update(choices=choices, value=job.run_dir.name)] * len(erasure_lists)
             names = [r.name for r in runs.runs() if r.status == "resumable"]
-            resumable_update = gr.skip() if names == resumable_shown else gr.update(choices=names)  # an open list
-            return (status_of(job), progress_html(job), loss_frame(job), jobs_frame(), runs_frame(),  # stays open
-                    resumable_update, shown, names, *lists)
+            jobs, listed = jobs_frame(), runs_frame()
+            now = {"status": status_of(job), "progress": progress_html(job), "loss": len(job.losses) if job else 0,
+                   "job": job.id if job else None, "jobs": jobs.values.tolist(), "runs": listed.values.tolist(),
+                   "resumable": names}
+            last = last or {}
+
+            def fresh(key, value):
+                return gr.skip() if last.get(key) == now[key] else value
+
+            return (fresh("status", now["status"]), fresh("progress", now["progress"]),
+                    loss_frame(job) if (last.get("loss"), last.get("job")) != (now["loss"], now["job"]) else gr.skip(),
+                    fresh("jobs", jobs), fresh("runs", listed), fresh("resumable", gr.update(choices=names)), shown,
+                    names, now, *lists)
 
         resumable_state = gr.State([])  # the resumable runs this page lists
-        gr.Timer(poll_seconds).tick(guarded(poll, 8 + len(erasure_lists), 0), [job_state, announced, resumable_state],
+        last_poll = gr.State(None)  # what this page was last sent
+        gr.Timer(poll_seconds).tick(guarded(poll, 9 + len(erasure_lists), 0),
+                                    [job_state, announced, resumable_state, last_poll],
                                     [train_status, progress, loss_plot, jobs_table, runs_table, resumable, announced,
-                                     resumable_state, *erasure_lists], show_progress="hidden", queue=False)
+                                     resumable_state, last_poll, *erasure_lists], show_progress="hidden", queue=False)
 
         def refresh(current):
             choices = runs.erasures()
             return gr.update(choices=choices, value=current if current in choices else
-                             (choices[0] if choices else None))
+                             (choices[0] if choices else None)), gr.skip()
 
-        for tab, dropdown in zip([test_tab, eval_tab, attack_tab, export_tab], erasure_lists):
-            tab.select(refresh, dropdown, dropdown)
-            app.load(refresh, dropdown, dropdown)  # a page opened later lists the runs made since the app started
-        train_tab.select(lambda: runs_frame(), None, runs_table)
+        for tab, dropdown, status_line in zip([test_tab, eval_tab, attack_tab, export_tab], erasure_lists,
+                                              [test_status, eval_status, attack_status, export_status]):
+            tab.select(guarded(refresh, 2, 1), dropdown, [dropdown, status_line])
+            app.load(guarded(refresh, 2, 1), dropdown, [dropdown, status_line])  # runs made since the app started
+        train_tab.select(guarded(lambda: (runs_frame(), gr.skip()), 2, 1), None, [runs_table, train_message])
 
         def on_upload(path):
             if path is None:
@@ -324,14 +364,14 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         def on_evaluate(erasure, n, first, base_of_upload):
             r = actions.evaluate(runs, pipelines, erasure, n, first, base_of_upload)
-            return r["line"], r["chart"], pd.DataFrame(r["rows"], columns=EVAL_COLUMNS)
+            return r["line"], picture(r["chart"]), pd.DataFrame(r["rows"], columns=EVAL_COLUMNS)
 
         eval_button.click(guarded(on_evaluate, 3, 0), [eval_erasure, samples, eval_seed, upload_base],
                           [eval_status, eval_chart, eval_table])
 
         def on_attack(erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload):
             r = actions.attack(runs, pipelines, erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload)
-            return r["line"], r["grid"]
+            return r["line"], picture(r["grid"])
 
         attack_button.click(guarded(on_attack, 2, 0), [attack_erasure, kind, attack_prompt, attack_seeds,
                                                          attack_samples, attack_steps, upload_base],
@@ -339,7 +379,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         def on_export(erasure, export_format, export_rank, base_of_upload):
             r = actions.export(runs, erasure, export_format, export_rank, base_of_upload)
-            return r["line"], r["file"], r["card"]
+            return r["line"], served(runs, r["file"]), r["card"]
 
         export_button.click(guarded(on_export, 3, 0), [export_erasure, fmt, rank, upload_base],
                             [export_status, export_file, card])
@@ -354,5 +394,5 @@ def launch(app, runs: RunsFolder, host: str = "127.0.0.1", port: int = 7860, sha
 
     app.queue(default_concurrency_limit=1)  # one click at a time per action; trainings have their own queue
     return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                      max_file_size=runs.max_upload_bytes, allowed_paths=[str(runs.root)], ssr_mode=False,
+                      max_file_size=runs.max_upload_bytes, ssr_mode=False,  # no allowed_paths: Gradio's cache only
                       show_error=False, quiet=not block, theme=gr.themes.Default(**FONTS), footer_links=[])

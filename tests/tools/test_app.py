@@ -4,6 +4,7 @@
 import json
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def run(runs, queue):
                                   "run\nname", "~root", "uploads"])
 def test_names_from_the_page_stay_in_the_runs_folder(runs, name):
     message = one_line_error(lambda: runs.path_of(name))
-    assert "run" in message
+    assert any(reason in message for reason in ("not a run or an upload", "not a plain file name", "no run chosen"))
 
 
 def test_a_link_in_the_runs_folder_is_not_followed(runs, tmp_path):
@@ -108,7 +109,23 @@ def test_a_restricted_app_names_no_model_it_does_not_offer(runs, run, tmp_path):
     save_file(tensors, str(named), metadata={"base_model": "/etc/passwd"})
     stored = closed.store_upload(named)
     assert "the upload's base model '/etc/passwd' is not offered" in one_line_error(lambda: closed.erasure(stored))
-    assert "single file" not in one_line_error(lambda: closed.erasure(stored, "toy"))  # its own name decides
+    assert "not offered" in one_line_error(lambda: closed.erasure(stored, "toy"))  # its own name decides
+
+
+def test_a_run_is_exported_from_its_own_base_whatever_is_typed(runs, run, monkeypatch):
+    """Export of a run ignores the upload's base-model box: a stranger's '/root' is never resolved."""
+    import esd.formats.erasure_source as source
+
+    real = source.resolve_source
+
+    def only_toy(name):
+        assert name == "toy", f"resolved {name!r}"
+        return real(name)
+
+    monkeypatch.setattr(source, "resolve_source", only_toy)
+    closed = RunsFolder(runs.root, max_upload_mb=8, models=())
+    done = actions.export(closed, run, "lora", "4", upload_base="/root")
+    assert Path(done["file"]).is_file()
 
 
 # -- Train ------------------------------------------------------------------------------------------------
@@ -138,7 +155,8 @@ def test_trainings_queue_cancel_to_a_checkpoint_and_resume(runs, queue, run):
     assert "already holds a run" in one_line_error(  # refused now, not when its turn comes
         lambda: queue.submit(actions.train_config(runs, concept="green", iterations=5, name="green")))
     end = time.monotonic() + 120
-    while first.iteration < 3 and time.monotonic() < end:
+    while first.iteration < 3:
+        assert time.monotonic() < end and first.state in (QUEUED, RUNNING), (first.state, first.message)
         time.sleep(0.02)
     assert first.state == RUNNING and second.state == QUEUED and (queue.place(second), queue.place(never)) == (1, 2)
     queue.cancel(never.id)  # still queued: it never starts, and nothing is written
@@ -168,14 +186,40 @@ def test_a_failed_training_is_one_line_and_the_queue_goes_on(runs):
         calls.append(job.id)
         if len(calls) == 1:
             raise RuntimeError("out of memory\n  (a second line)")
-        job.state = DONE
+        if len(calls) == 2:
+            raise SystemExit(3)  # not an Exception: still the job's outcome, and the worker lives on
+        return DONE, "done"
 
-    queue = TrainingQueue(("cpu",), train=train)
+    queue = TrainingQueue(("cpu",), train=train, on_finish=lambda job: 1 / 0)  # a failing hook too
     failed = queue.submit(actions.train_config(runs, concept="green", iterations=3, name="fails"))
+    exited = queue.submit(actions.train_config(runs, concept="green", iterations=3, name="exits"))
     after = queue.submit(actions.train_config(runs, concept="green", iterations=3, name="after"))
-    assert queue.wait(failed, 30) and queue.wait(after, 30)
+    assert queue.wait(failed, 30) and queue.wait(exited, 30) and queue.wait(after, 30)
     assert (failed.state, failed.message) == ("failed", "RuntimeError: out of memory (a second line)")
-    assert after.state == DONE and calls == [failed.id, after.id]
+    assert (exited.state, exited.message) == ("failed", "SystemExit: 3")
+    assert after.state == DONE and calls == [failed.id, exited.id, after.id]
+
+
+def test_a_training_cancelled_while_its_model_loads_writes_nothing(runs, monkeypatch):
+    import esd.app.jobs as jobs
+
+    loading, go_on = threading.Event(), threading.Event()
+
+    class SlowSetup(jobs.ESDTrainer):
+        def setup(self):
+            loading.set()
+            assert go_on.wait(60)
+            super().setup()
+
+    monkeypatch.setattr(jobs, "ESDTrainer", SlowSetup)
+    queue = TrainingQueue(("cpu",))
+    job = queue.submit(actions.train_config(runs, concept="green", iterations=50, name="cancelled-loading"))
+    assert loading.wait(60) and job.state == RUNNING and job.message == "loading the model"
+    queue.cancel(job.id)
+    go_on.set()
+    assert queue.wait(job, 120)
+    assert (job.state, job.message) == (CANCELLED, "cancelled before training started")
+    assert job.iteration == 0 and not job.run_dir.exists()
 
 
 # -- Test -------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ ITERATIONS = 20
 def server(tmp_path_factory):
     runs = RunsFolder(tmp_path_factory.mktemp("app") / "runs")
     queue = TrainingQueue(("cpu",), on_finish=lambda job: runs.changed())  # as esd app wires them
-    app = build_app(runs, queue, Pipelines("cpu"), poll_seconds=0.2)
+    app = build_app(runs, queue, Pipelines("cpu"), poll_seconds=0.1)
     port = free_port()
     launch(app, runs, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}/", runs, queue
@@ -151,6 +151,7 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
     line = status(page, "#export-status", "export of")
     assert "Error" not in line and "lora" in line, line
     page.wait_for_selector("#export-file a[download]")
+    assert "/.gradio/" in page.locator("#export-file a[download]").get_attribute("href")  # a copy in Gradio's cache
     with page.expect_download() as download:
         page.locator("#export-file a[download]").click()
     path = tmp_path / "downloaded-lora.safetensors"
@@ -175,11 +176,25 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
           f"screenshots in {tmp_path}")
 
 
-def test_nothing_outside_the_runs_folder_is_served(server):
+def test_only_gradios_own_cache_is_served(server):
+    """Files outside the runs folder, and the runs folder's own files (weights, records, other users' uploads), are
+    refused; a file uploaded through Gradio is served as a download, never as a page (no stored script)."""
+    import httpx
+
     url, runs, _ = server
     outside = Path(runs.root).parent / "secret.txt"
     outside.write_text("not for the browser")
-    for target in (outside, Path("/etc/passwd"), Path(resolve_source("toy")) / "model_index.json"):
+    inside = Path(runs.root) / "uploads" / "someone-else.safetensors"
+    inside.parent.mkdir(exist_ok=True)
+    inside.write_bytes(b"\0" * 16)
+    for target in (outside, Path("/etc/passwd"), Path(resolve_source("toy")) / "model_index.json", inside):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}gradio_api/file={target}")
-        assert refused.value.code in (403, 404)
+        assert refused.value.code == 403, target
+    sent = httpx.post(f"{url}gradio_api/upload", files={"files": ("x.html", b"<script>alert(1)</script>",
+                                                                  "text/html")})
+    (stored,) = sent.json()
+    assert Path(stored).is_relative_to(Path(runs.root) / ".gradio")
+    got = httpx.get(f"{url}gradio_api/file={stored}")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/octet-stream"
+    assert got.headers["content-disposition"].startswith("attachment")
