@@ -106,11 +106,14 @@ def _number(value, flag: str, kind=float):
 def train_config(runs: RunsFolder, *, concept: str, base_model: str = "toy", train_method: str = "", erase_from="",
                  negative_guidance=None, iterations=None, lr=None, preset: str = "fast", seed=None, lora_rank=None,
                  batch_size=None, ddim_steps=None, start_guidance=None, save_every=None,
-                 name: str = "") -> ESDConfig:
+                 name: str = "", ckpt_path: str = "", ckpt_config: str = "") -> ESDConfig:
     """The Train form as an ESDConfig saving into the runs folder; every setting checked (one line each)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not one of: {', '.join(PRESETS)}")
     base_model = runs.check_model(base_model)  # before any file or the hub is looked at
+    single = {"ckpt_path": runs.check_model(ckpt_path, "single-file checkpoint") if (ckpt_path or "").strip()
+              else None, "ckpt_config": runs.check_model(ckpt_config, "checkpoint's configs")
+              if (ckpt_config or "").strip() else None}
     given = {"negative_guidance": _number(negative_guidance, "negative_guidance"),
              "iterations": _number(iterations, "iterations", int), "lr": _number(lr, "lr"),
              "batch_size": _number(batch_size, "batch_size", int), "ddim_steps": _number(ddim_steps, "ddim_steps", int)}
@@ -131,7 +134,7 @@ def train_config(runs: RunsFolder, *, concept: str, base_model: str = "toy", tra
         raise ValueError(f"--lora_rank must be a whole number >= 1 (empty: full fine-tuning), got {rank}")
     seed = _seed(seed)
     extra = {"save_every": _number(save_every, "save_every", int) or 0}
-    return ESDConfig(**extra, prompt=(concept or "").strip(), train_method=train_method,
+    return ESDConfig(**extra, **single, prompt=(concept or "").strip(), train_method=train_method,
                      base_model=base_model, erase_from=(erase_from or "").strip() or None, preset=preset,
                      seed=seed, lora_rank=rank, name=(name or "").strip() or None,
                      save_path=str(runs.root), save_format="both", **values)
@@ -371,7 +374,7 @@ def _rate(record: dict) -> Rate:
 
 # -- Attack -----------------------------------------------------------------------------------------
 def attack(runs: RunsFolder, pipelines: "Pipelines", erasure_name: str, kind: str = "prefix", prompt: str = "",
-           seeds: str = "0-1", samples=2, steps=None, upload_base: str = "", log=print) -> dict:
+           seeds: str = "0-1", samples=2, steps=None, upload_base: str = "", judge: str = "", log=print) -> dict:
     """``esd attack`` against the erasure, its prompts the typed one with each seed, into
     ``<run>/app/attack-<kind>-<n>``; returns the recovered rates and the grid."""
     if kind not in ("prefix", "inversion"):
@@ -384,8 +387,9 @@ def attack(runs: RunsFolder, pipelines: "Pipelines", erasure_name: str, kind: st
     writer = csv.writer(table)
     writer.writerow(["case_number", "prompt", "evaluation_seed"])
     writer.writerows([i, prompt, s] for i, s in enumerate(seed_list))
+    judge = judge or ("toy" if _is_toy(erasure.base_model) else None)  # a real model's: nudenet or classify
     cfg = AttackConfig(weights=str(erasure.weights), prompts=str(out / "prompts.csv"), attack=kind,
-                       concept=erasure.concept, out=str(out), base_model=erasure.base_model,
+                       concept=erasure.concept, out=str(out), base_model=erasure.base_model, judge=judge,
                        steps=_number(steps, "steps", int), samples=_check_count(samples, "samples", 1, 16),
                        device=str(pipelines.device))  # every setting checked before the folder is made
     out.mkdir(parents=True)

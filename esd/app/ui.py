@@ -165,6 +165,11 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                             save_every = gr.Number(0, label="checkpoint every N iterations (0: never)",
                                                    precision=0)
                             name = gr.Textbox("", label="run name (empty: from the settings)")
+                            ckpt_path = gr.Textbox("", label="single-file checkpoint to erase from (optional)",
+                                                   info="a .ckpt/.safetensors of SD 1.x/2.x/SDXL, or an SD3/FLUX "
+                                                        "transformer; the base model above gives its configs")
+                            ckpt_config = gr.Textbox("", label="the checkpoint's configs (optional: a diffusers "
+                                                               "folder or hub id; SD3/FLUX files need it)")
                         with gr.Row():
                             train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                             cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
@@ -225,6 +230,8 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
                                                  scale=3)
                     kind = gr.Radio(["prefix", "inversion"], value="prefix", label="attack",
                                     info="prefix: UnlearnDiffAtk's adversarial tokens; inversion: a learned token")
+                    judge = gr.Dropdown([("the toy judge (toy models)", ""), ("NudeNet (nudity)", "nudenet"),
+                                         ("ResNet-50 (an ImageNet class)", "classify")], value="", label="judge")
                 with gr.Row():
                     attack_prompt = gr.Textbox("", label="prompt (empty: the erased concept)", scale=3)
                     attack_seeds = gr.Textbox("0-1", label="seeds (one row each)", elem_id="attack-seeds")
@@ -249,7 +256,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         # -- events --------------------------------------------------------------------------------
         form = [base, concept, erase_from, method, eta, iterations, lr, preset, seed, lora_rank, batch_size,
-                ddim_steps, start_guidance, save_every, name]
+                ddim_steps, start_guidance, save_every, name, ckpt_path, ckpt_config]
         last_base = gr.State("toy")  # the model the form's numbers are for
 
         def on_base(model, preset_name, previous):
@@ -275,7 +282,8 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         def on_train(*values):
             keys = ["base_model", "concept", "erase_from", "train_method", "negative_guidance", "iterations", "lr",
-                    "preset", "seed", "lora_rank", "batch_size", "ddim_steps", "start_guidance", "save_every", "name"]
+                    "preset", "seed", "lora_rank", "batch_size", "ddim_steps", "start_guidance", "save_every", "name",
+                    "ckpt_path", "ckpt_config"]
             job = queue.submit(actions.train_config(runs, **dict(zip(keys, values))))
             return job.id, f"job {job.id} queued: {job.run_dir.name}", progress_html(job)
 
@@ -369,12 +377,13 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
         eval_button.click(guarded(on_evaluate, 3, 0), [eval_erasure, samples, eval_seed, upload_base],
                           [eval_status, eval_chart, eval_table])
 
-        def on_attack(erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload):
-            r = actions.attack(runs, pipelines, erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload)
+        def on_attack(erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload, judge_name):
+            r = actions.attack(runs, pipelines, erasure, attack_kind, text, seed_text, n, n_steps, base_of_upload,
+                               judge_name)
             return r["line"], picture(r["grid"])
 
         attack_button.click(guarded(on_attack, 2, 0), [attack_erasure, kind, attack_prompt, attack_seeds,
-                                                         attack_samples, attack_steps, upload_base],
+                                                         attack_samples, attack_steps, upload_base, judge],
                             [attack_status, attack_grid])
 
         def on_export(erasure, export_format, export_rank, base_of_upload):

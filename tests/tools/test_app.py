@@ -101,6 +101,8 @@ def test_a_restricted_app_names_no_model_it_does_not_offer(runs, run, tmp_path):
     messages = {one_line_error(lambda m=m: closed.check_model(m)).split("'")[2] for m in ("/root", "/nowhere", "a/b")}
     assert len(messages) == 1 and "not offered by this app; valid: toy, toy-dit" in messages.pop()
     assert "not offered" in one_line_error(lambda: actions.train_config(closed, concept="green", base_model="/root"))
+    assert "single-file checkpoint '/x.ckpt' is not offered" in one_line_error(
+        lambda: actions.train_config(closed, concept="green", ckpt_path="/x.ckpt"))
     assert closed.check_model("toy") == "toy" and RunsFolder(runs.root, models=("my/model",)).check_model("my/model")
 
     # an upload whose header names a path as its base model
@@ -144,6 +146,16 @@ def test_the_form_becomes_esd_train_settings(runs):
     labels = actions.method_choices("toy")
     assert ("xattn" in [n for _, n in labels]) and "mmdit-x" not in [n for _, n in labels]
     assert every(label.startswith(f"{n}: ") and len(label) > len(n) + 5 for label, n in labels)
+
+
+def test_the_flow_matching_toy_trains_and_draws_side_by_side(runs, queue, pipelines):
+    job = queue.submit(actions.train_config(runs, concept="green", base_model="toy-dit", iterations=5, seed=0,
+                                            name="dit-green"))
+    assert queue.wait(job, 300) and job.state == DONE, job.message
+    assert json.loads((job.run_dir / "args.json").read_text())["train_method"] == "mmdit-x"
+    shown = actions.side_by_side(runs, pipelines, "dit-green", "a green circle", "0-1")
+    assert len(shown["erased"]) == 2 and shown["erased"][0][1].startswith("seed 0: ")
+    assert "supports SD 1.x and 2.x" in one_line_error(lambda: actions.attack(runs, pipelines, "dit-green"))
 
 
 def test_trainings_queue_cancel_to_a_checkpoint_and_resume(runs, queue, run):
