@@ -17,8 +17,8 @@ def register(sub) -> None:
                    "only; 0.0.0.0 serves the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--runs", default=DEFAULT_RUNS, help="the runs folder: the app trains into it, lists the runs "
-                   "esd train put there, and reads and writes nowhere else (default: %(default)s, esd train's "
-                   "--save_path)")
+                   "esd train put there, and writes its files (runs, uploads, exports, caches) nowhere else; only "
+                   "the models it offers are read from outside it (default: %(default)s, esd train's --save_path)")
     p.add_argument("--devices", "--device", dest="devices", help="devices to train on, one training at a time on "
                    "each: 'cpu', '0', '0,1' (default: the first GPU if any, else the CPU)")
     p.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
