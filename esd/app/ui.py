@@ -34,6 +34,7 @@ JOB_COLUMNS = ["job", "state", "place in queue", "run", "concept", "progress", "
 RUN_COLUMNS = ["run", "status", "concept", "method", "base model", "iterations"]
 EVAL_COLUMNS = ["prompt", "group", "held out", "before", "after"]
 POLL_SECONDS = 1.0
+PLOT_POINTS = 250  # the loss curve's points at most (a long training is shown thinned)
 # No web fonts: the page loads nothing from outside this machine.
 FONTS = {"font": ["ui-sans-serif", "system-ui", "sans-serif"], "font_mono": ["ui-monospace", "monospace"]}
 
@@ -122,6 +123,8 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
     def loss_frame(job):
         points = job.losses if job is not None else []
+        if len(points) > PLOT_POINTS:  # every k-th iteration and the last: the browser redraws it every poll
+            points = points[::-(-len(points) // PLOT_POINTS)] + points[-1:]
         frame = pd.DataFrame(points, columns=["iteration", "loss"])  # numbers, so the axes are quantitative
         return frame.astype({"iteration": "int64", "loss": "float64"})
 
