@@ -30,7 +30,7 @@ from esd.attack.config import AttackConfig
 from esd.attack.run import run_attack
 from esd.core.methods import resolve_method
 from esd.core.stats import Rate
-from esd.families.models import load_pipeline
+from esd.families.models import load_models, load_pipeline
 from esd.families.registry import denoiser_of, detect_family, methods_of
 from esd.families.sources import TOY_MODELS, native_resolution_of, resolve_source, source_family
 from esd.formats.erasure_source import Erasure
@@ -182,33 +182,43 @@ class Pipelines:
         self._base: Loaded | None = None
         self._erased: Loaded | None = None
 
-    def base(self, base_model: str):
-        key = (base_model,)
+    def base(self, base_model: str | None, ckpt_path: str | None = None, ckpt_config: str | None = None):
+        """The base pipeline: the toy's, a folder's or hub id's, or one assembled from a single-file checkpoint."""
+        key = (base_model, ckpt_path, ckpt_config)
         if self._base is None or self._base.key != key:
             self._base = None
-            pipe = load_toy_pipeline(base_model) if _is_toy(base_model) else load_pipeline(base_model)
+            if ckpt_path is not None:
+                models = load_models(base_model or "", ckpt_path, ckpt_config, load_vae=True)
+                pipe = models.family.assemble_pipeline(models, models.unet)
+                if pipe is None:
+                    raise ValueError(f"{ckpt_path!r} is {models.family.phrase} in one file, which the app cannot draw "
+                                     "from; give its diffusers folder as the base model")
+                pipe.native_size = models.native_resolution
+            else:
+                pipe = load_toy_pipeline(base_model) if _is_toy(base_model) else load_pipeline(base_model)
             pipe.set_progress_bar_config(disable=True)
             self._base = Loaded(key, pipe.to(self.device))
         return self._base.pipe
 
     def erased(self, erasure: Erasure):
         weights = Path(erasure.weights)
-        key = (erasure.base_model, str(weights), weights.stat().st_mtime_ns)
+        key = (erasure.base_model, erasure.ckpt_path, str(weights), weights.stat().st_mtime_ns)
         if self._erased is None or self._erased.key != key:
             self._erased = None
-            if _is_toy(erasure.base_model):
+            if erasure.ckpt_path is None and _is_toy(erasure.base_model):
                 unet = load_erased_unet(weights, base_model=erasure.base_model)
                 pipe = load_toy_pipeline(erasure.base_model, unet=unet)
             else:
-                base = self.base(erasure.base_model)
+                base = self.base(erasure.base_model, erasure.ckpt_path, erasure.ckpt_config)
                 denoiser = copy.deepcopy(denoiser_of(base))
                 text_encoder = copy.deepcopy(getattr(base, "text_encoder", None))
-                apply_erased_weights(denoiser, weights, base_model=erasure.base_model, text_encoder=text_encoder)
+                apply_erased_weights(denoiser, weights, base_model=erasure.base, text_encoder=text_encoder)
                 slot = "transformer" if getattr(base, "transformer", None) is not None else "unet"
                 parts = {**base.components, slot: denoiser}
                 if text_encoder is not None:
                     parts["text_encoder"] = text_encoder
                 pipe = type(base)(**parts)
+                pipe.native_size = getattr(base, "native_size", None)
             pipe.set_progress_bar_config(disable=True)
             self._erased = Loaded(key, pipe.to(self.device))
         return self._erased.pipe
@@ -219,11 +229,12 @@ def _is_toy(base_model: str) -> bool:
 
 
 def _erasure(runs: RunsFolder, name: str, upload_base: str = "") -> Erasure:
-    erasure = runs.erasure(name, (upload_base or "").strip() or None)
-    if erasure.ckpt_path is not None:
-        raise ValueError(f"{name!r} was trained from the single file {erasure.ckpt_path}; the app draws from diffusers "
-                         "folders, hub ids and the toy models (use esd generate --base_model with its folder)")
-    return erasure
+    return runs.erasure(name, (upload_base or "").strip() or None)
+
+
+def _toy_erasure(erasure: Erasure) -> bool:
+    """Drawn and judged as the toy instrument does: a toy model's erasure (not one of a single-file checkpoint)."""
+    return erasure.ckpt_path is None and _is_toy(erasure.base_model)
 
 
 # -- Test -------------------------------------------------------------------------------------------
@@ -264,12 +275,12 @@ def _check_guidance(value) -> float:
 
 
 @torch.no_grad()
-def _draw(pipe, base_model: str, prompt: str, seeds: list[int], steps: int, guidance: float,
+def _draw(pipe, toy: bool, base_model: str | None, prompt: str, seeds: list[int], steps: int, guidance: float,
           negative_prompt: str | None = None) -> list[np.ndarray]:
     """One image per seed, the same noise for the base and the erased model: on the toys as the instrument's
     sampler (:func:`esd.toy.quality.sample`) draws, elsewhere as ``esd generate`` does (its scheduler for the
     family, latents from the seed)."""
-    if _is_toy(base_model):  # as esd.toy.quality.sample draws, each image from its own seed, in one batch
+    if toy:  # as esd.toy.quality.sample draws, each image from its own seed, in one batch
         extra = {"max_sequence_length": 1} if merges_zero_tokens(pipe) else {}
         if negative_prompt:
             extra["negative_prompt"] = [negative_prompt] * len(seeds)
@@ -278,15 +289,16 @@ def _draw(pipe, base_model: str, prompt: str, seeds: list[int], steps: int, guid
     denoiser = denoiser_of(pipe)
     family = detect_family(denoiser)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[family.generation_scheduler]).from_config(pipe.scheduler.config)
-    size = native_resolution_of(base_model)
+    size = getattr(pipe, "native_size", None) or native_resolution_of(base_model)  # a single file's: its own
     channels = denoiser.config.in_channels // family.packed_channels
     shape = (channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     images = []
     for s in seeds:
         job = Job("test", 0, prompt, s)
-        images += draw(pipe, [job], 1, shape, steps=steps, guidance=guidance, device=pipe.device, dtype=pipe.dtype,
-                       size=size, packed=family.packed_channels > 1, output_type="np",
-                       **({"negative_prompt": [negative_prompt]} if negative_prompt else {}))
+        drawn = draw(pipe, [job], 1, shape, steps=steps, guidance=guidance, device=pipe.device, dtype=pipe.dtype,
+                     size=size, packed=family.packed_channels > 1, output_type="np",
+                     **({"negative_prompt": [negative_prompt]} if negative_prompt else {}))
+        images.extend(np.asarray(im) for im in drawn)
     return [np.asarray(im) for im in images]
 
 
@@ -300,19 +312,20 @@ def side_by_side(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, prom
     seed_list = parse_seeds(seeds)
     steps, guidance = _check_count(steps, "steps", 1, 200), _check_guidance(guidance)
     erasure = _erasure(runs, erasure_name, upload_base)
-    toy = _is_toy(erasure.base_model)
+    toy = _toy_erasure(erasure)
     with pipelines.lock:
         negative = (negative_prompt or "").strip() or None
-        base = _draw(pipelines.base(erasure.base_model), erasure.base_model, prompt, seed_list, steps, guidance,
-                     negative)
-        erased = _draw(pipelines.erased(erasure), erasure.base_model, prompt, seed_list, steps, guidance, negative)
+        base_pipe = pipelines.base(erasure.base_model, erasure.ckpt_path, erasure.ckpt_config)
+        base = _draw(base_pipe, toy, erasure.base_model, prompt, seed_list, steps, guidance, negative)
+        erased = _draw(pipelines.erased(erasure), toy, erasure.base_model, prompt, seed_list, steps, guidance,
+                       negative)
 
     def captions(images):
         verdicts = [f"{j.colour} {j.shape}" for j in judge_batch(images)] if toy else [""] * len(images)
         return [(np.clip(im, 0, 1), f"seed {s}" + (f": {v}" if v else "")) for im, s, v in zip(images, seed_list,
                                                                                                verdicts)]
 
-    line = (f"{prompt!r}" + (f" (negative: {negative!r})" if negative else "") + f" on {erasure.base_model}, seeds "
+    line = (f"{prompt!r}" + (f" (negative: {negative!r})" if negative else "") + f" on {erasure.base}, seeds "
             f"{', '.join(map(str, seed_list))}, {steps} steps, guidance {guidance:g}; erased: {erasure_name} "
             f"({erasure.train_method or 'method unknown'}, concept "
             f"{erasure.concept!r})" + ("; under each image the toy judge's verdict (colour shape)" if toy else ""))
@@ -336,7 +349,7 @@ def evaluate(runs: RunsFolder, pipelines: Pipelines, erasure_name: str, samples=
     report.json and report.png in ``<run>/app/evaluate-<n>``."""
     samples, seed = _check_count(samples, "samples", 1, 500), _check_count(seed, "seed", 0, 2**31 - 1)
     erasure = _erasure(runs, erasure_name, upload_base)
-    if not _is_toy(erasure.base_model):
+    if not _toy_erasure(erasure):
         raise ValueError(f"Evaluate measures the toy worlds' erasures with their judge; {erasure.base_model!r} is "
                          "not a toy model (for a real model: esd generate, then esd evaluate)")
     erased, others, axis = prompts_for(erasure.concept)
@@ -381,6 +394,9 @@ def attack(runs: RunsFolder, pipelines: "Pipelines", erasure_name: str, kind: st
         raise ValueError(f"attack {kind!r} is not one of: prefix, inversion")
     seed_list = parse_seeds(seeds)
     erasure = _erasure(runs, erasure_name, upload_base)
+    if erasure.ckpt_path is not None:
+        raise ValueError(f"{erasure_name!r} was trained from the single file {erasure.ckpt_path}; esd attack loads a "
+                         "diffusers folder, hub id or toy model as the base (train from the folder to attack it)")
     prompt = (prompt or "").strip() or erasure.concept
     out = _next_folder(runs, erasure_name, f"attack-{kind}")
     table = io.StringIO()

@@ -18,6 +18,7 @@ from esd.app import actions
 from esd.app.jobs import CANCELLED, DONE, QUEUED, RUNNING, TrainingQueue
 from esd.app.runs import RunsFolder
 from esd.app.ui import error_line, guarded
+from esd.families.sources import resolve_source
 from esd.formats.weights import run_weight_files
 
 
@@ -156,6 +157,37 @@ def test_the_flow_matching_toy_trains_and_draws_side_by_side(runs, queue, pipeli
     shown = actions.side_by_side(runs, pipelines, "dit-green", "a green circle", "0-1")
     assert len(shown["erased"]) == 2 and shown["erased"][0][1].startswith("seed 0: ")
     assert "supports SD 1.x and 2.x" in one_line_error(lambda: actions.attack(runs, pipelines, "dit-green"))
+
+
+def test_a_single_file_checkpoint_trains_and_draws_side_by_side(runs, queue, pipelines, tmp_path):
+    """The toy model as one original-layout file (CompVis keys), its configs from the toy's folder: trained and
+    drawn through the app as esd train --ckpt_path would."""
+    from diffusers import StableDiffusionPipeline
+    from ldm_format import pipeline_to_ldm
+
+    folder = resolve_source("toy")
+    ckpt = tmp_path / "toy-single.safetensors"
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(StableDiffusionPipeline.from_pretrained(folder))
+               .items()}, str(ckpt))
+    job = queue.submit(actions.train_config(runs, concept="green", iterations=20, seed=0, name="single-file",
+                                            ckpt_path=str(ckpt), ckpt_config=folder))
+    assert queue.wait(job, 300) and job.state == DONE, job.message
+    assert json.loads((job.run_dir / "args.json").read_text())["ckpt_path"] == str(ckpt)
+    shown = actions.side_by_side(runs, pipelines, "single-file", "a green circle", "0-1")
+    base, erased = (np.stack([im for im, _ in shown[k]]) for k in ("base", "erased"))
+    assert base.shape == erased.shape == (2, 32, 32, 3) and not np.array_equal(base, erased)
+    assert str(ckpt) in shown["line"]
+    assert "single file" in one_line_error(lambda: actions.attack(runs, pipelines, "single-file"))
+
+
+def test_a_diffusers_folder_trains_and_draws_side_by_side(runs, queue, pipelines, tiny_models):
+    """A real model's path (a tiny SD 1.x folder, offered as any model on a loopback app): esd generate's drawing."""
+    job = queue.submit(actions.train_config(runs, concept="cat", base_model=tiny_models["sd1"], iterations=2,
+                                            ddim_steps=2, seed=0, name="tiny-sd1"))
+    assert queue.wait(job, 300) and job.state == DONE, job.message
+    shown = actions.side_by_side(runs, pipelines, "tiny-sd1", "a cat", "0-1", steps=2)
+    assert len(shown["base"]) == len(shown["erased"]) == 2 and shown["base"][0][1] == "seed 0"  # no toy verdict
+    assert shown["base"][0][0].ndim == 3 and not np.array_equal(shown["base"][0][0], shown["erased"][0][0])
 
 
 def test_trainings_queue_cancel_to_a_checkpoint_and_resume(runs, queue, run):
