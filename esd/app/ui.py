@@ -230,7 +230,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
             with gr.Tab("Attack", id="attack") as attack_tab:
                 with gr.Row():
                     attack_erasure = gr.Dropdown(runs.erasures(), label="erasure (SD 1.x/2.x or the UNet toy)",
-                                                 scale=3)
+                                                 elem_id="attack-erasure", scale=3)
                     kind = gr.Radio(["prefix", "inversion"], value="prefix", label="attack",
                                     info="prefix: UnlearnDiffAtk's adversarial tokens; inversion: a learned token")
                     judge = gr.Dropdown([("the toy judge (toy models)", ""), ("NudeNet (nudity)", "nudenet"),

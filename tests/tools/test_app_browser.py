@@ -76,6 +76,12 @@ def status(page, element: str, contains: str, timeout: float = 120) -> str:
     raise AssertionError(f"{element} never showed {contains!r}; it shows {text!r}")
 
 
+def chosen(page, element: str, run: str) -> None:
+    """Wait until the erasure list ``element`` shows ``run``, as a person sees it filled before pressing a button
+    (a tab's list is refreshed when the tab opens)."""
+    page.wait_for_function(f"document.querySelector('{element} input').value == '{run}'", timeout=30_000)
+
+
 def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
     url, runs, queue = server
     started = time.monotonic()
@@ -115,6 +121,7 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
 
     # -- Test: the run is chosen; both sides from the same seeds, each image with its verdict ----------------------
     page.get_by_role("tab", name="Test").click()
+    chosen(page, "#test-erasure", name)
     page.locator("#test-button").click()
     line = status(page, "#test-status", "seeds")
     assert "Error" not in line, line
@@ -138,6 +145,7 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
 
     # -- Attack: a short prefix attack ------------------------------------------------------------------------
     page.get_by_role("tab", name="Attack").click()
+    chosen(page, "#attack-erasure", name)
     page.locator("#attack-steps textarea").fill("2")
     page.locator("#attack-seeds textarea").fill("0")
     page.locator("#attack-button").click()
@@ -147,6 +155,7 @@ def test_train_test_attack_export_in_the_browser(server, page, tmp_path):
 
     # -- Export: a LoRA, downloaded, loaded into diffusers ------------------------------------------------------
     page.get_by_role("tab", name="Export").click()
+    chosen(page, "#export-erasure", name)
     page.locator("#export-button").click()
     line = status(page, "#export-status", "export of")
     assert "Error" not in line and "lora" in line, line
