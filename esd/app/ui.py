@@ -314,7 +314,7 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
 
         erasure_lists = [test_erasure, eval_erasure, attack_erasure, export_erasure]
 
-        def poll(job_id, shown, resumable_shown, last):
+        def poll(job_id, shown, last):
             """Every poll_seconds, for every open page: what changed since its last poll (unchanged parts are not
             sent again, so an open list stays open and the tables do not redraw)."""
             job = shown_job(job_id)
@@ -337,14 +337,13 @@ def build_app(runs: RunsFolder, queue: TrainingQueue, pipelines: actions.Pipelin
             return (fresh("status", now["status"]), fresh("progress", now["progress"]),
                     loss_frame(job) if (last.get("loss"), last.get("job")) != (now["loss"], now["job"]) else gr.skip(),
                     fresh("jobs", jobs), fresh("runs", listed), fresh("resumable", gr.update(choices=names)), shown,
-                    names, now, *lists)
+                    now, *lists)
 
-        resumable_state = gr.State([])  # the resumable runs this page lists
         last_poll = gr.State(None)  # what this page was last sent
-        gr.Timer(poll_seconds).tick(guarded(poll, 9 + len(erasure_lists), 0),
-                                    [job_state, announced, resumable_state, last_poll],
+        gr.Timer(poll_seconds).tick(guarded(poll, 8 + len(erasure_lists), 0),
+                                    [job_state, announced, last_poll],
                                     [train_status, progress, loss_plot, jobs_table, runs_table, resumable, announced,
-                                     resumable_state, last_poll, *erasure_lists], show_progress="hidden", queue=False)
+                                     last_poll, *erasure_lists], show_progress="hidden", queue=False)
 
         def refresh(current):
             choices = runs.erasures()
