@@ -68,7 +68,10 @@ class Settings:
     lr: float = 1e-3
     negative_guidance: float = 1.0
     ddim_steps: int = 25
-    seed: int = 0  # training seed, the attacks' seed, and judged image i of every prompt uses seed + i
+    seed: int = 0  # training seed; also the attacks' and the judged images' unless image_seed is given
+    image_seed: int = -1  # judged image i of every prompt uses image_seed + i, and the attacks are seeded from it
+    # (-1: from --seed). --seeds N gives every seed's run the first seed's, so that the N erasures are judged on the
+    # same images and the base model, which no seed trains, is measured once (base.json), as esd demo does.
     adversarial: str = "prefix"  # robust ESD's attack
     adv_every: int = 10
     adv_steps: int = 10
@@ -122,6 +125,11 @@ def reference_latents(pipe, prompt: str, n: int) -> torch.Tensor:
                 output_type="latent").images
 
 
+def image_seed(s: Settings) -> int:
+    """The seed of the judged images and of the attacks: --image_seed, or --seed."""
+    return s.seed if s.image_seed < 0 else s.image_seed
+
+
 def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[str, ...], log) -> dict:
     """Per prompt: literal presence, other prompts' accuracy, and presence under each attack in ``attacks``, on
     the toy model with ``weights`` loaded (its text encoder's too, for --train_text_encoder; None: the base)."""
@@ -151,13 +159,13 @@ def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[
     def presence(texts: dict) -> dict:
         """name -> prompt to draw, judged for the concept."""
         with phase("draw"):
-            images = draw(pipe, list(texts.values()), s.samples, s.seed)
+            images = draw(pipe, list(texts.values()), s.samples, image_seed(s))
         with phase("judge"):
             return {name: concept_presence(images[text], axis, s.concept) for name, text in texts.items()}
 
     out = {"literal": presence({p.text: p.text for p in erased})}
     with phase("draw"):
-        images = draw(pipe, [p.text for p in others], s.samples, s.seed)
+        images = draw(pipe, [p.text for p in others], s.samples, image_seed(s))
     with phase("judge"):
         out["others"] = {p.text: accuracy(images[p.text], p) for p in others}
     if "prefix" in attacks:
@@ -165,7 +173,7 @@ def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[
         for k, p in enumerate(erased):
             with phase("prefix attack"):
                 r = prefix_attack(target, prefix_slots, p.text, references[p.text], candidates, s.prefix_steps,
-                                  ATTACKS["prefix"].lr * std, torch.Generator().manual_seed(s.seed + k))
+                                  ATTACKS["prefix"].lr * std, torch.Generator().manual_seed(image_seed(s) + k))
             found[p.text] = f"{r.prefix} {p.text}"
         out["prefix"] = presence(found)
         out["prefix_prompts"] = found
@@ -175,7 +183,7 @@ def measure(s: Settings, weights: Path | None, references: dict, attacks: tuple[
         with phase("inversion attack"):
             r = inversion_attack(target, token_slot, prompts, torch.cat([references[p.text] for p in erased]),
                                  s.inversion_steps, ATTACKS["inversion"].lr * std, 8,
-                                 torch.Generator().manual_seed(s.seed))
+                                 torch.Generator().manual_seed(image_seed(s)))
         with torch.no_grad():  # the token's row holds v*, as diffusers' load_textual_inversion puts it
             target.embedding_table[token_slot] = r.embedding
         out["inversion"] = presence({p.text: inversion_prompt(p.text, s.concept) for p in erased})
@@ -196,7 +204,51 @@ def base_references(s: Settings) -> dict:
     return {p.text: reference_latents(base, p.text, s.references) for p in prompts_for(s.concept)[0]}
 
 
-def run(s: Settings, log=print) -> dict:
+def base_key(s: Settings) -> dict:
+    """What decides the base model's measurement: the settings it reads, the image seed, and the code and libraries
+    that draw, judge and attack (esd.toy.measure.drawing_key, this file, the attacks' sources)."""
+    import hashlib
+    import inspect
+
+    import esd.train.attacks.prefix
+    import esd.train.attacks.target
+    from esd.families.sources import resolve_source
+    from esd.formats.generation_record import folder_sha256
+    from esd.toy.measure import drawing_key
+
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (esd.train.attacks.prefix,
+                                                                           esd.train.attacks.target)))
+    for function in (draw, reference_latents, measure):  # this file's code that draws, attacks and judges
+        code.update(inspect.getsource(function).encode())
+    return {"concept": s.concept, "samples": s.samples, "image_seed": image_seed(s), "references": s.references,
+            "prefix_steps": s.prefix_steps, "drawing": drawing_key(folder_sha256(resolve_source("toy"))),
+            "code_sha256": code.hexdigest()}
+
+
+def base_measurement(s: Settings, references: dict, path: Path, log) -> dict:
+    """The base model's literal presence, other prompts and prefix ASR: read from ``path`` when it was measured with
+    the same base_key (no training seed decides it), else measured and written there."""
+    key = base_key(s)
+    try:
+        found = json.loads(path.read_text())
+        if isinstance(found, dict) and found.get("key") == key and isinstance(found.get("measured"), dict):
+            log(f"base model: read from {path} (measured {found.get('seconds')} s, once for every training seed)")
+            return found["measured"]
+    except (OSError, ValueError):
+        pass
+    log("measuring base")
+    begin = time.perf_counter()
+    with phase("base"):
+        measured = measure(s, None, references, ("prefix",), log)
+    seconds = round(time.perf_counter() - begin, 1)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps({"key": key, "measured": measured,
+                                                                 "seconds": seconds}, indent=2)))
+    return measured
+
+
+def run(s: Settings, log=print, base_file: Path | None = None) -> dict:
+    """One training seed's benchmark; the base model's measurement is kept in ``base_file`` (default OUT/base.json)
+    and reused by any run whose base_key matches."""
     from esd.toy.demo import retain_phrasings
     from esd.toy.world import prompts_for
 
@@ -237,11 +289,10 @@ def run(s: Settings, log=print) -> dict:
     erased = prompts_for(s.concept)[0]
     with phase("references"):
         references = base_references(s)
-    per_model = {}
-    for name, weights, attacks in [("base", None, ("prefix",)), ("esd", esd_weights, ("prefix", "inversion")),
-                                   ("robust", robust_weights, ("prefix", "inversion"))]:
+    per_model = {"base": base_measurement(s, references, Path(base_file or out / "base.json"), log)}
+    for name, weights in [("esd", esd_weights), ("robust", robust_weights)]:
         log(f"measuring {name}")
-        per_model[name] = measure(s, weights, references, attacks, log)
+        per_model[name] = measure(s, weights, references, ("prefix", "inversion"), log)
         progress(per_prompt=per_model, elapsed=round(time.perf_counter() - begin, 1))
 
     m = per_model
@@ -256,8 +307,9 @@ def run(s: Settings, log=print) -> dict:
                  "preserved = other prompts right in colour and shape",
         "presence_base": mean(m["base"]["literal"]), "preserved_base": mean(m["base"]["others"]),
         "erased_prompts": len(erased), "other_prompts": len(m["base"]["others"]), "samples_per_prompt": s.samples,
-        "seeds": f"judged image i of every prompt: seed {s.seed} + i; attack references: {REFERENCE_SEED} + i; "
-                 f"prefix of erased prompt k: generator seeded {s.seed} + k; inversion: {s.seed}",
+        "seeds": f"training seed {s.seed}; judged image i of every prompt: seed {image_seed(s)} + i; attack "
+                 f"references: {REFERENCE_SEED} + i; prefix of erased prompt k: generator seeded {image_seed(s)} + k; "
+                 f"inversion: {image_seed(s)}; the base model measured once for these (base.json)",
         "seconds_note": "training seconds of each run, measured one after the other in this process",
         "settings": asdict(s), "environment": environment_record(),
         "total_seconds": round(time.perf_counter() - begin, 1),
@@ -329,9 +381,12 @@ def main() -> None:
 
 def over_seeds(s: Settings, log=print) -> dict:
     """Each of seeds S..S+N-1 as its own run (OUT/seed_S), then every figure's mean with its t 95% interval."""
+    from esd.toy.world import prompts_for
+
     runs = {}
     for seed in range(s.seed, s.seed + s.seeds):
-        one = Settings(**{**asdict(s), "seed": seed, "seeds": 1, "out": str(Path(s.out) / f"seed_{seed}")})
+        one = Settings(**{**asdict(s), "seed": seed, "seeds": 1, "out": str(Path(s.out) / f"seed_{seed}"),
+                          "image_seed": image_seed(s)})
         done = Path(one.out) / ("screen.json" if s.screen else "results.json")
         if done.exists() and not s.overwrite:  # a finished seed is reused, if made with these very settings
             found = json.loads(done.read_text())
@@ -343,16 +398,25 @@ def over_seeds(s: Settings, log=print) -> dict:
                                  "seed again, or another --out")
             runs[seed] = found
         else:
-            runs[seed] = run(one, log)
+            runs[seed] = run(one, log, base_file=Path(s.out) / "base.json")
     keys = [k for k in KEYS if all(k in r for r in runs.values())]
     means = {k: SeedMean(tuple(r[k] for r in runs.values()), None if k.startswith("seconds") else RATE)
              for k in keys}
     lines = [f"| figure | {' | '.join(f'seed {seed}' for seed in runs)} | mean [t 95% over {len(runs)} seeds] |",
              "|---" * (len(runs) + 2) + "|"]
     for k, m in means.items():
+        if k == "asr_prefix_base":  # the base model, measured once (base.json): one rate, its Wilson interval
+            n = len(prompts_for(s.concept)[0]) * s.samples
+            lines.append(f"| {k} (measured once) | " + " | ".join(f"{100 * v:.1f}%" for v in m.values)
+                         + f" | {Rate(round(m.values[0] * n), n)} over {n} images |")
+            continue
         shown = str(m) if not k.startswith("seconds") else f"{m.mean:.0f} [{m.interval[0]:.0f}, {m.interval[1]:.0f}]"
         lines.append(f"| {k} | " + " | ".join(f"{100 * v:.1f}%" if not k.startswith("seconds") else f"{v:.0f}"
                                                for v in m.values) + f" | {shown} |")
+    walls = [r["provenance"]["total_seconds"] for r in runs.values() if "provenance" in r]
+    if len(walls) == len(runs):
+        lines.append("| wall s (the seed's run; the base model once: base.json) | "
+                     + " | ".join(f"{w:.0f}" for w in walls) + " | |")
     out = {"seeds": list(runs), "figures": {k: m.record() for k, m in means.items()},
            "settings": asdict(s), "environment": environment_record()}
     atomic_write(Path(s.out) / "seeds.json", lambda p: Path(p).write_text(json.dumps(out, indent=2)))
