@@ -3,6 +3,8 @@
     python benchmarks/speed.py                      # toy model, ESD-x of "green"
     python benchmarks/speed.py --iterations 50 --samples 20   # quicker look
     python benchmarks/speed.py --seed 1001 --seeds 5          # each path on 5 training seeds, and their means
+    python benchmarks/speed.py --curve 50,100,200,400,700,1000 --seed 1001 --seeds 5 --stop_at_target
+                                     # time to equal erasure: each path judged as it trains, seconds to 5%
 
 Each path is a preset of esd.train.presets.PRESETS, run with the same concept, iterations, batch,
 learning rate, eta and seed (the flags below override every preset alike):
@@ -97,6 +99,117 @@ def erasure_quality(weights, args):
     return Rate(round(presence * n_erased), n_erased), Rate(round(preserved * n_others), n_others)
 
 
+TARGET = 0.05  # presence at which an erasure counts as done for --curve ("time to equal erasure")
+
+
+def curve_quality(pipe, unet, args, samples: int):
+    """(presence, preserved) of the model being trained, drawn with ``pipe`` around its UNet as it is now: each an
+    esd.core.stats.Rate over all the images of the demo's prompt sets (image i of every prompt from seed + i)."""
+    from esd.core.stats import Rate, pooled
+    from esd.toy.judge import judge_batch
+    from esd.toy.measure import right, shows
+    from esd.toy.quality import sample
+    from esd.toy.world import prompts_for
+
+    pipe.unet = unet
+    erased, others, axis = prompts_for(args.concept)
+    presence, preserved = [], []
+    for p in erased:
+        judged = judge_batch(sample(pipe, p.text, samples, args.seed))
+        presence.append(Rate(sum(shows(j.colour, j.shape, axis, args.concept) for j in judged), samples))
+    for p in others:
+        judged = judge_batch(sample(pipe, p.text, samples, args.seed))
+        preserved.append(Rate(sum(right(j.colour, j.shape, p) for j in judged), samples))
+    return pooled(presence), pooled(preserved)
+
+
+def run_curve(path: str, args, save_path: str) -> dict:
+    """One preset trained to the last of --curve's iterations; at each listed iteration the model being trained is
+    judged (--curve_samples images per prompt) and the training's wall seconds so far are recorded, the judging's
+    own time left out. With --stop_at_target the run stops at the first mark whose presence interval's far end is
+    at most 5%. Returns the marks and the first iteration (and seconds) at which presence <= 5%."""
+    import torch
+
+    from esd.core.stats import verdict
+    from esd.toy.quality import load_toy_pipeline
+    from esd.train.recipe import ESDTrainer
+
+    marks = sorted(set(args.curve))
+    cfg = config(path, args, save_path)
+    cfg.iterations = marks[-1]
+    trainer = ESDTrainer(cfg)
+    trainer.setup()
+    pipe = load_toy_pipeline(args.base_model)
+    rows, judging = [], 0.0
+    start = time.perf_counter()
+
+    def at_iteration(record) -> bool:
+        nonlocal judging
+        if record["iteration"] not in marks:
+            return False
+        pause = time.perf_counter()
+        with torch.no_grad():
+            presence, preserved = curve_quality(pipe, trainer.unet, args, args.curve_samples)
+        rows.append({"iteration": record["iteration"], "samples": record["iteration"] * args.batch_size,
+                     "train_seconds": round(pause - start - judging, 2), "presence": presence.record(),
+                     "preserved": preserved.record(), "verdict": verdict(presence.p, presence.interval, TARGET)})
+        judging += time.perf_counter() - pause
+        print(f"{path:>8} @ {record['iteration']:5d} it ({rows[-1]['train_seconds']:7.1f} s of training): presence "
+              f"{presence}  preserved {preserved}  ({rows[-1]['verdict']})", flush=True)
+        return args.stop_at_target and rows[-1]["verdict"] == "met"
+
+    try:
+        trainer.train(at_iteration)
+    finally:
+        trainer.release()
+    first = next((r for r in rows if r["presence"]["rate"] <= TARGET), None)
+    met = next((r for r in rows if r["verdict"] == "met"), None)
+    return {"marks": rows, "unet_evals_per_sample": trainer.unet_evals / (rows[-1]["samples"]),
+            "first_at_target": first and {"iteration": first["iteration"], "train_seconds": first["train_seconds"]},
+            "first_met": met and {"iteration": met["iteration"], "train_seconds": met["train_seconds"]}}
+
+
+def curve(args) -> dict:
+    """--curve: every preset's presence and preservation against training samples and wall time, on each seed;
+    then per preset the seconds at which presence first reaches 5% (each seed's, and their mean with its t 95%
+    interval over the seeds that reached it)."""
+    from esd.core.stats import SeedMean
+    from esd.formats.records import environment_record
+
+    if args.base_model != "toy":
+        raise SystemExit("--curve judges the UNet toy's model as it trains; use --base_model toy")
+    first, out = args.seed, {"seeds": {}, "settings": {k: v for k, v in vars(args).items() if k != "memory_child"}}
+    for seed in range(first, first + args.seeds):
+        args.seed = seed
+        with tempfile.TemporaryDirectory() as tmp:
+            out["seeds"][seed] = {path: run_curve(path, args, tmp) for path in PATHS}
+    args.seed = first
+    lines = [f"Time to presence <= {TARGET:.0%} (the first mark whose pooled presence is at most it; 'met': its "
+             f"Wilson far end too), {args.curve_samples} images per prompt at each mark, seeds {first}.."
+             f"{first + args.seeds - 1}:", "",
+             "| preset | " + " | ".join(f"seed {seed}" for seed in out["seeds"]) + " | mean s [t 95%] |",
+             "|---" * (args.seeds + 2) + "|"]
+    summary = {}
+    for path in PATHS:
+        cells, reached = [], []
+        for runs in out["seeds"].values():
+            f = runs[path]["first_at_target"]
+            cells.append(f"{f['train_seconds']:.0f} s ({f['iteration']} it)" if f else f"not by {args.curve[-1]} it")
+            if f:
+                reached.append(f["train_seconds"])
+        m = SeedMean(tuple(reached)) if reached else None
+        shown = "-" if m is None else (f"{m.mean:.0f} [{m.interval[0]:.0f}, {m.interval[1]:.0f}]" if m.interval
+                                       else f"{m.mean:.0f} (1 seed)")
+        if reached and len(reached) < args.seeds:
+            shown += f" ({len(reached)} of {args.seeds} seeds reached it)"
+        summary[path] = {"seconds_to_target": m.record() if m else None, "seeds_reaching": len(reached)}
+        lines.append(f"| {path} | " + " | ".join(cells) + f" | {shown} |")
+    out["summary"], out["environment"] = summary, environment_record()
+    print("\n".join(lines))
+    print(json.dumps(out))
+    return out
+
+
 def main():
     from esd.toy.demo import DemoConfig
 
@@ -116,10 +229,21 @@ def main():
     p.add_argument("--samples", type=int, default=100, help="images per prompt for the judge")
     p.add_argument("--fast_iterations", type=int, help="iterations of the fast path (default: --iterations); "
                    "fewer compare the two paths at equal erasure rather than at equal settings")
+    p.add_argument("--curve", type=lambda v: [int(x) for x in v.split(",")],
+                   help="time to equal erasure: iterations at which each preset's model is judged as it trains, "
+                        "e.g. 50,100,200,400,1000 (the last is the run's length; --iterations is ignored)")
+    p.add_argument("--curve_samples", type=int, default=30, help="images per prompt at each --curve mark")
+    p.add_argument("--stop_at_target", action="store_true",
+                   help="--curve: stop a preset at the first mark whose presence interval's far end is <= 5%%")
     p.add_argument("--memory_child", choices=PATHS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return peak_memory_child(args.memory_child, args)
+    if args.curve is not None:
+        if not args.curve or min(args.curve) < 1 or args.curve_samples < 1 or args.seeds < 1:
+            raise SystemExit("--curve takes iterations >= 1 (e.g. 50,100,200), --curve_samples and --seeds >= 1")
+        args.curve = sorted(set(args.curve))
+        return curve(args)
 
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
