@@ -205,45 +205,68 @@ def base_references(s: Settings) -> dict:
 
 
 def base_key(s: Settings) -> dict:
-    """What decides the base model's measurement: the settings it reads, the image seed, and the code and libraries
-    that draw, judge and attack (esd.toy.measure.drawing_key, this file, the attacks' sources)."""
+    """What decides the base model's measurement: the settings it reads, the image and reference seeds, the prefix
+    attack's step size, and the code and libraries that draw, judge and attack (esd.toy.measure.drawing_key; the
+    attacks' sources; the judge's rules in esd.toy.demo and esd.toy.measure; this file's drawing, references and
+    measuring functions)."""
     import hashlib
     import inspect
 
+    import esd.toy.demo
+    import esd.toy.measure
+    import esd.train.attacks
     import esd.train.attacks.prefix
     import esd.train.attacks.target
     from esd.families.sources import resolve_source
     from esd.formats.generation_record import folder_sha256
     from esd.toy.measure import drawing_key
+    from esd.train.attacks import ATTACKS
 
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (esd.train.attacks.prefix,
-                                                                           esd.train.attacks.target)))
-    for function in (draw, reference_latents, measure):  # this file's code that draws, attacks and judges
+    code = hashlib.sha256()
+    for module in (esd.train.attacks, esd.train.attacks.prefix, esd.train.attacks.target, esd.toy.demo,
+                   esd.toy.measure):
+        code.update(Path(module.__file__).read_bytes())
+    for function in (draw, reference_latents, base_references, measure):  # this file's drawing, attacks, judging
         code.update(inspect.getsource(function).encode())
     return {"concept": s.concept, "samples": s.samples, "image_seed": image_seed(s), "references": s.references,
-            "prefix_steps": s.prefix_steps, "drawing": drawing_key(folder_sha256(resolve_source("toy"))),
-            "code_sha256": code.hexdigest()}
+            "reference_seed": REFERENCE_SEED, "prefix_steps": s.prefix_steps, "prefix_lr": ATTACKS["prefix"].lr,
+            "drawing": drawing_key(folder_sha256(resolve_source("toy"))), "code_sha256": code.hexdigest()}
 
 
-def base_measurement(s: Settings, references: dict, path: Path, log) -> dict:
+def key_sha256(key: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def stored_base_sha256(path: Path) -> str | None:
+    """The sha256 of the key that the base measurement in ``path`` was made with (None: none there)."""
+    try:
+        found = json.loads(path.read_text())
+        return key_sha256(found["key"]) if isinstance(found, dict) and isinstance(found.get("key"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def base_measurement(s: Settings, references: dict, path: Path, log) -> tuple[dict, float, str]:
     """The base model's literal presence, other prompts and prefix ASR: read from ``path`` when it was measured with
-    the same base_key (no training seed decides it), else measured and written there."""
+    the same base_key (no training seed decides it), else measured and written there. Returns (the measurement,
+    the seconds this call spent measuring it: 0 when read, the key's sha256)."""
     key = base_key(s)
     try:
         found = json.loads(path.read_text())
         if isinstance(found, dict) and found.get("key") == key and isinstance(found.get("measured"), dict):
             log(f"base model: read from {path} (measured {found.get('seconds')} s, once for every training seed)")
-            return found["measured"]
+            return found["measured"], 0.0, key_sha256(key)
     except (OSError, ValueError):
         pass
     log("measuring base")
     begin = time.perf_counter()
-    with phase("base"):
-        measured = measure(s, None, references, ("prefix",), log)
+    measured = measure(s, None, references, ("prefix",), log)  # its drawing, judging, attacks: in their phases
     seconds = round(time.perf_counter() - begin, 1)
     atomic_write(path, lambda p: Path(p).write_text(json.dumps({"key": key, "measured": measured,
                                                                  "seconds": seconds}, indent=2)))
-    return measured
+    return measured, seconds, key_sha256(key)
 
 
 def run(s: Settings, log=print, base_file: Path | None = None) -> dict:
@@ -289,7 +312,8 @@ def run(s: Settings, log=print, base_file: Path | None = None) -> dict:
     erased = prompts_for(s.concept)[0]
     with phase("references"):
         references = base_references(s)
-    per_model = {"base": base_measurement(s, references, Path(base_file or out / "base.json"), log)}
+    base, base_seconds, base_sha256 = base_measurement(s, references, Path(base_file or out / "base.json"), log)
+    per_model = {"base": base}
     for name, weights in [("esd", esd_weights), ("robust", robust_weights)]:
         log(f"measuring {name}")
         per_model[name] = measure(s, weights, references, ("prefix", "inversion"), log)
@@ -313,6 +337,8 @@ def run(s: Settings, log=print, base_file: Path | None = None) -> dict:
         "seconds_note": "training seconds of each run, measured one after the other in this process",
         "settings": asdict(s), "environment": environment_record(),
         "total_seconds": round(time.perf_counter() - begin, 1),
+        "base_seconds": base_seconds,  # inside total_seconds: 0 when the base measurement was read from base.json
+        "base_sha256": base_sha256,  # the key of the base measurement these figures were judged beside
         "phase_seconds": {k: round(v, 1) for k, v in PHASES.items()},  # this process's, all runs so far
     }
     results = {**figures, "provenance": provenance, "per_prompt": per_model,
@@ -330,7 +356,7 @@ def screen(s: Settings, train_robust, begin: float, log) -> dict:
 
     seconds, weights = train_robust()
     log(f"  {seconds:.0f} s; measuring robust")
-    m = measure(s, weights, base_references(s), ("prefix",), log)
+    m = measure(s, weights, base_references(s), ("prefix",), log)  # no base model: none measured
     figures = {"presence_robust": mean(m["literal"]), "asr_prefix_robust": mean(m["prefix"]),
                "preserved_robust": mean(m["others"]), "seconds_robust": round(seconds, 1)}
     results = {**figures, "settings": asdict(s), "samples_per_prompt": s.samples, "environment": environment_record(),
@@ -355,7 +381,8 @@ def table(f: dict, prov: dict) -> str:
             ("robust ESD", pct(f["presence_robust"]), pct(f["asr_prefix_robust"]), pct(f["asr_inversion_robust"]),
              pct(f["preserved_robust"], n_others), f"{f['seconds_robust']:.0f}")]
     lines = [f"Wilson 95% over images in brackets ({n_erased} per erased-prompt rate, {n_others} per other-prompt "
-             f"rate; seed {prov['settings']['seed']})", "",
+             f"rate; training seed {prov['settings']['seed']}, images and attacks from seed "
+             f"{image_seed(Settings(**prov['settings']))})", "",
              "| model | literal presence | prefix ASR | inversion ASR | other prompts right | training s |",
              "|---|---|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -414,10 +441,13 @@ def targets(runs: dict, n_erased: int) -> list[dict]:
 
 
 def over_seeds(s: Settings, log=print) -> dict:
-    """Each of seeds S..S+N-1 as its own run (OUT/seed_S), then every figure's mean with its t 95% interval."""
+    """Each of seeds S..S+N-1 as its own run (OUT/seed_S), then every figure's mean with its t 95% interval. A
+    finished seed is reused when it was made with these settings and judged beside the base measurement in
+    OUT/base.json; seeds still to run must then find that same base measurement (the same code and settings)."""
     from esd.toy.world import prompts_for
 
-    runs = {}
+    base_file = Path(s.out) / "base.json"
+    todo, runs = [], {}
     for seed in range(s.seed, s.seed + s.seeds):
         one = Settings(**{**asdict(s), "seed": seed, "seeds": 1, "out": str(Path(s.out) / f"seed_{seed}"),
                           "image_seed": image_seed(s)})
@@ -430,32 +460,59 @@ def over_seeds(s: Settings, log=print) -> dict:
                 shown = ", ".join(f"--{k} {made.get(k)!r}" for k in differ)
                 raise SystemExit(f"{done} was made with other settings ({shown}); pass --overwrite to run that "
                                  "seed again, or another --out")
+            if not s.screen and found["provenance"].get("base_sha256") != stored_base_sha256(base_file):
+                raise SystemExit(f"{done} was judged beside another base measurement than {base_file}'s; pass "
+                                 "--overwrite to run every seed again, or another --out")
             runs[seed] = found
         else:
-            runs[seed] = run(one, log, base_file=Path(s.out) / "base.json")
+            todo.append((seed, one))
+    if todo and runs and not s.screen and stored_base_sha256(base_file) != key_sha256(base_key(todo[0][1])):
+        raise SystemExit(f"seeds {', '.join(map(str, runs))} were judged beside {base_file}'s base measurement, "
+                         "which this code would make otherwise (the code or the libraries changed); pass --overwrite "
+                         "to run every seed again, or another --out")
+    for seed, one in todo:
+        runs[seed] = run(one, log, base_file=base_file)
+    runs = dict(sorted(runs.items()))
     keys = [k for k in KEYS if all(k in r for r in runs.values())]
     means = {k: SeedMean(tuple(r[k] for r in runs.values()), None if k.startswith("seconds") else RATE)
              for k in keys}
-    lines = [f"| figure | {' | '.join(f'seed {seed}' for seed in runs)} | mean [t 95% over {len(runs)} seeds] |",
+    n_erased = len(prompts_for(s.concept)[0]) * s.samples
+    lines = [f"Training seeds {', '.join(map(str, runs))}; every seed's images and attacks from seed {image_seed(s)}",
+             "", f"| figure | {' | '.join(f'seed {seed}' for seed in runs)} | mean [t 95% over {len(runs)} seeds] |",
              "|---" * (len(runs) + 2) + "|"]
+    records = {}
     for k, m in means.items():
         if k == "asr_prefix_base":  # the base model, measured once (base.json): one rate, its Wilson interval
-            n = len(prompts_for(s.concept)[0]) * s.samples
+            if len(set(m.values)) != 1:
+                raise SystemExit(f"the seeds' base prefix ASR differ ({m.values}): not one base measurement")
+            rate = Rate(round(m.values[0] * n_erased), n_erased)
+            records[k] = {**rate.record(), "measured": "once, for every seed (base.json)"}
             lines.append(f"| {k} (measured once) | " + " | ".join(f"{100 * v:.1f}%" for v in m.values)
-                         + f" | {Rate(round(m.values[0] * n), n)} over {n} images |")
+                         + f" | {rate} (Wilson 95% over its {n_erased} images) |")
             continue
-        shown = str(m) if not k.startswith("seconds") else f"{m.mean:.0f} [{m.interval[0]:.0f}, {m.interval[1]:.0f}]"
+        records[k] = m.record()
+        low, high = m.interval or (m.mean, m.mean)
+        shown = str(m) if not k.startswith("seconds") else f"{m.mean:.0f} [{low:.0f}, {high:.0f}]"
         lines.append(f"| {k} | " + " | ".join(f"{100 * v:.1f}%" if not k.startswith("seconds") else f"{v:.0f}"
                                                for v in m.values) + f" | {shown} |")
-    walls = [r["provenance"]["total_seconds"] for r in runs.values() if "provenance" in r]
-    if len(walls) == len(runs):
-        lines.append("| wall s (the seed's run; the base model once: base.json) | "
-                     + " | ".join(f"{w:.0f}" for w in walls) + " | |")
-    found = targets(runs, len(prompts_for(s.concept)[0]) * s.samples)
+    prov = [r.get("provenance", {}) for r in runs.values()]
+    if all("total_seconds" in p for p in prov):
+        walls = [p["total_seconds"] - p.get("base_seconds", 0.0) for p in prov]
+        wall = SeedMean(tuple(walls))
+        low, high = wall.interval or (wall.mean, wall.mean)
+        base_seconds = sum(p.get("base_seconds", 0.0) for p in prov)
+        lines.append("| wall s of the seed's run, the base measurement left out | "
+                     + " | ".join(f"{w:.0f}" for w in walls) + f" | {wall.mean:.0f} [{low:.0f}, {high:.0f}] |")
+        records["wall_seconds_without_base"] = wall.record()
+        if base_seconds:
+            lines.append(f"| base measurement s (once, in the first seed run here) | {base_seconds:.0f} |"
+                         + " |" * len(runs))
+            records["base_seconds"] = base_seconds
+    found = targets(runs, n_erased)
     lines += ["", "Robust ESD's targets (issue 30: met only when the interval's far end meets the target):", "",
               "| target | estimate | interval | verdict |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['shown']} | {t['interval_kind']} | **{t['verdict']}** |" for t in found]
-    out = {"seeds": list(runs), "figures": {k: m.record() for k, m in means.items()}, "targets": found,
+    out = {"seeds": list(runs), "image_seed": image_seed(s), "figures": records, "targets": found,
            "settings": asdict(s), "environment": environment_record()}
     atomic_write(Path(s.out) / "seeds.json", lambda p: Path(p).write_text(json.dumps(out, indent=2)))
     log("\n".join(lines))

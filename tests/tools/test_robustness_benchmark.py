@@ -58,7 +58,7 @@ def test_over_seeds_measures_the_base_once_on_the_first_seeds_images(tmp_path, f
     assert presence["verdict"] == "met" and presence["high"] <= 0.05
     worst = verdicts["worst seed's prefix ASR <= 15%"]
     assert worst["estimate"] == pytest.approx(0.06) and "seed 1001" in worst["shown"]
-    assert verdicts["training time <= 3x plain ESD's"]["verdict"] in ("met", "point estimate")
+    assert verdicts["training time <= 3x plain ESD's"]["verdict"] == "met"  # ratios 2.6, 2.5, 2.6
     assert verdicts["other prompts within 3 points of plain ESD (robust - plain)"]["verdict"] == "met"  # 0 each
 
     fake["train"].clear()
@@ -66,6 +66,22 @@ def test_over_seeds_measures_the_base_once_on_the_first_seeds_images(tmp_path, f
     again = robustness.over_seeds(s, log=lambda *a: None)  # every seed done: read, nothing trained or drawn
     assert fake["train"] == [] and fake["measure"] == []
     assert again["figures"] == summary["figures"]
+    assert again["figures"]["asr_prefix_base"]["n"] == 18 * 50  # one measurement: its Wilson interval over images
+
+
+def test_seeds_judged_beside_another_base_measurement_are_refused(tmp_path, fake, monkeypatch):
+    out = tmp_path / "out"
+    robustness.over_seeds(robustness.Settings(out=str(out), seed=1, seeds=2, samples=10), log=lambda *a: None)
+    monkeypatch.setattr(robustness, "REFERENCE_SEED", 20_000)  # the code now makes another base measurement
+    with pytest.raises(SystemExit, match="this code would make otherwise"):
+        robustness.over_seeds(robustness.Settings(out=str(out), seed=1, seeds=3, samples=10), log=lambda *a: None)
+    assert not (out / "seed_3").exists()  # refused before anything ran
+    monkeypatch.setattr(robustness, "REFERENCE_SEED", 10_000)
+    found = json.loads((out / "base.json").read_text())
+    found["key"]["samples"] = 99  # base.json replaced by another measurement: seeds 1 and 2 were not judged beside it
+    (out / "base.json").write_text(json.dumps(found))
+    with pytest.raises(SystemExit, match="judged beside another base measurement"):
+        robustness.over_seeds(robustness.Settings(out=str(out), seed=1, seeds=2, samples=10), log=lambda *a: None)
 
 
 def test_a_finished_seed_with_other_settings_is_refused(tmp_path, fake):
@@ -80,6 +96,10 @@ def test_the_base_measurement_is_measured_again_when_what_decides_it_changes(tmp
     robustness.base_measurement(s, {}, path, log=lambda *a: None)
     robustness.base_measurement(s, {}, path, log=lambda *a: None)
     assert len(fake["measure"]) == 1  # read the second time
-    robustness.base_measurement(robustness.Settings(out=str(tmp_path), seed=3, samples=10, prefix_steps=5), {},
+    robustness.base_measurement(robustness.Settings(out=str(tmp_path), seed=4, image_seed=3, samples=10), {},
                                 path, log=lambda *a: None)
-    assert len(fake["measure"]) == 2
+    assert len(fake["measure"]) == 1  # another training seed, the same images: read
+    for changed in ({"prefix_steps": 5}, {"image_seed": 4}, {"samples": 20}, {"concept": "green"}):
+        robustness.base_measurement(robustness.Settings(**{"out": str(tmp_path), "seed": 3, "samples": 10,
+                                                           **changed}), {}, path, log=lambda *a: None)
+    assert len(fake["measure"]) == 5  # each change measured again
