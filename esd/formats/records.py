@@ -259,17 +259,36 @@ def package_version(package: str) -> str | None:
         return None
 
 
+def _git_state() -> tuple[str | None, bool | None]:
+    """(HEAD, whether tracked files differ from it) of the checkout this package is imported from; (None, None)
+    outside a git checkout or without git."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+        if head is None:
+            return None, None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+        return head, bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+# Read when the package is imported: the code this process runs. A checkout that moves on during a long run (a
+# commit made while a benchmark draws) does not change what the run ran, so a record written at its end says the
+# commit it started from.
+_GIT_AT_IMPORT = _git_state()
+
+
 def environment_record() -> dict:
     """Versions (from the installed packages' metadata; torch's own string, which names its build, e.g.
-    2.14.1+cu130) and the git hash, saved beside every output."""
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None
-    except OSError:
-        git = None
+    2.14.1+cu130), the git hash of the code this process imported and whether its tracked files had uncommitted
+    changes then (``git_dirty``), saved beside every output."""
+    git, dirty = _GIT_AT_IMPORT
     return {"esd": package_version("esd"), "torch": torch.__version__, "diffusers": package_version("diffusers"),
             "transformers": package_version("transformers"), "python": platform.python_version(), "git_hash": git,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "git_dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def write_run_record(out: Path, record: dict, history: list[dict]) -> None:
