@@ -281,14 +281,29 @@ def _git_state() -> tuple[str | None, bool | None]:
 _GIT_AT_IMPORT = _git_state()
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; else what platform says): timings depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_record() -> dict:
     """Versions (from the installed packages' metadata; torch's own string, which names its build, e.g.
     2.14.1+cu130), the git hash of the code this process imported and whether its tracked files had uncommitted
-    changes then (``git_dirty``), saved beside every output."""
+    changes then (``git_dirty``), and the machine (CPU model, its core count, torch's threads, the GPU if one is
+    in use), saved beside every output: a time means little without the machine it was measured on."""
     git, dirty = _GIT_AT_IMPORT
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"esd": package_version("esd"), "torch": torch.__version__, "diffusers": package_version("diffusers"),
             "transformers": package_version("transformers"), "python": platform.python_version(), "git_hash": git,
-            "git_dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "git_dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "gpu": gpu}}
 
 
 def write_run_record(out: Path, record: dict, history: list[dict]) -> None:
